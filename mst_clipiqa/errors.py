@@ -1,0 +1,13 @@
+"""Errors the package raises on bad input. Each message names the file or row at fault."""
+
+
+class MSTCLIPIQAError(Exception):
+    """Base class of the package's own errors."""
+
+
+class BadImageError(MSTCLIPIQAError, ValueError):
+    """An image file is missing, unreadable, truncated or too large (decompression bomb)."""
+
+
+class BadRowError(MSTCLIPIQAError, ValueError):
+    """A row of an annotation table is unusable: non-numeric or missing MOS, duplicate name, missing prompt."""

@@ -1,0 +1,3 @@
+from mst_clipiqa.cli import main
+
+main()

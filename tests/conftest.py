@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny random CLIP checkpoints saved to disk and loaded by path (no network, ever)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from mst_clipiqa.tiny_clip import build_tiny_pair  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> tuple[str, str]:
+    """(coarse, fine) tiny CLIP checkpoints, patch 32 and 16, 64-wide embeddings."""
+    coarse, fine = build_tiny_pair(tmp_path_factory.mktemp("tiny-clip"))
+    return str(coarse), str(fine)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_512(tmp_path_factory) -> tuple[str, str]:
+    """Tiny towers that project to 512, the width of the real ViT-B/32 and B/16 embeddings."""
+    coarse, fine = build_tiny_pair(tmp_path_factory.mktemp("tiny-clip-512"), projection_dim=512)
+    return str(coarse), str(fine)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> str:
+    """A small demo data set in AGIQA-3K's layout."""
+    from mst_clipiqa.data.synthetic import make_demo_dataset
+
+    return str(make_demo_dataset(tmp_path_factory.mktemp("demo") / "agiqa3k-demo", n_scenes=16))

@@ -1,0 +1,148 @@
+"""The network against the method's equations, on tiny random towers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mst_clipiqa.losses import LossConfig, iqa_loss, pairwise_ranking_loss
+from mst_clipiqa.model import GatedFusion, ModelConfig, MSTCLIPIQA, PromptHead, TemplateHead
+
+
+def make(tiny_clip, variant: str) -> MSTCLIPIQA:
+    coarse, fine = tiny_clip
+    return MSTCLIPIQA(ModelConfig(coarse_encoder=coarse, fine_encoder=fine, variant=variant))
+
+
+@pytest.mark.parametrize("variant", ["template", "prompt"])
+def test_forward_shapes(tiny_clip, variant):
+    model = make(tiny_clip, variant)
+    pixels = torch.randn(3, 3, 224, 224)
+    score = model(pixels, ["a red circle", "a blue square on grass", ""])
+    assert score.shape == (3,)
+    assert torch.isfinite(score).all()
+    f_c, f_f = model.encoder(pixels)
+    assert f_c.shape == f_f.shape == (3, 64)
+    if variant == "template":
+        assert ((score >= 1) & (score <= 5)).all()
+
+
+@pytest.mark.parametrize("variant", ["template", "prompt"])
+def test_gradients_reach_exactly_the_trainable_parameters(tiny_clip, variant):
+    model = make(tiny_clip, variant)
+    model.train()
+    for frozen in model.frozen_modules():
+        assert not frozen.training and all(not m.training for m in frozen.modules())
+        assert all(not p.requires_grad for p in frozen.parameters())
+    model(torch.randn(4, 3, 224, 224), ["a", "b c", "d e f", "g"]).sum().backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {n for n, _ in model.named_parameters() if n.startswith(("fusion.", "head."))}
+    assert trainable == expected
+    for name, p in model.named_parameters():
+        if name in trainable:
+            # alpha starts at 0, so the attention weights get no gradient on the first step; alpha itself does.
+            if variant == "prompt" and name.startswith("head.attn."):
+                continue
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+
+
+def test_variant_a_trainable_count_with_512_wide_embeddings(tiny_clip_512):
+    coarse, fine = tiny_clip_512
+    model = MSTCLIPIQA(ModelConfig(coarse_encoder=coarse, fine_encoder=fine, variant="template"))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 722_561
+
+
+def test_gated_fusion_matches_hand_computation():
+    fusion = GatedFusion(dim=2, hidden=1)
+    with torch.no_grad():
+        fusion.hidden.weight.copy_(torch.tensor([[1.0, -1.0, 0.5, 2.0]]))
+        fusion.hidden.bias.fill_(0.1)
+        fusion.gate.weight.copy_(torch.tensor([[1.0], [-2.0]]))
+        fusion.gate.bias.copy_(torch.tensor([0.0, 0.5]))
+        fusion.proj_coarse.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        fusion.proj_coarse.bias.copy_(torch.tensor([0.0, 1.0]))
+        fusion.proj_fine.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+        fusion.proj_fine.bias.copy_(torch.tensor([-1.0, 0.0]))
+    f_c, f_f = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -1.0]])
+    h = max(0.0, 1 * 1 - 1 * 2 + 0.5 * 3 + 2 * -1 + 0.1)  # relu(-1.4) = 0
+    g = [1 / (1 + math.exp(-(1.0 * h))), 1 / (1 + math.exp(-(-2.0 * h + 0.5)))]
+    coarse = [1.0, 2 * 2.0 + 1]
+    fine = [-1.0 - 1, 3.0]
+    expected = [g[i] * coarse[i] + (1 - g[i]) * fine[i] for i in range(2)]
+    z, gate = fusion(f_c, f_f)
+    torch.testing.assert_close(gate, torch.tensor([g]))
+    torch.testing.assert_close(z, torch.tensor([expected]))
+
+
+def test_template_head_matches_hand_computation():
+    templates = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [3.0, 4.0]])  # normalised inside
+    head = TemplateHead(templates, tau_init=2.0)
+    z = torch.tensor([[2.0, 0.0]])  # unit direction (1, 0)
+    cos = [1.0, 0.0, -1.0, 0.0, 0.6]
+    weights = [math.exp(2.0 * c) for c in cos]
+    expected = sum((k + 1) * w for k, w in enumerate(weights)) / sum(weights)
+    torch.testing.assert_close(head(z), torch.tensor([expected]))
+    assert head.tau.requires_grad and head.tau.item() == 2.0
+
+
+def test_prompt_head_matches_hand_computation_and_masks_padding():
+    torch.manual_seed(0)
+    head = PromptHead(dim=2, text_dim=2, num_heads=1, hidden=2)
+    assert head.alpha.item() == 0.0
+    with torch.no_grad():
+        head.attn.in_proj_weight.copy_(torch.eye(2).repeat(3, 1))  # q, k, v projections = identity
+        head.attn.in_proj_bias.zero_()
+        head.attn.out_proj.weight.copy_(torch.eye(2))
+        head.attn.out_proj.bias.zero_()
+        head.alpha.fill_(0.5)
+        head.w1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        head.w1.bias.zero_()
+        head.w2.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+        head.w2.bias.zero_()
+        head.out.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        head.out.bias.fill_(0.25)
+    z = torch.tensor([[1.0, 0.0]])
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [9.0, 9.0]]])  # the third is padding
+    mask = torch.tensor([[True, True, False]])
+    logits = [(1.0 * 1 + 0 * 0) / math.sqrt(2), (1.0 * 0 + 0 * 2) / math.sqrt(2)]
+    w = [math.exp(x) / sum(math.exp(y) for y in logits) for x in logits]
+    attended = [w[0] * 1.0 + w[1] * 0.0, w[0] * 0.0 + w[1] * 2.0]
+    zp = [1.0 + 0.5 * attended[0], 0.0 + 0.5 * attended[1]]
+    gelu = [0.5 * x * (1 + math.erf(x / math.sqrt(2))) for x in zp]
+    hidden = [gelu[0] + zp[1], gelu[1] + zp[0]]
+    expected = hidden[0] - hidden[1] + 0.25
+    torch.testing.assert_close(head(z, tokens, mask), torch.tensor([expected]))
+    changed = tokens.clone()
+    changed[0, 2] = -5.0
+    torch.testing.assert_close(head(z, changed, mask), torch.tensor([expected]))
+
+
+def test_loss_matches_hand_computation():
+    score = torch.tensor([1.0, 2.0, 2.5])
+    mos = torch.tensor([1.0, 3.0, 3.0])
+    mse = ((0.0) ** 2 + 1.0**2 + 0.5**2) / 3
+    # ordered pairs with different MOS: (0,1), (0,2), (1,0), (2,0); hinge relu(-sign(m_i-m_j)(s_i-s_j) + 0.1)
+    pairs = [max(0, -(-1) * (1 - 2) + 0.1), max(0, -(-1) * (1 - 2.5) + 0.1),
+             max(0, -(1) * (2 - 1) + 0.1), max(0, -(1) * (2.5 - 1) + 0.1)]
+    rank = sum(pairs) / 4
+    torch.testing.assert_close(pairwise_ranking_loss(score, mos, 0.1), torch.tensor(rank))
+    torch.testing.assert_close(iqa_loss(score, mos, LossConfig(rank_weight=2.0, margin=0.1)), torch.tensor(mse + 2 * rank))
+    torch.testing.assert_close(iqa_loss(score, mos, LossConfig(rank_weight=0.0)), torch.tensor(mse))
+
+
+def test_ranking_loss_of_equal_mos_is_zero_with_a_graph():
+    score = torch.tensor([1.0, 2.0], requires_grad=True)
+    loss = pairwise_ranking_loss(score, torch.tensor([3.0, 3.0]), 0.1)
+    loss.backward()
+    assert loss.item() == 0.0 and score.grad is not None
+
+
+def test_long_and_empty_prompts(tiny_clip):
+    model = make(tiny_clip, "prompt")
+    with pytest.warns(UserWarning, match="truncated"):
+        states, mask = model.prompt_encoder(["word " * 200, ""])
+    assert states.shape[1] == 77 and mask[0].all() and mask[1].sum() == 2

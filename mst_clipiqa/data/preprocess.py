@@ -1,44 +1,197 @@
-"""Image decoding and CLIP preprocessing, shared by training, the feature cache and scoring."""
+"""Image decoding and CLIP preprocessing, shared by training, the feature cache and scoring.
+
+`ClipPreprocess` reproduces transformers' CLIP image processor on its PIL backend (`CLIPImageProcessorPil`, which
+`CLIPImageProcessor` resolves to without torchvision, and the pipeline OpenAI's CLIP was trained with) pixel for
+pixel: Pillow resizes the uint8 image so its short side is 224 (long side truncated), a floor-offset centre crop
+takes 224x224, and every uint8 value maps to the float32 that transformers' rescale-then-normalise arithmetic gives.
+With torchvision installed, `CLIPImageProcessor` switches to a torch resize whose pixels differ slightly; this module
+keeps the PIL pipeline either way, so cached features do not depend on what else is installed.
+"""
 
 from __future__ import annotations
 
 import io
-import warnings
-from pathlib import Path
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
+import numpy as np
+import torch
+from PIL import Image, ImageOps
 
 from mst_clipiqa.errors import BadImageError
 
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DRAFT_MIN_SIDE = 224
+"""Short side below which draft decoding never goes, so the resize to 224 never upsamples a draft."""
+
+_WHITE = (255, 255, 255, 255)
+_REQUIRED_STEPS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")
+
 
 def open_image(source: Any, *, draft: bool = False) -> Image.Image:
-    """Decode an image fully and convert it to RGB.
+    """Decode an image fully and convert it to RGB (see `to_rgb`), honouring its EXIF orientation.
 
     Args:
-        source: a path, raw bytes, a PIL image, or a `datasets` Image dict ({"path", "bytes"}).
-        draft: let Pillow decode JPEGs at a reduced size (never below 224 on the short side).
+        source: a path, raw bytes, a PIL image, or a `datasets` Image dict ({"path", "bytes"}). A PIL image is
+            taken as its owner oriented it and returned as is when it is already RGB.
+        draft: let Pillow decode JPEGs at a reduced scale (1/2, 1/4 or 1/8), never below 224 on the short side.
+            Faster for large JPEGs; the pixels differ slightly from a full decode. No effect on other formats.
 
     Raises:
         BadImageError: the file is missing, unreadable, truncated or a decompression bomb; the message names it.
     """
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        name = getattr(source, "filename", "") or "<PIL image>"
+        with _decode_errors(name):
+            source.load()  # a lazily opened file fails here, inside the guard, rather than later
+            return to_rgb(source)
     name, data = _describe(source)
+    with _decode_errors(name), Image.open(io.BytesIO(data) if data is not None else name) as image:
+        _check_pixel_count(image, name)
+        if draft and image.format == "JPEG":
+            image.draft(None, _draft_size(image.size))
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB the way CLIP's processor does, with proper 16-bit and float handling.
+
+    Transparency (an alpha band, a palette alpha or a `transparency` colour) is composited onto white, as
+    transformers' `convert_to_rgb` does. Modes Pillow would clip are scaled instead: I;16 maps 0..65535 onto
+    0..255; mode I, which carries no bit depth, is read as 16-bit when a value exceeds 255 and as 8-bit otherwise;
+    mode F is read as fractions when every value lies in [0, 1] and as 0..255 otherwise.
+    """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _wide_to_8bit(image)
+    if _has_transparency(image):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ClipPreprocess:
+    """CLIP's image preprocessing: shortest-edge resize, centre crop, rescale and normalise, as one callable.
+
+    Identical to transformers' CLIP image processor (PIL backend) on every image, and about 1.5x faster: the Pillow
+    resize both share dominates, and around it there are no array copies or float64 intermediates, since rescale
+    plus normalise become one 256-entry lookup per channel.
+    """
+
+    shortest_edge: int = 224
+    """Length the shorter side is resized to; the longer side keeps the aspect ratio, truncated to an integer."""
+    crop_size: tuple[int, int] = (224, 224)
+    """(height, width) of the centre crop; a smaller resized image is zero-padded, as transformers does."""
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    """Per-channel mean subtracted after rescaling."""
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    """Per-channel standard deviation divided by after subtracting the mean."""
+    rescale_factor: float = 1 / 255
+    """Factor that maps uint8 values to [0, 1]."""
+    resample: int = Image.Resampling.BICUBIC
+    """Pillow resampling filter of the resize (3 = bicubic)."""
+    _lut: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # transformers rescales in float64, casts to float32, then normalises in float32: tabulating exactly that
+        # arithmetic for the 256 possible values keeps the output bit-identical.
+        scaled = (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+        object.__setattr__(self, "_lut", (scaled[None, :] - mean) / std)  # (3, 256)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> ClipPreprocess:
+        """Read the preprocessing of a CLIP checkpoint (its `preprocessor_config.json`).
+
+        Args:
+            name_or_path: a Hugging Face id or a local folder; Hugging Face's cache and offline switches apply.
+            **kwargs: passed to the config lookup (`revision`, `cache_dir`, `local_files_only`, ...).
+
+        Raises:
+            ValueError: the checkpoint asks for a step this class does not perform (no resize, square resize, ...).
+        """
+        from transformers.image_processing_base import ImageProcessingMixin
+
+        config, _ = ImageProcessingMixin.get_image_processor_dict(str(name_or_path), **kwargs)
+        skipped = [step for step in _REQUIRED_STEPS if not config.get(step, True)]
+        size, crop = config.get("size", 224), config.get("crop_size", 224)
+        if isinstance(size, dict):
+            keys = {key for key, value in size.items() if value is not None}
+            size = size["shortest_edge"] if keys == {"shortest_edge"} else None
+        if skipped or not isinstance(size, int):
+            raise ValueError(
+                f"{name_or_path}: unsupported preprocessing (size={config.get('size')}, disabled steps={skipped}); "
+                "ClipPreprocess performs CLIP's shortest-edge resize, centre crop, rescale and normalisation"
+            )
+        crop_size = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        return cls(
+            shortest_edge=size,
+            crop_size=crop_size,
+            image_mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
+            image_std=tuple(config.get("image_std", OPENAI_CLIP_STD)),
+            rescale_factor=config.get("rescale_factor", 1 / 255),
+            resample=config.get("resample", Image.Resampling.BICUBIC),
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """Preprocess one image of any mode into `pixel_values` of shape (3, crop height, crop width), float32."""
+        if image.mode != "RGB":
+            image = to_rgb(image)
+        width, height = image.size
+        if width <= height:
+            new_width, new_height = self.shortest_edge, int(self.shortest_edge * height / width)
+        else:
+            new_width, new_height = int(self.shortest_edge * width / height), self.shortest_edge
+        crop_h, crop_w = self.crop_size
+        top, left = (new_height - crop_h) // 2, (new_width - crop_w) // 2
+        # Pillow fills a crop box reaching outside the image with zeros, at the offsets transformers' padding uses.
+        resized = image.resize((new_width, new_height), self.resample).crop((left, top, left + crop_w, top + crop_h))
+        pixels = np.asarray(resized)  # (H, W, 3) uint8
+        out = np.empty((3, crop_h, crop_w), dtype=np.float32)
+        for channel in range(3):
+            np.take(self._lut[channel], pixels[..., channel], out=out[channel])
+        return torch.from_numpy(out)  # (3, H, W)
+
+
+def load_pixels(source: Any, preprocess: ClipPreprocess, *, draft: bool = False) -> torch.Tensor:
+    """Decode one image and preprocess it: the (3, 224, 224) tensor both CLIP streams read.
+
+    Raises:
+        BadImageError: as `open_image`.
+    """
+    return preprocess(open_image(source, draft=draft))
+
+
+@contextmanager
+def _decode_errors(name: str) -> Iterator[None]:
+    """Turn Pillow's decoding failures into BadImageError naming the file."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data) if data is not None else name)
-            if draft and image.format == "JPEG":
-                image.draft("RGB", _draft_size(image.size))
-            image.load()
+        yield
     except FileNotFoundError as err:
         raise BadImageError(f"image file not found: {name}") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadImageError(f"image is too large (decompression bomb guard): {name}: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, BadImageError):
+            raise
         raise BadImageError(f"cannot decode image {name}: {err}") from err
-    return image.convert("RGB")
+
+
+def _check_pixel_count(image: Image.Image, name: str) -> None:
+    """Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; a warnings filter would be process-wide and not
+    thread-safe, so the limit is checked here, before any pixel is decoded."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise BadImageError(
+            f"image is too large (decompression bomb guard): {name}: {image.width}x{image.height} pixels "
+            f"exceeds the limit of {limit}"
+        )
 
 
 def _describe(source: Any) -> tuple[str, bytes | None]:
@@ -48,11 +201,41 @@ def _describe(source: Any) -> tuple[str, bytes | None]:
         source = source.get("path")
     if isinstance(source, bytes):
         return "<bytes>", source
-    if isinstance(source, (str, Path)):
+    if isinstance(source, (str, os.PathLike)):
         return str(source), None
     raise BadImageError(f"not an image source: {type(source).__name__}")
 
 
-def _draft_size(size: tuple[int, int], short_side: int = 224) -> tuple[int, int]:
+def _draft_size(size: tuple[int, int], short_side: int = DRAFT_MIN_SIDE) -> tuple[int, int]:
+    # Pillow picks the largest JPEG scale whose output still covers the requested size in both dimensions.
     scale = short_side / min(size)
     return max(short_side, round(size[0] * scale)), max(short_side, round(size[1] * scale))
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    bands = image.getbands()
+    return (
+        "A" in bands
+        or "a" in bands
+        or image.info.get("transparency") is not None
+        or (image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA")
+    )
+
+
+def _wide_to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey images to L (or LA when a transparent grey value is set)."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        values = np.nan_to_num(values)
+        fractions = values.size > 0 and values.min() >= 0.0 and values.max() <= 1.0
+        grey = np.clip(np.round(values * 255.0 if fractions else values), 0, 255)
+    elif image.mode.startswith("I;16") or (values.size > 0 and values.max() > 255):
+        grey = np.round(np.clip(values, 0, 65535) / 257.0)
+    else:
+        grey = np.clip(values, 0, 255)
+    out = Image.fromarray(grey.astype(np.uint8))
+    transparency = image.info.get("transparency")
+    if isinstance(transparency, (int, float)):
+        alpha = np.where(values == transparency, 0, 255).astype(np.uint8)
+        out = Image.merge("LA", (out, Image.fromarray(alpha)))
+    return out

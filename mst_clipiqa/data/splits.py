@@ -1,0 +1,280 @@
+"""Train/val/test splits by the papers' protocols: deterministic, and saved by image name.
+
+Every protocol uses only the rows that carry the target MOS; rows without it (the withheld labels of an
+official val or test split) are for prediction, see `predict_indices`. Rows are ordered by name before any
+shuffling, so a split depends on the set of images and the seed, not on the order the table lists them in.
+Saved splits hold image names, so they survive a re-read of the table in another order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+from mst_clipiqa.data.benchmarks import target_column
+from mst_clipiqa.errors import BadRowError
+
+PROTOCOLS = ("random", "prompt", "kfold", "official")
+
+# The make_splits arguments each protocol depends on, saved with its splits.
+_ARGUMENTS = {
+    "random": ("target", "n_splits", "train_fraction", "val_fraction", "seed"),
+    "prompt": ("target", "n_splits", "train_fraction", "val_fraction", "seed"),
+    "kfold": ("target", "k", "val_fraction", "seed"),
+    "official": ("target", "val_fraction", "seed"),
+}
+
+PARTS = ("train", "val", "test")
+_TRAIN, _VAL, _TEST = range(3)
+
+_FORMAT = "mst-clipiqa-splits"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Split:
+    """One train/val/test partition of a dataset's rows."""
+
+    name: str
+    """The split's name, e.g. "random-3" (the fourth random split)."""
+    train: tuple[int, ...]
+    """Row indices for training, sorted."""
+    val: tuple[int, ...]
+    """Row indices for validation (model selection), sorted; may be empty."""
+    test: tuple[int, ...]
+    """Row indices for the final evaluation, sorted; may be empty (the official split of AIGIQA-20K)."""
+    protocol: str = "custom"
+    """The protocol that made the split (one of `PROTOCOLS`)."""
+    arguments: dict[str, Any] = field(default_factory=dict, hash=False)
+    """The `make_splits` arguments the protocol depends on."""
+
+
+def make_splits(
+    ds: datasets.Dataset,
+    protocol: str,
+    *,
+    target: str = "quality",
+    n_splits: int = 10,
+    train_fraction: float = 0.8,
+    val_fraction: float = 0.1,
+    k: int = 5,
+    seed: int = 0,
+) -> list[Split]:
+    """Split a dataset's labelled rows by one of the papers' protocols.
+
+    Protocols:
+        "random": `n_splits` image-level splits; split i shuffles with seed `seed + i`, puts `train_fraction`
+            of the rows in train+val and the rest in test, then moves `val_fraction` of train+val to val
+            (the test part stays untouched by model selection).
+        "prompt": as "random", but whole groups (the `group` column: the prompt unless a loader mapped
+            another column) go to one side, val included, so no prompt is shared between train, val and test.
+        "kfold": `k` image-level folds; split i tests on fold i, and `val_fraction` of the other folds is
+            held out for validation.
+        "official": the `split` column: labelled train rows train, labelled val rows validate, labelled test
+            rows test. When the official val rows carry no labels, `val_fraction` of train validates.
+
+    Args:
+        ds: a dataset with the columns of `benchmarks.FEATURES`, after `check_dataset`.
+        protocol: one of `PROTOCOLS`.
+        target: the target whose MOS marks a row as labelled ("quality", "alignment", ...).
+        n_splits: the number of "random" and "prompt" splits.
+        train_fraction: the share of rows (or groups) in train+val for "random" and "prompt".
+        val_fraction: the share of the training part held out for validation.
+        k: the number of "kfold" folds.
+        seed: the base seed of numpy's default generator.
+
+    Returns:
+        The splits, named "<protocol>-<i>" ("official" for the one official split).
+
+    Raises:
+        ValueError: an unknown protocol, fractions out of range, or no labelled rows.
+        BadRowError: "prompt" with rows without a group, or "official" with labelled rows without a split.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown split protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), not {val_fraction}")
+    if protocol in ("random", "prompt") and not 0 < train_fraction < 1:
+        raise ValueError(f"train_fraction must be in (0, 1), not {train_fraction}")
+    if protocol == "kfold" and k < 2:
+        raise ValueError(f"k must be at least 2, not {k}")
+    if protocol in ("random", "prompt") and n_splits < 1:
+        raise ValueError(f"n_splits must be at least 1, not {n_splits}")
+
+    column = target_column(target)
+    meta = ds.select_columns(["name", column, "group", "split"]).to_dict()
+    labelled = [row for row, mos in enumerate(meta[column]) if _is_label(mos)]
+    if not labelled:
+        raise ValueError(f"no row of the dataset carries {column}")
+    rows = np.array(sorted(labelled, key=lambda row: (meta["name"][row], row)), dtype=np.int64)
+
+    if protocol == "random":
+        parts = _shuffled(rows, np.arange(len(rows)), "random", n_splits, train_fraction, val_fraction, seed)
+    elif protocol == "prompt":
+        parts = _shuffled(rows, _group_ids(rows, meta), "prompt", n_splits, train_fraction, val_fraction, seed)
+    elif protocol == "kfold":
+        folds = np.array_split(np.random.default_rng(seed).permutation(rows), k)
+        parts = [
+            (f"kfold-{i}", *_hold_out(np.concatenate(folds[:i] + folds[i + 1 :]), val_fraction, seed + i), folds[i])
+            for i in range(k)
+        ]
+    else:
+        parts = [_official(rows, meta, val_fraction, seed)]
+
+    given = {
+        "target": target,
+        "n_splits": n_splits,
+        "train_fraction": train_fraction,
+        "val_fraction": val_fraction,
+        "k": k,
+        "seed": seed,
+    }
+    arguments = {key: given[key] for key in _ARGUMENTS[protocol]}
+    return [
+        Split(name, _sorted(train), _sorted(val), _sorted(test), protocol, dict(arguments))
+        for name, train, val, test in parts
+    ]
+
+
+_Parts = tuple[str, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _shuffled(
+    rows: np.ndarray,
+    group_of: np.ndarray,
+    protocol: str,
+    n_splits: int,
+    train_fraction: float,
+    val_fraction: float,
+    seed: int,
+) -> list[_Parts]:
+    """Splits that deal whole groups to train, val and test; `group_of[j]` is the group id of `rows[j]`.
+
+    With one group per row this is the image-level random protocol.
+    """
+    n_groups = int(group_of.max()) + 1
+    parts = []
+    for i in range(n_splits):
+        order = np.random.default_rng(seed + i).permutation(n_groups)
+        n_fit = _share(n_groups, train_fraction)
+        side = np.full(n_groups, _TEST)
+        side[order[:n_fit]] = _TRAIN
+        side[order[: _share(n_fit, val_fraction)]] = _VAL
+        where = side[group_of]
+        parts.append((f"{protocol}-{i}", rows[where == _TRAIN], rows[where == _VAL], rows[where == _TEST]))
+    return parts
+
+
+def _group_ids(rows: np.ndarray, meta: dict[str, list]) -> np.ndarray:
+    """The group of each row as an index into the sorted distinct groups."""
+    groups = meta["group"]
+    missing = [meta["name"][row] for row in rows if not groups[row]]
+    if missing:
+        raise BadRowError(
+            f"{len(missing)} rows have no group (e.g. {', '.join(missing[:10])}); prompt-disjoint splits "
+            "need the group column (the prompt by default)"
+        )
+    distinct = sorted({groups[row] for row in rows})
+    if len(distinct) < 2:
+        raise ValueError(f"prompt-disjoint splits need at least 2 groups; the dataset has {len(distinct)}")
+    position = {group: i for i, group in enumerate(distinct)}
+    return np.array([position[groups[row]] for row in rows], dtype=np.int64)
+
+
+def _official(rows: np.ndarray, meta: dict[str, list], val_fraction: float, seed: int) -> _Parts:
+    official = meta["split"]
+    unassigned = [meta["name"][row] for row in rows if official[row] is None]
+    if unassigned:
+        raise BadRowError(
+            f"{len(unassigned)} labelled rows have no official split (e.g. {', '.join(unassigned[:10])}); "
+            'the "official" protocol needs a split for every row'
+        )
+    train, val, test = (np.array([row for row in rows if official[row] == part], dtype=np.int64) for part in PARTS)
+    if not len(val):
+        train, val = _hold_out(train, val_fraction, seed)
+    return "official", train, val, test
+
+
+def _hold_out(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val): a random `fraction` of `rows` held out for validation."""
+    order = np.random.default_rng(seed).permutation(rows)
+    n_val = _share(len(order), fraction)
+    return order[n_val:], order[:n_val]
+
+
+def predict_indices(ds: datasets.Dataset, target: str = "quality") -> tuple[int, ...]:
+    """Rows without the target MOS (withheld labels of an official val/test split): the ones to predict."""
+    column = target_column(target)
+    return tuple(row for row, mos in enumerate(ds[column]) if not _is_label(mos))
+
+
+def save_splits(splits: Sequence[Split], path: str | Path, ds: datasets.Dataset) -> None:
+    """Write splits as JSON, each with its protocol, arguments and the image names of its rows."""
+    names = ds["name"]
+    content = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "splits": [
+            {
+                "name": s.name,
+                "protocol": s.protocol,
+                "arguments": s.arguments,
+                **{part: [names[row] for row in getattr(s, part)] for part in PARTS},
+            }
+            for s in splits
+        ],
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
+
+
+def load_splits(path: str | Path, ds: datasets.Dataset) -> list[Split]:
+    """Read splits written by `save_splits`, mapping their image names to the rows of `ds`.
+
+    Raises:
+        ValueError: the file is not a split file, or `ds` lists a name twice.
+        BadRowError: a split names images that `ds` lacks (e.g. dropped by `check_dataset`); the message
+            names them.
+    """
+    path = Path(path)
+    content = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(content, dict) or content.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not a split file (no format {_FORMAT!r})")
+    if content.get("version") != _VERSION:
+        raise ValueError(f"{path}: split file version {content.get('version')}; this reader knows {_VERSION}")
+    row_of: dict[str, int] = {}
+    for row, name in enumerate(ds["name"]):
+        if name in row_of:
+            raise ValueError(f"{path}: the dataset lists {name!r} twice (rows {row_of[name]} and {row})")
+        row_of[name] = row
+    splits = []
+    for entry in content["splits"]:
+        missing = [name for part in PARTS for name in entry[part] if name not in row_of]
+        if missing:
+            raise BadRowError(
+                f"{path}: split {entry['name']!r} names {len(missing)} images the dataset lacks: "
+                f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+            )
+        parts = (tuple(sorted(row_of[name] for name in entry[part])) for part in PARTS)
+        splits.append(Split(entry["name"], *parts, protocol=entry["protocol"], arguments=entry["arguments"]))
+    return splits
+
+
+def _is_label(mos: float | None) -> bool:
+    return mos is not None and math.isfinite(mos)
+
+
+def _share(n: int, fraction: float) -> int:
+    return round(n * fraction)
+
+
+def _sorted(rows: np.ndarray) -> tuple[int, ...]:
+    return tuple(sorted(rows.tolist()))

@@ -78,9 +78,12 @@ def build_tiny_clip(
         return path
     path.mkdir(parents=True, exist_ok=True)
     vocab_size = write_byte_tokenizer(path)
-    # projection_dim goes into the sub-configs too: the single-tower classes read it from there.
+    # projection_dim goes into the sub-configs too: the single-tower classes read it from there. At the default
+    # initialisation a 2-layer tower's output is almost all class embedding, the same for every image; a 5x larger
+    # init lets the image through, so the demo has something to learn from.
     common = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_attention_heads=4,
-                  num_hidden_layers=layers, hidden_act="quick_gelu", projection_dim=projection_dim)
+                  num_hidden_layers=layers, hidden_act="quick_gelu", projection_dim=projection_dim,
+                  initializer_factor=5.0)
     text = dict(common, vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2,
                 eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
     vision = dict(common, image_size=224, patch_size=patch_size)

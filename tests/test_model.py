@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mst_clipiqa.losses import LossConfig, iqa_loss, pairwise_ranking_loss
-from mst_clipiqa.model import GatedFusion, ModelConfig, MSTCLIPIQA, PromptHead, TemplateHead
+from mst_clipiqa.model import MSTCLIPIQA, GatedFusion, ModelConfig, PromptHead, TemplateHead
 
 
 def make(tiny_clip, variant: str) -> MSTCLIPIQA:
@@ -130,7 +130,8 @@ def test_loss_matches_hand_computation():
              max(0, -(1) * (2 - 1) + 0.1), max(0, -(1) * (2.5 - 1) + 0.1)]
     rank = sum(pairs) / 4
     torch.testing.assert_close(pairwise_ranking_loss(score, mos, 0.1), torch.tensor(rank))
-    torch.testing.assert_close(iqa_loss(score, mos, LossConfig(rank_weight=2.0, margin=0.1)), torch.tensor(mse + 2 * rank))
+    total = iqa_loss(score, mos, LossConfig(rank_weight=2.0, margin=0.1))
+    torch.testing.assert_close(total, torch.tensor(mse + 2 * rank))
     torch.testing.assert_close(iqa_loss(score, mos, LossConfig(rank_weight=0.0)), torch.tensor(mse))
 
 

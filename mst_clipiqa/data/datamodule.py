@@ -1,0 +1,225 @@
+"""The LightningDataModule: a benchmark source, a split protocol, MOS targets and loaders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from mst_clipiqa.data.benchmarks import check_dataset, load_source, target_column
+from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+from mst_clipiqa.data.samplers import EvalDistributedSampler
+from mst_clipiqa.data.splits import Split, load_splits, make_splits, predict_indices, save_splits
+
+log = logging.getLogger(__name__)
+
+
+class ImageRows(Dataset):
+    """Rows of the unified table → {"pixel_values", "prompt", "mos", "index"}; index is the row in the full table."""
+
+    def __init__(self, table: datasets.Dataset, rows: list[int], target: str, preprocess: ClipPreprocess, draft: bool):
+        self.table, self.rows, self.column = table, list(rows), target_column(target)
+        self.preprocess, self.draft = preprocess, draft
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.table[self.rows[i]]
+        mos = row[self.column]
+        return {
+            "pixel_values": load_pixels(row["image"], self.preprocess, draft=self.draft),  # (3, 224, 224)
+            "prompt": row["prompt"] or "",
+            "mos": torch.tensor(float("nan") if mos is None else mos, dtype=torch.float32),
+            "index": self.rows[i],
+        }
+
+
+def default_workers() -> int:
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+class IQADataModule(L.LightningDataModule):
+    """A quality benchmark read from its official release, split by a papers' protocol.
+
+    Args:
+        source: reader: agiqa-1k, agiqa-3k, aigciqa2023, aigiqa-20k, table (CSV/TSV/JSONL/Parquet/xlsx) or hf.
+        root: the release's folder (or the table file, or a hub id / save_to_disk folder for hf).
+        source_options: extra options of the reader, e.g. the column mapping of a table.
+        target: which MOS to learn: quality, alignment (= correspondence) or authenticity.
+        protocol: random (image-level), prompt (prompt-disjoint), kfold, or official (the release's own split).
+        split_index: which of the protocol's splits (or folds) this run uses.
+        n_splits: number of random / prompt-disjoint splits.
+        train_fraction: share of the rows (or prompts) in train+val for random and prompt splits.
+        val_fraction: share of the train part held out for validation; the test part is never touched.
+        folds: k of kfold.
+        seed: seed of the splits.
+        splits_file: read the splits from this JSON (one written by an earlier run) instead of making them.
+        need_prompt: every row must have a prompt (set from the model's variant).
+        preprocess_from: CLIP checkpoint whose preprocessing is used (set from the model's coarse encoder).
+        on_bad: what to do with bad rows or images found at setup: 'error' stops with a message naming them,
+            'drop' removes them and writes a report of every drop to the run folder.
+        check_images: decode every image at setup, so a broken file fails now and not hours into training.
+        draft_decode: faster, reduced-size JPEG decoding (Pillow draft mode); the scorer reuses the same setting.
+        batch_size: training batch size (per device).
+        eval_batch_size: validation, test and predict batch size (per device).
+        num_workers: data loader workers; None picks from the CPU count.
+        predict_split: rows scored by `predict`: test, val, train, all, or unlabeled (official test sets).
+    """
+
+    def __init__(
+        self,
+        source: str = "agiqa-3k",
+        root: str = "",
+        source_options: dict[str, Any] | None = None,
+        target: Literal["quality", "alignment", "correspondence", "authenticity"] = "quality",
+        protocol: Literal["random", "prompt", "kfold", "official"] = "random",
+        split_index: int = 0,
+        n_splits: int = 10,
+        train_fraction: float = 0.8,
+        val_fraction: float = 0.1,
+        folds: int = 5,
+        seed: int = 0,
+        splits_file: str | None = None,
+        need_prompt: bool = False,
+        preprocess_from: str = "openai/clip-vit-base-patch32",
+        on_bad: Literal["error", "drop"] = "error",
+        check_images: bool = True,
+        draft_decode: bool = False,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int | None = None,
+        predict_split: Literal["test", "val", "train", "all", "unlabeled"] = "test",
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.table: datasets.Dataset | None = None
+        self.split: Split | None = None
+        self.preprocess: ClipPreprocess | None = None
+
+    # ---- setup ---------------------------------------------------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path | None:
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    def load_table(self) -> datasets.Dataset:
+        """The checked table of the whole source (read and validated once per process)."""
+        if self.table is None:
+            hp = self.hparams
+            table = load_source(hp.source, hp.root, on_bad=hp.on_bad, **(hp.source_options or {}))
+            report = self.run_dir / "dropped_rows.csv" if self.run_dir is not None else None
+            self.table = check_dataset(
+                table,
+                target=hp.target,
+                need_prompt=hp.need_prompt,
+                check_images=hp.check_images,
+                on_bad=hp.on_bad,
+                report_path=report,
+            )
+        return self.table
+
+    def all_splits(self) -> list[Split]:
+        hp = self.hparams
+        table = self.load_table()
+        if hp.splits_file:
+            return load_splits(hp.splits_file, table)
+        return make_splits(
+            table,
+            hp.protocol,
+            target=hp.target,
+            n_splits=hp.n_splits,
+            k=hp.folds,
+            train_fraction=hp.train_fraction,
+            val_fraction=hp.val_fraction,
+            seed=hp.seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is not None:
+            return
+        hp = self.hparams
+        splits = self.all_splits()
+        if not 0 <= hp.split_index < len(splits):
+            raise ValueError(f"split_index {hp.split_index} is out of range: the protocol made {len(splits)} splits")
+        self.split = splits[hp.split_index]
+        for name in ("train", "val", "test"):
+            if stage in ("fit", "validate", "test") and name != "train" and 0 < len(getattr(self.split, name)) < 2:
+                raise ValueError(f"the {name} part of split {self.split.name} has fewer than 2 rows: nothing to rank")
+        self.preprocess = ClipPreprocess.from_pretrained(hp.preprocess_from)
+        self._write_splits(splits)
+        log.info("split %s: %d train, %d val, %d test", self.split.name, *map(len, self.parts()))
+
+    @rank_zero_only
+    def _write_splits(self, splits: list[Split]) -> None:
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_splits(splits, self.run_dir / "splits.json", self.load_table())
+
+    def parts(self) -> tuple[list[int], list[int], list[int]]:
+        return list(self.split.train), list(self.split.val), list(self.split.test)
+
+    @property
+    def mos_range(self) -> tuple[float, float]:
+        """(min, max) of the target MOS over the training rows: the head's 1..5 maps onto this range."""
+        self.setup("fit")
+        values = self.load_table().select(self.split.train)[target_column(self.hparams.target)]
+        return float(min(values)), float(max(values))
+
+    # ---- loaders -------------------------------------------------------------------------------------------------
+
+    def rows_dataset(self, rows: list[int]) -> ImageRows:
+        return ImageRows(self.load_table(), rows, self.hparams.target, self.preprocess, self.hparams.draft_decode)
+
+    def _loader(self, rows: list[int], train: bool) -> DataLoader:
+        hp = self.hparams
+        dataset = self.rows_dataset(rows)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = None
+        if train and world > 1:
+            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
+        elif not train:
+            # Every evaluation row exactly once across ranks: padded duplicates would bias SRCC.
+            sampler = EvalDistributedSampler(dataset, num_replicas=world, rank=rank)
+        workers = default_workers() if hp.num_workers is None else hp.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if train else hp.eval_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.split.train, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.split.val, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.split.test, train=False)
+
+    def predict_rows(self) -> list[int]:
+        which = self.hparams.predict_split
+        if which == "all":
+            return list(range(len(self.load_table())))
+        if which == "unlabeled":
+            return list(predict_indices(self.load_table(), self.hparams.target))
+        return list(getattr(self.split, which))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_rows(), train=False)

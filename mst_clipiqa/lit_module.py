@@ -1,0 +1,203 @@
+"""The LightningModule: training, evaluation and checkpoints around the plain `MSTCLIPIQA` network."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from mst_clipiqa.losses import LossConfig, iqa_loss
+from mst_clipiqa.metrics import make_metrics
+from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
+
+# The frozen towers are in eval mode on purpose; Lightning's generic notice about it would only alarm users.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+# The head's own scale: the template head's expected level lies in [1, 5]; head B trains on the same scale.
+INTERNAL_LOW, INTERNAL_HIGH = 1.0, 5.0
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule; only trainable parameters are optimised."""
+
+    name: Literal["adamw", "adam"] = "adamw"
+    """Optimiser: 'adamw' (decoupled weight decay) or 'adam' (L2 penalty, as the reference code)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 1e-3
+    """Weight decay."""
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    """'cosine': linear warm-up then cosine decay to zero over the run; 'constant': no schedule."""
+    warmup_fraction: float = 0.05
+    """Fraction of the training steps spent warming up (cosine only)."""
+
+
+def _as(cls: type, value: Any) -> Any:
+    """Accept a config dataclass or its dict form (checkpoints store plain dicts, loadable with weights_only)."""
+    if isinstance(value, cls):
+        return value
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in dict(value).items() if k in names})
+
+
+class MSTCLIPIQAModule(L.LightningModule):
+    """MST-CLIPIQA training and evaluation.
+
+    Args:
+        net: the network (encoders, fusion, head variant).
+        loss: the objective's weights.
+        optim: optimiser and schedule.
+    """
+
+    def __init__(
+        self,
+        net: ModelConfig = ModelConfig(),
+        loss: LossConfig = LossConfig(),
+        optim: OptimConfig = OptimConfig(),
+    ):
+        super().__init__()
+        self.net_config = _as(ModelConfig, net)
+        self.loss_config = _as(LossConfig, loss)
+        self.optim_config = _as(OptimConfig, optim)
+        self.save_hyperparameters(
+            {"net": asdict(self.net_config), "loss": asdict(self.loss_config), "optim": asdict(self.optim_config)}
+        )
+        self.net = MSTCLIPIQA(self.net_config)
+        # The data set's MOS range (low, high), mapped linearly onto the head's 1..5; set from the training split
+        # at the first fit and stored in checkpoints, so scores come back on the benchmark's own scale.
+        self.register_buffer("mos_range", torch.tensor([math.nan, math.nan], dtype=torch.float64))
+        self.val_metrics = make_metrics("val/")
+        self.test_metrics = make_metrics("test/", logistic=True)
+
+    # ---- scale -------------------------------------------------------------------------------------------------
+
+    @property
+    def has_mos_range(self) -> bool:
+        return not bool(torch.isnan(self.mos_range).any())
+
+    def set_mos_range(self, low: float, high: float) -> None:
+        if not high > low:
+            raise ValueError(f"the training MOS must not all be equal (low={low}, high={high})")
+        self.mos_range.copy_(torch.tensor([low, high], dtype=torch.float64))
+
+    def to_internal(self, mos: Tensor) -> Tensor:
+        low, high = self.mos_range.tolist()
+        return INTERNAL_LOW + (mos.float() - low) * (INTERNAL_HIGH - INTERNAL_LOW) / (high - low)
+
+    def to_mos(self, score: Tensor) -> Tensor:
+        low, high = self.mos_range.tolist()
+        return low + (score.float() - INTERNAL_LOW) * (high - low) / (INTERNAL_HIGH - INTERNAL_LOW)
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Any], return_gate: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Internal-scale scores (B,) for a batch of pixels or of cached embeddings."""
+        if "coarse_embeds" in batch:
+            f_c, f_f = batch["coarse_embeds"], batch["fine_embeds"]
+        else:
+            f_c, f_f = self.net.encoder(batch["pixel_values"])
+        states = mask = None
+        if self.net.needs_prompt:
+            if "prompt_states" in batch:
+                states, mask = batch["prompt_states"], batch["prompt_mask"]
+            else:
+                states, mask = self.net.prompt_encoder(batch["prompt"])
+        return self.net.score_embeddings(f_c, f_f, states, mask, return_gate=return_gate)
+
+    # ---- steps -------------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if not self.has_mos_range and datamodule is not None and hasattr(datamodule, "mos_range"):
+            self.set_mos_range(*datamodule.mos_range)
+        if not self.has_mos_range:
+            raise RuntimeError("the model has no MOS range: train it first or load a trained checkpoint")
+
+    def on_fit_start(self) -> None:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        rank_zero_info(f"MST-CLIPIQA ({self.net_config.variant} head): {trainable:,} trainable, {frozen:,} frozen")
+        for logger in self.loggers:
+            logger.log_hyperparams({"trainable_params": trainable, "frozen_params": frozen})
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        score = self(batch)
+        loss = iqa_loss(score, self.to_internal(batch["mos"]), self.loss_config)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(score))
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], metrics) -> None:
+        score = self(batch)
+        loss = iqa_loss(score, self.to_internal(batch["mos"]), self.loss_config)
+        stage = "val" if metrics is self.val_metrics else "test"
+        self.log(f"{stage}/loss", loss, batch_size=len(score), sync_dist=True)
+        metrics.update(self.to_mos(score).float(), batch["mos"].float())
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def _log_metrics(self, metrics) -> None:
+        # compute() gathers every rank's predictions, so correlations are over the whole evaluation set.
+        self.log_dict(metrics.compute(), prog_bar=True)
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        score, gate = self(batch, return_gate=True)
+        return {"index": batch["index"], "score": self.to_mos(score), "coarse_share": gate.float().mean(-1)}
+
+    # ---- optimisation ------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        config = self.optim_config
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.name]
+        optimizer = optimizer_cls(params, lr=config.lr, weight_decay=config.weight_decay)
+        if config.scheduler == "constant":
+            return optimizer
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(config.warmup_fraction * total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints without the frozen towers -----------------------------------------------------------------
+
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        named = {module: name for name, module in self.named_modules()}
+        return tuple(named[m] + "." for m in self.net.frozen_modules())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the trainable weights only: the frozen towers are referenced by id or path in the config."""
+        prefixes = self._frozen_prefixes()
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(prefixes)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put back the frozen towers this module loaded from its config, so strict loading still checks the rest."""
+        prefixes = self._frozen_prefixes()
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(prefixes):
+                state.setdefault(key, value)

@@ -1,0 +1,103 @@
+"""The LightningModule: frozen towers, optimiser, checkpoints without the towers."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mst_clipiqa.lit_module import MSTCLIPIQAModule, OptimConfig
+from mst_clipiqa.model import ModelConfig
+
+
+def pixel_batches(n: int, seed: int = 0, prompts: bool = False) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = [
+        {
+            "pixel_values": torch.randn(3, 224, 224, generator=g),
+            "mos": torch.rand((), generator=g) * 5,
+            "index": i,
+            "prompt": f"scene number {i}",
+        }
+        for i in range(n)
+    ]
+    return rows
+
+
+def make_module(clip, variant="template", **optim) -> MSTCLIPIQAModule:
+    module = MSTCLIPIQAModule(
+        net=ModelConfig(coarse_encoder=clip[0], fine_encoder=clip[1], variant=variant),
+        optim=OptimConfig(**optim),
+    )
+    module.set_mos_range(0.0, 5.0)
+    return module
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, enable_checkpointing=False,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("variant", ["template", "prompt"])
+def test_checkpoint_holds_no_frozen_tower_and_reloads_bit_identical(tiny_clip_512, tmp_path, variant):
+    module = make_module(tiny_clip_512, variant, lr=1e-2)
+    rows = pixel_batches(12)
+    t = trainer(tmp_path)
+    t.fit(module, DataLoader(rows, batch_size=4), DataLoader(rows[:8], batch_size=4))
+    path = tmp_path / "model.ckpt"
+    t.save_checkpoint(path)
+
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert state and not [k for k in state if k.startswith(("net.encoder.", "net.prompt_encoder."))]
+    assert all(k.startswith(("net.fusion.", "net.head.", "mos_range")) for k in state)
+    if variant == "template":
+        assert path.stat().st_size < 12e6  # trainable weights + Adam moments; the towers alone would be ~1 GB
+
+    module.eval()
+    batch = torch.utils.data.default_collate(rows[:6])
+    with torch.no_grad():
+        before = module(batch)
+    loaded = MSTCLIPIQAModule.load_from_checkpoint(path, weights_only=True).eval()
+    with torch.no_grad():
+        after = loaded(batch)
+    assert torch.equal(before, after)
+    assert loaded.mos_range.tolist() == [0.0, 5.0]
+    assert loaded.net_config == module.net_config
+
+
+def test_optimiser_gets_only_trainable_parameters(tiny_clip, tmp_path):
+    module = make_module(tiny_clip, "prompt", name="adam", lr=5e-6, weight_decay=1e-3, scheduler="constant")
+    module.trainer = trainer(tmp_path)
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW)
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert optimised == trainable
+    assert optimizer.param_groups[0]["lr"] == 5e-6 and optimizer.param_groups[0]["weight_decay"] == 1e-3
+
+
+def test_frozen_towers_stay_in_eval_mode_and_unchanged_by_training(tiny_clip, tmp_path):
+    module = make_module(tiny_clip, "prompt", lr=1e-2)
+    frozen_before = {k: v.clone() for k, v in module.state_dict().items() if k.startswith("net.encoder.")}
+    trainable_before = {k: v.clone() for k, v in module.state_dict().items() if k.startswith("net.fusion.")}
+    module.train()
+    assert not module.net.encoder.training and not module.net.prompt_encoder.training
+    rows = pixel_batches(8)
+    trainer(tmp_path).fit(module, DataLoader(rows, batch_size=4), DataLoader(rows, batch_size=4))
+    after = module.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen_before.items())
+    assert any(not torch.equal(v, after[k]) for k, v in trainable_before.items())
+
+
+def test_scores_come_back_on_the_data_sets_scale(tiny_clip):
+    module = make_module(tiny_clip)
+    module.set_mos_range(20.0, 80.0)
+    mos = torch.tensor([20.0, 50.0, 80.0])
+    torch.testing.assert_close(module.to_internal(mos), torch.tensor([1.0, 3.0, 5.0]))
+    torch.testing.assert_close(module.to_mos(module.to_internal(mos)), mos)
+    with pytest.raises(ValueError, match="must not all be equal"):
+        module.set_mos_range(3.0, 3.0)

@@ -1,0 +1,40 @@
+"""The README's quick start: the commands it shows are the ones CI runs, and the demo command works."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def bash_blocks() -> list[str]:
+    return [block.strip() for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S)]
+
+
+def test_quick_start_commands_match_ci():
+    blocks = bash_blocks()
+    demo, tests = blocks[0], blocks[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = 'pip install torch==2.13.0 -e ".[test]"'
+    assert tests == f"python3.11 -m venv .venv && . .venv/bin/activate && {install} && pytest -q"
+    assert install in ci and "\npytest -q\n" in ci
+    assert demo == "python3.11 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e . && mst-clipiqa demo"
+
+
+def test_demo_console_script_runs(tmp_path):
+    script = shutil.which("mst-clipiqa", path=str(Path(sys.executable).parent))
+    assert script, "the console script is installed with the package"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run(
+        [script, "demo", "--workdir", str(tmp_path / "demo_run"), "--scenes", "8",
+         "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"demo test: SRCC -?\d\.\d{4}  PLCC -?\d\.\d{4}", result.stdout), result.stdout[-2000:]

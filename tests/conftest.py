@@ -13,6 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from mst_clipiqa.tiny_clip import build_tiny_pair  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache(tmp_path_factory):
+    """The session's own feature cache folder, so no test reads or fills the user's cache."""
+    os.environ["MST_CLIPIQA_FEATURES"] = str(tmp_path_factory.mktemp("feature-cache"))
+    return os.environ["MST_CLIPIQA_FEATURES"]
+
+
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> tuple[str, str]:
     """(coarse, fine) tiny CLIP checkpoints, patch 32 and 16, 64-wide embeddings."""

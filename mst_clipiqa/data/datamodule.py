@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mst_clipiqa.data.benchmarks import check_dataset, load_source, target_column
+from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_features
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.data.samplers import EvalDistributedSampler
 from mst_clipiqa.data.splits import Split, load_splits, make_splits, predict_indices, save_splits
@@ -67,11 +68,18 @@ class IQADataModule(L.LightningDataModule):
         on_bad: what to do with bad rows or images found at setup: 'error' stops with a message naming them,
             'drop' removes them and writes a report of every drop to the run folder.
         check_images: decode every image at setup, so a broken file fails now and not hours into training.
-        draft_decode: faster, reduced-size JPEG decoding (Pillow draft mode); the scorer reuses the same setting.
+        draft_decode: faster, reduced-size JPEG decoding (Pillow draft mode); set from the model's config, so
+            training and scoring decode alike.
         batch_size: training batch size (per device).
         eval_batch_size: validation, test and predict batch size (per device).
-        num_workers: data loader workers; None picks from the CPU count.
+        num_workers: data loader workers; None picks from the CPU count. With `features`, they decode the images
+            the cache lacks while the towers encode; the loaders themselves read tensors in the main process.
         predict_split: rows scored by `predict`: test, val, train, all, or unlabeled (official test sets).
+        features: read each image's two frozen embeddings (and each prompt's token states) from the feature cache,
+            encoding only what it lacks, once, with the trainer's model (see `mst_clipiqa.data.features`). False
+            decodes pixels and runs both frozen towers at every step.
+        cache_dir: the feature cache folder; None for $MST_CLIPIQA_FEATURES, else ~/.cache/mst_clipiqa/features.
+        content_hash: key cached images by a hash of their bytes rather than their path, size and mtime.
     """
 
     def __init__(
@@ -97,12 +105,16 @@ class IQADataModule(L.LightningDataModule):
         eval_batch_size: int = 64,
         num_workers: int | None = None,
         predict_split: Literal["test", "val", "train", "all", "unlabeled"] = "test",
+        features: bool = True,
+        cache_dir: str | None = None,
+        content_hash: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.table: datasets.Dataset | None = None
         self.split: Split | None = None
         self.preprocess: ClipPreprocess | None = None
+        self.features: TableFeatures | None = None
 
     # ---- setup ---------------------------------------------------------------------------------------------------
 
@@ -157,14 +169,15 @@ class IQADataModule(L.LightningDataModule):
             if stage in ("fit", "validate", "test") and name != "train" and 0 < len(getattr(self.split, name)) < 2:
                 raise ValueError(f"the {name} part of split {self.split.name} has fewer than 2 rows: nothing to rank")
         self.preprocess = ClipPreprocess.from_pretrained(hp.preprocess_from)
-        self._write_splits(splits)
+        # Read on every rank: Trainer.log_dir is a broadcast, which rank 0 alone would wait on forever under DDP.
+        self._write_splits(splits, self.run_dir)
         log.info("split %s: %d train, %d val, %d test", self.split.name, *map(len, self.parts()))
 
     @rank_zero_only
-    def _write_splits(self, splits: list[Split]) -> None:
-        if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_splits(splits, self.run_dir / "splits.json", self.load_table())
+    def _write_splits(self, splits: list[Split], run_dir: Path | None) -> None:
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_splits(splits, run_dir / "splits.json", self.load_table())
 
     def parts(self) -> tuple[list[int], list[int], list[int]]:
         return list(self.split.train), list(self.split.val), list(self.split.test)
@@ -178,26 +191,64 @@ class IQADataModule(L.LightningDataModule):
 
     # ---- loaders -------------------------------------------------------------------------------------------------
 
-    def rows_dataset(self, rows: list[int]) -> ImageRows:
+    def rows_dataset(self, rows: list[int]) -> ImageRows | FeatureRows:
+        if self.hparams.features:
+            return self.feature_rows(rows)
         return ImageRows(self.load_table(), rows, self.hparams.target, self.preprocess, self.hparams.draft_decode)
+
+    def feature_rows(self, rows: list[int]) -> FeatureRows:
+        """Cached features of `rows`, after encoding what the cache lacks with the trainer's frozen towers.
+
+        The first call prepares the whole split too, so one encoding pass (one progress bar) serves every loader.
+        Under DDP each rank encodes a share and all read the union (see `TableFeatures.prepare`).
+        """
+        hp, trainer = self.hparams, self.trainer
+        if trainer is None or trainer.lightning_module is None:
+            raise RuntimeError(
+                "features=True encodes with the model's frozen towers: use the data module through a Trainer, "
+                "or pass features=False to read pixels"
+            )
+        if self.features is None:
+            self.features = TableFeatures(
+                self.load_table(),
+                self.preprocess,
+                draft_decode=hp.draft_decode,
+                cache_dir=hp.cache_dir,
+                content_hash=hp.content_hash,
+                batch_size=hp.eval_batch_size,
+                num_workers=default_workers() if hp.num_workers is None else hp.num_workers,
+            )
+        self.features.prepare(
+            [*rows, *self.split.train, *self.split.val, *self.split.test],
+            trainer.lightning_module.net,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            broadcast=trainer.strategy.broadcast,
+            barrier=trainer.strategy.barrier,
+            progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+        )
+        return FeatureRows(self.features, rows, hp.target)
 
     def _loader(self, rows: list[int], train: bool) -> DataLoader:
         hp = self.hparams
         dataset = self.rows_dataset(rows)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = None
-        if train and world > 1:
+        if train:
+            # Shuffled from (seed, epoch), one process or many: the global RNG is not in checkpoints, so a run
+            # resumed from one sees the same batches as a run that was never interrupted.
             sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
-        elif not train:
+        else:
             # Every evaluation row exactly once across ranks: padded duplicates would bias SRCC.
             sampler = EvalDistributedSampler(dataset, num_replicas=world, rank=rank)
         workers = default_workers() if hp.num_workers is None else hp.num_workers
+        if hp.features:
+            workers = 0  # rows of in-memory tensors: worker processes would only add start-up and transfer time
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if train else hp.eval_batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
+            collate_fn=collate_features if hp.features else None,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),

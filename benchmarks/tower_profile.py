@@ -1,0 +1,84 @@
+"""Where the time of one frozen CLIP image tower goes on this machine: speed against the GEMM rate per batch size,
+page faults per image, and the operators that take the time.
+
+    python benchmarks/tower_profile.py HUB_CACHE [--tower openai/clip-vit-base-patch16] [--batches 1 8 16 32]
+        [--tuned-malloc] [--compile]
+
+`--tuned-malloc` fixes glibc's mmap threshold at its largest (32 MB) and its trim threshold at 1 GB before anything
+is allocated, so freed buffers under 32 MB are reused instead of returned to the system and faulted in again.
+`--compile` also times ``torch.compile`` of the tower (compile time excluded). Runs on the CPU with fp32, with
+the offline hub cache of `python ../shared/tools/offline_clip_cache.py HUB_CACHE` (random weights, real shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import resource
+import sys
+import time
+
+from encode_once import timed, tower_flops
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("hub_cache", help="HF_HUB_CACHE folder from offline_clip_cache.py")
+    parser.add_argument("--tower", default="openai/clip-vit-base-patch16")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tuned-malloc", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    if args.tuned_malloc:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    os.environ.update(HF_HUB_CACHE=args.hub_cache, HF_HUB_OFFLINE="1")
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import CLIPVisionModelWithProjection
+
+    from mst_clipiqa.model import quiet_transformers
+
+    with quiet_transformers():
+        tower = CLIPVisionModelWithProjection.from_pretrained(args.tower, attn_implementation="sdpa").eval()
+    flops = tower_flops(tower.config)
+    pixels = torch.randn(max(args.batches), 3, 224, 224)
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+
+    def gemm() -> float:
+        return 2 * 4096**3 / timed(lambda: torch.matmul(a, b), args.repeats)[0]
+
+    towers = {"eager": tower}
+    if args.compile:
+        start = time.perf_counter()
+        towers["compiled"] = torch.compile(tower)
+        with torch.inference_mode():
+            towers["compiled"](pixel_values=pixels[: args.batches[0]])
+        print(f"torch.compile: {time.perf_counter() - start:.0f} s for the first batch")
+    print(f"{args.tower}: {flops / 1e9:.2f} GFLOP per image; torch threads {torch.get_num_threads()}")
+    print("| tower | batch | GFLOP/s | GEMM GFLOP/s | of the GEMM rate | page faults per image |")
+    print("|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for name, model in towers.items():
+            for batch in args.batches:
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                seconds = timed(lambda: model(pixel_values=pixels[:batch]), args.repeats)[0]
+                faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / ((args.repeats + 1) * batch)
+                rate, bound = batch * flops / 1e9 / seconds, gemm() / 1e9
+                print(f"| {name} | {batch} | {rate:.0f} | {bound:.0f} | {rate / bound:.0%} | {faults:.0f} |")
+        batch = 8 if 8 in args.batches else args.batches[0]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            tower(pixel_values=pixels[:batch])
+    sys.stdout.flush()
+    print(f"\nOperators of one eager call at batch {batch}, by own CPU time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""`mst-clipiqa benchmark`: a protocol's splits x head variants x targets, each fitted, then tested at its best
+checkpoint, with per-split and median/mean SRCC, PLCC and KRCC.
+
+    mst-clipiqa benchmark --config experiments/agiqa3k_template.yaml --splits 10 \\
+        --variants template prompt --targets quality alignment [--output DIR] [any fit option]
+
+Each run is `mst-clipiqa fit` on the same YAML (and the same extra options), with the variant, target and split
+index set, followed by `test` with ``ckpt_path="best"``. The frozen features come from the feature cache
+(`mst_clipiqa.data.features`): the first run encodes every image of the split (all labelled rows) and the first run
+of the prompt head every distinct prompt; all others read them, so the whole protocol costs one encoder pass plus
+the heads' training. After the first run has decoded every image once, the others skip that check.
+
+The output folder (``--output``, by default ``<trainer.default_root_dir>/<name>``) gets results.csv (one row per
+run: metrics, best checkpoint, what the feature cache read and encoded), summary.csv (median, mean and standard
+deviation per variant and target) and results.md (both tables, also printed). Each run logs where the config's
+loggers say; CSV and TensorBoard runs go under ``<save_dir>/<name>/<run>``, W&B runs are named after the run and
+grouped under ``<name>``, and one more W&B run of that group, ``<name>-summary``, holds both tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import importlib
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from mst_clipiqa.cli import MSTCLIPIQACLI
+
+METRICS = ("srcc", "plcc", "krcc")
+"""Metrics summarised over the splits (results.csv also keeps RMSE and the logistic-fitted PLCC)."""
+_TEST_METRICS = (*METRICS, "rmse", "plcc_logistic")
+_CACHE_COUNTS = ("images_cached", "images_encoded", "prompts_cached", "prompts_encoded")
+
+
+@dataclass
+class RunResult:
+    """One fit and test of the benchmark."""
+
+    variant: str
+    """Head: template or prompt."""
+    target: str
+    """The MOS learnt: quality, alignment, ..."""
+    split: int
+    """Index of the split in the protocol."""
+    metrics: dict[str, float]
+    """Test metrics at the best checkpoint, without the "test/" prefix."""
+    checkpoint: str
+    """Path of the best checkpoint."""
+    cache: dict[str, int] = field(default_factory=dict)
+    """What the feature cache read and encoded for this run (empty when features are off)."""
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant,
+            "target": self.target,
+            "split": self.split,
+            **{name: self.metrics.get(name) for name in _TEST_METRICS},
+            **{name: self.cache.get(name) for name in _CACHE_COUNTS},
+            "checkpoint": self.checkpoint,
+        }
+
+
+def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Per (variant, target): the number of splits and the median, mean and standard deviation of each metric."""
+    groups: dict[tuple[str, str], list[RunResult]] = {}
+    for result in results:
+        groups.setdefault((result.variant, result.target), []).append(result)
+    summary = []
+    for (variant, target), runs in groups.items():
+        row: dict[str, Any] = {"variant": variant, "target": target, "splits": len(runs)}
+        for name in METRICS:
+            values = [run.metrics[name] for run in runs]
+            row[f"median_{name}"] = statistics.median(values)
+            row[f"mean_{name}"] = statistics.fmean(values)
+            row[f"std_{name}"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(row)
+    return summary
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _logger_configs(value: Any) -> list[Namespace]:
+    """The class_path/init_args entries of a parsed `trainer.logger` (one, a list, or True/False/None)."""
+    items = value if isinstance(value, list) else [value]
+    return [item for item in items if isinstance(item, Namespace) and "class_path" in item]
+
+
+def _is_wandb(config: Namespace) -> bool:
+    module, name = config.class_path.rsplit(".", 1)
+    return issubclass(getattr(importlib.import_module(module), name), WandbLogger)
+
+
+class _RunCLI(MSTCLIPIQACLI):
+    """`MSTCLIPIQACLI` without a subcommand, whose parsed config `configure` adjusts before anything is built."""
+
+    def __init__(self, args: list[str], configure: Callable[[Namespace], None]):
+        self.configure = configure
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # args= is the point
+            super().__init__(args=args, run=False)
+
+    def before_instantiate_classes(self) -> None:
+        self.configure(self.config)
+
+
+class Benchmark:
+    """Fits and tests every (variant, target, split), then reports.
+
+    Args:
+        fit_args: arguments of `mst-clipiqa fit` (``--config`` files and options) shared by every run.
+        splits: how many of the protocol's splits to run, from the first; None runs them all.
+        variants: head variants to run; None keeps the config's.
+        targets: targets to run; None keeps the config's.
+        output: folder of the reports; None for ``<trainer.default_root_dir>/<name>``.
+        name: name of the benchmark: the output folder, the loggers' run group; None for "benchmark-<time>".
+    """
+
+    def __init__(
+        self,
+        fit_args: Sequence[str],
+        *,
+        splits: int | None = None,
+        variants: Sequence[str] | None = None,
+        targets: Sequence[str] | None = None,
+        output: str | Path | None = None,
+        name: str | None = None,
+    ):
+        self.fit_args = list(fit_args)
+        self.splits = splits
+        self.variants: list[str | None] = list(variants) if variants else [None]
+        self.targets: list[str | None] = list(targets) if targets else [None]
+        self.output = Path(output) if output is not None else None
+        self.name = name or time.strftime("benchmark-%Y%m%d-%H%M%S")
+        self.results: list[RunResult] = []
+        self._check_images = True
+        self._run: tuple[str, str, int] = ("", "", 0)  # (variant, target, split) of the run being built
+        self._logger_config: Any = None
+
+    def run(self) -> list[RunResult]:
+        """Every run in turn; returns the results and writes the reports."""
+        for variant in self.variants:
+            for target in self.targets:
+                available = self._fit_and_test(variant, target, 0)
+                if self.splits is not None and self.splits > available:
+                    raise ValueError(f"--splits {self.splits}: the protocol makes only {available} splits")
+                for split in range(1, available if self.splits is None else self.splits):
+                    self._fit_and_test(variant, target, split)
+        self.report()
+        return self.results
+
+    def _fit_and_test(self, variant: str | None, target: str | None, split: int) -> int:
+        """One run; its result joins `results`. Returns the number of splits the protocol makes."""
+        options = ["--data.split_index", str(split)]
+        options += ["--model.net.variant", variant] if variant else []
+        options += ["--data.target", target] if target else []
+        options += [] if self._check_images else ["--data.check_images", "false"]
+        cli = _RunCLI([*self.fit_args, *options], self._configure)
+        trainer, data = cli.trainer, cli.datamodule
+        trainer.fit(cli.model, datamodule=data)
+        (metrics,) = trainer.test(cli.model, datamodule=data, ckpt_path="best", verbose=False)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()  # the next run starts its own W&B run
+        variant, target, split = self._run
+        self.results.append(
+            RunResult(
+                variant=variant,
+                target=target,
+                split=split,
+                metrics={key.removeprefix("test/"): value for key, value in metrics.items()},
+                checkpoint=trainer.checkpoint_callback.best_model_path,
+                cache=asdict(data.features.stats) if data.features is not None else {},
+            )
+        )
+        # Every image has been decoded once, and any bad one stopped the run: the other runs read the same files.
+        if data.hparams.on_bad == "error":
+            self._check_images = False
+        available = len(data.all_splits())
+        del cli, trainer, data
+        gc.collect()  # the frozen towers of this run (held in reference cycles), before the next run loads its own
+        return available
+
+    def _configure(self, config: Namespace) -> None:
+        """Name the run being built for the configured loggers and give it its own default folder."""
+        self._run = (config.model.net.variant, config.data.target, config.data.split_index)
+        run_name = "{}-{}-split{}".format(*self._run)
+        if self.output is None:
+            self.output = Path(config.trainer.default_root_dir or ".") / self.name
+        config.trainer.default_root_dir = str(self.output / run_name)
+        for logger in _logger_configs(config.trainer.logger):
+            init = logger.init_args
+            if _is_wandb(logger):
+                init.name = run_name
+                init.group = init.get("group") or self.name
+            elif "version" in init and "name" in init:  # CSV, TensorBoard: <save_dir>/<name>/<run>
+                init.name, init.version = self.name, run_name
+        self._logger_config = config.trainer.logger
+
+    # ---- reports ---------------------------------------------------------------------------------------------------
+
+    @rank_zero_only
+    def report(self) -> None:
+        """Write results.csv, summary.csv and results.md to the output folder, print them, and log them to W&B."""
+        rows = [result.row() for result in self.results]
+        summary = summarise(self.results)
+        self.output.mkdir(parents=True, exist_ok=True)
+        for path, table in ((self.output / "results.csv", rows), (self.output / "summary.csv", summary)):
+            with path.open("w", newline="", encoding="utf-8") as file:
+                writer = csv.DictWriter(file, fieldnames=list(table[0]))
+                writer.writeheader()
+                writer.writerows(table)
+        text = (
+            f"# {self.name}\n\n## Summary over splits\n\n{markdown_table(summary, list(summary[0]))}\n\n"
+            f"## Per split\n\n{markdown_table(rows, [c for c in rows[0] if c != 'checkpoint'])}\n"
+        )
+        (self.output / "results.md").write_text(text, encoding="utf-8")
+        print(text)
+        print(f"Reports in {self.output}")
+        self._log_to_wandb(rows, summary)
+
+    def _log_to_wandb(self, rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> None:
+        """One more run of the benchmark's W&B group, "<name>-summary", with both tables and the medians."""
+        import wandb
+
+        def table(records: list[dict[str, Any]]) -> wandb.Table:
+            return wandb.Table(columns=list(records[0]), data=[list(record.values()) for record in records])
+
+        for config in _logger_configs(self._logger_config):
+            if not _is_wandb(config):
+                continue
+            init = config.as_dict()
+            init["init_args"]["name"] = f"{self.name}-summary"
+            run = instantiate_class((), init).experiment
+            run.log({"benchmark/runs": table(rows), "benchmark/summary": table(summary)})
+            for row in summary:
+                for name in METRICS:
+                    run.summary[f"{row['variant']}/{row['target']}/median_{name}"] = row[f"median_{name}"]
+            run.finish()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="mst-clipiqa benchmark",
+        description="Fit and test every split of a protocol, for each head variant and target, and summarise.",
+        epilog="Any other option is passed to every fit, as to `mst-clipiqa fit` (e.g. --trainer.max_epochs 20).",
+    )
+    parser.add_argument("--config", action="append", required=True, help="fit config (YAML); may be repeated")
+    parser.add_argument("--splits", type=int, help="run the protocol's first N splits (default: all of them)")
+    parser.add_argument("--variants", nargs="+", choices=("template", "prompt"), help="default: the config's")
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=("quality", "alignment", "correspondence", "authenticity"),
+        help="default: the config's",
+    )
+    parser.add_argument("--output", help="folder of the reports (default: <trainer.default_root_dir>/<name>)")
+    parser.add_argument("--name", help="benchmark name: output folder and logger group (default: benchmark-<time>)")
+    args, fit_options = parser.parse_known_args(argv)
+    configs = [item for path in args.config for item in ("--config", path)]
+    Benchmark(
+        [*configs, *fit_options],
+        splits=args.splits,
+        variants=args.variants,
+        targets=args.targets,
+        output=args.output,
+        name=args.name,
+    ).run()

@@ -1,0 +1,576 @@
+"""The frozen-feature cache: each image's two CLIP embeddings and each prompt's token states, computed once.
+
+The image towers are frozen and preprocessing is deterministic, so an image's `image_embeds` never change: training
+reads them from disk instead of running both towers at every step, and every later run, split, head variant and
+target reuses them. The prompt head's keys and values (the text tower's `last_hidden_state`) are cached the same way,
+once per distinct prompt.
+
+Layout. One folder serves every data set and run: the `cache_dir` option, else ``$MST_CLIPIQA_FEATURES``, else
+``$XDG_CACHE_HOME/mst_clipiqa/features`` (``~/.cache/mst_clipiqa/features``). It holds one namespace per way of
+computing a feature, named by a hash of everything the feature depends on (written out in its ``spec.json``):
+
+    image-<hash>/   image_embeds (D,) of one image tower: its checkpoint (hub id and resolved commit, or for a local
+                    folder a hash of config.json and the size and mtime of its weight files), the ClipPreprocess
+                    fields, draft decoding, and the compute dtype (float32, or bf16 autocast on CUDA)
+    text-<hash>/    last_hidden_state (L, Dt), unpadded, of the text tower: its checkpoint and tokenizer files,
+                    the prompt truncation length and the compute dtype
+
+Changing any of these selects another namespace, so a stale feature is never read, and only the changed part is
+recomputed: another fine encoder re-encodes the fine stream only. Within a namespace an image is keyed by its file's
+absolute path, size and modification time (or, with ``content_hash``, by a hash of its bytes, so copies and moves
+still hit), and embedded image bytes by their hash; a prompt by a hash of its text.
+
+Each namespace holds ``shard-*`` folders, each a `datasets` Arrow table of (key, length, value) rows, memory-mapped
+when read. A shard is written to a ``.tmp-*`` folder and renamed into place, so a crash (or a kill) never leaves a
+half-written shard behind a ``shard-*`` name; it leaves at most a ``.tmp-*`` folder, which is never read and may be
+deleted. Shards are written every `SHARD_SIZE` items, so a crash loses at most that much work.
+
+Under DDP, rank 0 lists what is missing, every rank encodes its own slice (rank::world_size) and writes its own
+shards, then all ranks meet at a barrier and read the union: the encoding is shared, not repeated. The cache folder
+must be on a file system every rank sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import datasets
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm.auto import tqdm
+from transformers.utils import cached_file
+from transformers.utils.hub import extract_commit_hash
+
+from mst_clipiqa.data.benchmarks import target_column
+from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+from mst_clipiqa.model import MSTCLIPIQA
+
+CACHE_ENV = "MST_CLIPIQA_FEATURES"
+"""Environment variable naming the cache folder (the `cache_dir` option, when given, wins)."""
+SHARD_SIZE = 512
+"""Items per shard: a crash mid-way loses at most this many encoded items."""
+CPU_BATCH = 8
+"""Largest encoding batch on the CPU. The ViT-B/16 MLP activations of 8 images (8 x 197 x 3072 floats, 19 MB) stay
+under glibc's largest mmap threshold (32 MB), so freed buffers are reused instead of mapped and page-faulted afresh
+at every call: measured on 2 cores, batches of 8 ran at about 80% of the fp32 matmul bound, batches of 32 at 60%."""
+FORMAT_VERSION = 1
+"""Version of the shard layout; part of every namespace's hash, so a new layout never reads an old one."""
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+_SCHEMA = datasets.Features(
+    {
+        "key": datasets.Value("string"),
+        # Rows of the stored matrix: 1 for an image embedding, the token count for prompt states.
+        "length": datasets.Value("int32"),
+        "value": datasets.List(datasets.Value("float32")),  # (length * D,), row-major
+    }
+)
+
+T = TypeVar("T")
+
+
+def default_cache_dir() -> Path:
+    """``$MST_CLIPIQA_FEATURES``, else ``$XDG_CACHE_HOME/mst_clipiqa/features`` (``~/.cache`` by default)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mst_clipiqa" / "features"
+
+
+# ---- what a feature depends on ---------------------------------------------------------------------------------------
+
+
+def _digest(data: bytes | memoryview) -> str:
+    return hashlib.blake2b(data, digest_size=20).hexdigest()
+
+
+def checkpoint_fingerprint(name: str, revision: str | None, files: Sequence[str] = WEIGHT_FILES) -> dict[str, Any]:
+    """What identifies the weights of a checkpoint, cheaply.
+
+    A local folder: its resolved path, a hash of its config.json, and the name, size and modification time of the
+    files matching `files` (glob patterns). A hub id: the id and the commit its revision resolves to, through Hugging
+    Face's cache and offline switches, as `from_pretrained` resolves it.
+    """
+    folder = Path(name)
+    if not folder.is_dir():
+        config = cached_file(name, "config.json", revision=revision)
+        commit = extract_commit_hash(config, None)
+        if commit is not None:
+            return {"id": name, "commit": commit}
+        folder = Path(config).parent  # not a hub snapshot: identify the files themselves
+    folder = folder.resolve()
+    stats = sorted(
+        (path.name, path.stat().st_size, path.stat().st_mtime_ns) for pattern in files for path in folder.glob(pattern)
+    )
+    return {"path": str(folder), "config": _digest((folder / "config.json").read_bytes()), "files": stats}
+
+
+def _preprocess_spec(preprocess: ClipPreprocess) -> dict[str, Any]:
+    return {f.name: getattr(preprocess, f.name) for f in fields(preprocess) if f.init}
+
+
+def _bf16(device: torch.device) -> bool:
+    """Encode under bf16 autocast on a GPU that supports it, in float32 elsewhere."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def _compute_dtype(device: torch.device) -> str:
+    return "bfloat16-autocast" if _bf16(device) else "float32"
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if _bf16(device) else nullcontext()
+
+
+def image_keys(images: datasets.Dataset, *, content_hash: bool = False) -> list[str]:
+    """One key per row of an `image` column (a `datasets.Image(decode=False)` feature), as the cache stores them.
+
+    Embedded bytes, and with `content_hash` files too, are keyed by a hash of their bytes; otherwise a file is keyed
+    by its absolute path, size and modification time, which changes whenever the file is rewritten.
+    """
+    keys = []
+    for batch in images.select_columns(["image"]).with_format("arrow").iter(batch_size=256):
+        column = batch.column("image").combine_chunks()  # StructArray {bytes, path}
+        paths, blobs = column.field("path"), column.field("bytes")
+        for path, blob in zip(paths, blobs):
+            if blob.is_valid:
+                keys.append("bytes:" + _digest(blob.as_buffer()))
+            elif content_hash:
+                keys.append("bytes:" + _digest(Path(path.as_py()).read_bytes()))
+            else:
+                file = Path(path.as_py()).resolve()
+                stat = file.stat()
+                keys.append("file:" + _digest(f"{file}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()))
+    return keys
+
+
+def prompt_key(prompt: str) -> str:
+    return "text:" + _digest(prompt.encode())
+
+
+# ---- storage ---------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No "Saving the dataset" bar per shard."""
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+class Shelf:
+    """One namespace of the cache: float32 matrices by key, in append-only Arrow shards.
+
+    Args:
+        root: the cache folder.
+        spec: everything the stored values depend on; its hash names the namespace folder.
+        kind: prefix of the folder name ("image", "text").
+    """
+
+    def __init__(self, root: Path, spec: dict[str, Any], kind: str):
+        text = json.dumps({"format": FORMAT_VERSION, **spec}, sort_keys=True, indent=1, default=str)
+        self.folder = Path(root) / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not (self.folder / "spec.json").exists():
+            temporary = self.folder / f".tmp-{uuid.uuid4().hex}"
+            temporary.write_text(text)
+            os.replace(temporary, self.folder / "spec.json")
+        self.index: dict[str, tuple[int, int]] = {}  # key → (shard, row)
+        self._read: set[str] = set()
+        self._values: list[Any] = []  # per shard: the "value" column, memory-mapped
+        self._lengths: list[np.ndarray] = []  # per shard: the "length" column
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the shards written since the last look, by this or any other process."""
+        for path in sorted(self.folder.glob("shard-*")):
+            if path.name in self._read:
+                continue
+            table = datasets.load_from_disk(str(path)).data
+            shard = len(self._values)
+            self._values.append(table.column("value"))
+            self._lengths.append(table.column("length").to_numpy())
+            self._read.add(path.name)
+            for row, key in enumerate(table.column("key").to_pylist()):
+                self.index.setdefault(key, (shard, row))
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        """The distinct keys not stored yet, in first-seen order."""
+        return [key for key in dict.fromkeys(keys) if key not in self.index]
+
+    def get(self, key: str) -> np.ndarray:
+        """The (length, D) matrix stored under `key`: read-only, mapped from disk."""
+        shard, row = self.index[key]
+        flat = self._values[shard][row].values.to_numpy(zero_copy_only=True)
+        return flat.reshape(int(self._lengths[shard][row]), -1)
+
+    def write(self, keys: list[str], values: list[np.ndarray]) -> None:
+        """Store (length, D) matrices under `keys` as one new shard, atomically."""
+        rows = {
+            "key": keys,
+            "length": [len(v) for v in values],
+            "value": [np.ascontiguousarray(v, dtype=np.float32).ravel() for v in values],
+        }
+        temporary = self.folder / f".tmp-{uuid.uuid4().hex}"
+        with _quiet_datasets():
+            datasets.Dataset.from_dict(rows, features=_SCHEMA).save_to_disk(str(temporary))
+        # A rename within one folder is atomic: readers see the whole shard or nothing.
+        os.rename(temporary, self.folder / f"shard-{uuid.uuid4().hex}")
+
+
+class _ShardWriter:
+    """Collects encoded items and writes them to a shelf every `SHARD_SIZE` items, and the rest at `close`."""
+
+    def __init__(self, shelf: Shelf):
+        self.shelf, self.keys, self.values = shelf, [], []
+
+    def add(self, keys: Sequence[str], values: Sequence[np.ndarray]) -> None:
+        self.keys += keys
+        self.values += values
+        if len(self.keys) >= SHARD_SIZE:
+            self.close()
+
+    def close(self) -> None:
+        if self.keys:
+            self.shelf.write(self.keys, self.values)
+        self.keys, self.values = [], []
+
+
+# ---- encoding what is missing ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureStats:
+    """Distinct images and prompts read from the cache or encoded, summed over `TableFeatures.prepare` calls."""
+
+    images_cached: int = 0
+    """Images whose embeddings (both streams) were already in the cache."""
+    images_encoded: int = 0
+    """Images that went through at least one tower, over all ranks."""
+    prompts_cached: int = 0
+    """Distinct prompts whose token states were already in the cache."""
+    prompts_encoded: int = 0
+    """Distinct prompts that went through the text tower, over all ranks."""
+
+
+class _Pixels(Dataset):
+    """Images of a table → pixel_values (3, 224, 224), decoded in the loader's workers."""
+
+    def __init__(self, images: datasets.Dataset, preprocess: ClipPreprocess, draft: bool):
+        self.images, self.preprocess, self.draft = images, preprocess, draft
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return load_pixels(self.images[i]["image"], self.preprocess, draft=self.draft)
+
+
+def _same(obj: T) -> T:
+    return obj
+
+
+def _nothing() -> None:
+    return None
+
+
+class TableFeatures:
+    """The cached features of one table's rows for one network: image embeddings in memory, prompt states mapped.
+
+    Args:
+        table: the unified table (columns of `benchmarks.FEATURES`).
+        preprocess: the CLIP preprocessing both towers read.
+        draft_decode: decode JPEGs in Pillow's draft mode, as the pixel path does with the same setting.
+        cache_dir: the cache folder; None for `default_cache_dir()`.
+        content_hash: key image files by a hash of their bytes instead of their path, size and mtime.
+        batch_size: images or prompts per tower call.
+        num_workers: loader processes decoding images while the towers run.
+    """
+
+    def __init__(
+        self,
+        table: datasets.Dataset,
+        preprocess: ClipPreprocess,
+        *,
+        draft_decode: bool = False,
+        cache_dir: str | os.PathLike | None = None,
+        content_hash: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
+        self.table, self.preprocess, self.draft = table, preprocess, draft_decode
+        self.root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.content_hash, self.batch_size, self.num_workers = content_hash, batch_size, num_workers
+        self.prompts = [prompt or "" for prompt in table["prompt"]]
+        self.keys: list[str | None] = [None] * len(table)
+        self.loaded = torch.zeros(len(table), dtype=torch.bool)
+        self.coarse: Tensor | None = None  # (N, D) image_embeds of every row, valid where `loaded`
+        self.fine: Tensor | None = None  # (N, D)
+        self.stats = FeatureStats()
+        self._net: MSTCLIPIQA | None = None
+
+    # ---- namespaces of one network -----------------------------------------------------------------------------------
+
+    def _open_shelves(self, net: MSTCLIPIQA) -> None:
+        if net is self._net:
+            return
+        config = net.config
+        device = next(net.encoder.parameters()).device
+        image = {
+            "preprocess": _preprocess_spec(self.preprocess),
+            "draft_decode": self.draft,
+            "compute": _compute_dtype(device),
+        }
+        self.shelves = {
+            stream: Shelf(
+                self.root,
+                {
+                    "feature": "image_embeds",
+                    "checkpoint": checkpoint_fingerprint(getattr(config, f"{stream}_encoder"), config.revision),
+                    "weights_dtype": str(next(tower.parameters()).dtype),
+                    **image,
+                },
+                "image",
+            )
+            for stream, tower in (("coarse", net.encoder.coarse), ("fine", net.encoder.fine))
+        }
+        self.text = None
+        if net.needs_prompt:
+            text = net.prompt_encoder
+            spec = {
+                "feature": "last_hidden_state",
+                "checkpoint": checkpoint_fingerprint(
+                    config.coarse_encoder, config.revision, WEIGHT_FILES + TOKENIZER_FILES
+                ),
+                "weights_dtype": str(next(text.parameters()).dtype),
+                "max_tokens": text.max_tokens,
+                "compute": _compute_dtype(device),
+            }
+            self.text = Shelf(self.root, spec, "text")
+        self.loaded[:] = False  # rows read for another network
+        self._net = net
+
+    def _image_keys(self, rows: list[int]) -> list[str]:
+        todo = [row for row in rows if self.keys[row] is None]
+        if todo:
+            for row, key in zip(todo, image_keys(self.table.select(todo), content_hash=self.content_hash)):
+                self.keys[row] = key
+        return [self.keys[row] for row in rows]
+
+    # ---- the one entry point -----------------------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        rows: Sequence[int],
+        net: MSTCLIPIQA,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        broadcast: Callable[[Any], Any] = _same,
+        barrier: Callable[[], None] = _nothing,
+        progress: bool = False,
+    ) -> None:
+        """Make the features of `rows` available, encoding what the cache lacks with `net`'s frozen towers.
+
+        Every rank of a distributed run calls it with the same rows: rank 0's list of what is missing is broadcast,
+        each rank encodes every `world_size`-th item from its `rank` and writes its own shards, and after the
+        barrier every rank reads them all.
+
+        Args:
+            rows: rows of the table.
+            net: the network whose towers (on their device, bf16 autocast on CUDA) compute missing features.
+            rank: this process's rank.
+            world_size: number of ranks.
+            broadcast: sends rank 0's object to every rank (`Strategy.broadcast`).
+            barrier: returns once every rank has called it (`Strategy.barrier`).
+            progress: show progress bars while encoding.
+
+        Raises:
+            RuntimeError: features are still missing after encoding: the ranks do not share the cache folder.
+        """
+        self._open_shelves(net)
+        rows = sorted({int(row) for row in rows if not self.loaded[row]})
+        if not rows:
+            return
+        keys = self._image_keys(rows)
+        prompts = list(dict.fromkeys(self.prompts[row] for row in rows)) if self.text is not None else []
+        prompt_keys = [prompt_key(prompt) for prompt in prompts]
+        plan = broadcast(
+            {
+                "coarse": self.shelves["coarse"].missing(keys),
+                "fine": self.shelves["fine"].missing(keys),
+                "prompts": self.text.missing(prompt_keys) if self.text is not None else [],
+            }
+        )
+        images = list(dict.fromkeys(plan["coarse"] + plan["fine"]))  # need at least one tower
+        first_row = dict(zip(reversed(keys), reversed(rows)))
+        self._encode_images(
+            net, [(key, first_row[key]) for key in images[rank::world_size]], plan["coarse"], plan["fine"], progress
+        )
+        missing = set(plan["prompts"])
+        todo = [prompt for prompt, key in zip(prompts, prompt_keys) if key in missing]
+        self._encode_prompts(net, todo[rank::world_size], progress)
+        barrier()
+
+        shelves = [(self.shelves["coarse"], keys), (self.shelves["fine"], keys)]
+        if self.text is not None:
+            shelves.append((self.text, prompt_keys))
+        for shelf, _ in shelves:
+            shelf.refresh()
+        lost = sum(len(shelf.missing(wanted)) for shelf, wanted in shelves)
+        if lost:
+            raise RuntimeError(
+                f"{lost} features are missing from {self.root} after encoding; under DDP every rank must see the "
+                "same cache folder (set cache_dir to a shared file system)"
+            )
+        self._fill(rows, keys)
+
+        distinct = len(set(keys))
+        self.stats.images_cached += distinct - len(images)
+        self.stats.images_encoded += len(images)
+        self.stats.prompts_cached += len(prompts) - len(todo)
+        self.stats.prompts_encoded += len(todo)
+        text = f", {len(prompts)} prompts ({len(prompts) - len(todo)} from the cache, {len(todo)} encoded)"
+        rank_zero_info(
+            f"Features of {distinct} images ({distinct - len(images)} from the cache, {len(images)} encoded)"
+            f"{text if self.text is not None else ''}; cache: {self.root}"
+        )
+
+    def _encode_images(
+        self, net: MSTCLIPIQA, items: list[tuple[str, int]], coarse: list[str], fine: list[str], progress: bool
+    ) -> None:
+        """Decode each (key, row) image once and run the towers whose embedding of it is missing."""
+        if not items:
+            return
+        device = next(net.encoder.parameters()).device
+        towers = [
+            (net.encoder.coarse, set(coarse), _ShardWriter(self.shelves["coarse"])),
+            (net.encoder.fine, set(fine), _ShardWriter(self.shelves["fine"])),
+        ]
+        images = _Pixels(self.table.select([row for _, row in items]), self.preprocess, self.draft)
+        loader = DataLoader(
+            images,
+            batch_size=min(self.batch_size, CPU_BATCH) if device.type == "cpu" else self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        done = 0
+        with tqdm(total=len(items), desc="Encoding images", unit="img", disable=not progress) as bar:
+            for pixels in loader:  # (B, 3, 224, 224)
+                batch = [key for key, _ in items[done : done + len(pixels)]]
+                done += len(batch)
+                pixels = pixels.to(device, non_blocking=True)
+                for tower, todo, writer in towers:
+                    chosen = [i for i, key in enumerate(batch) if key in todo]
+                    if not chosen:
+                        continue
+                    with torch.inference_mode(), _autocast(device):
+                        embeds = tower(pixel_values=pixels if len(chosen) == len(batch) else pixels[chosen])
+                    values = embeds.image_embeds.float().cpu().numpy()  # (b, D)
+                    writer.add([batch[i] for i in chosen], [row[None] for row in values])
+                bar.update(len(batch))
+        for _, _, writer in towers:
+            writer.close()
+
+    def _encode_prompts(self, net: MSTCLIPIQA, prompts: list[str], progress: bool) -> None:
+        """Token states of each prompt, stored without padding."""
+        if not prompts:
+            return
+        device = next(net.prompt_encoder.parameters()).device
+        writer = _ShardWriter(self.text)
+        with tqdm(total=len(prompts), desc="Encoding prompts", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(prompts), self.batch_size):
+                batch = prompts[start : start + self.batch_size]
+                with torch.inference_mode(), _autocast(device):
+                    states, mask = net.prompt_encoder(batch)  # (B, L, Dt), (B, L), padding on the right
+                states = states.float().cpu().numpy()
+                lengths = mask.sum(dim=1).tolist()
+                writer.add([prompt_key(p) for p in batch], [s[:n] for s, n in zip(states, lengths)])
+                bar.update(len(batch))
+        writer.close()
+
+    def _fill(self, rows: list[int], keys: list[str]) -> None:
+        coarse = np.stack([self.shelves["coarse"].get(key)[0] for key in keys])  # (n, D)
+        fine = np.stack([self.shelves["fine"].get(key)[0] for key in keys])  # (n, D)
+        if self.coarse is None:
+            self.coarse = torch.zeros(len(self.table), coarse.shape[1])  # (N, D)
+            self.fine = torch.zeros(len(self.table), fine.shape[1])  # (N, D)
+        index = torch.tensor(rows)
+        self.coarse[index] = torch.from_numpy(coarse)
+        self.fine[index] = torch.from_numpy(fine)
+        self.loaded[index] = True
+
+    def prompt_states(self, row: int) -> Tensor:
+        """Token states (L, Dt) of a row's prompt, without padding."""
+        return torch.tensor(self.text.get(prompt_key(self.prompts[row])))
+
+
+# ---- loading ---------------------------------------------------------------------------------------------------------
+
+
+class FeatureRows(Dataset):
+    """Rows of the table → {"coarse_embeds", "fine_embeds", "mos", "index"} (and "prompt_states" for the prompt
+    head) from prepared `TableFeatures`; batch them with `collate_features`.
+
+    Args:
+        features: features prepared for at least these rows.
+        rows: rows of the table; `index` in each item is the row.
+        target: the MOS to return (see `benchmarks.target_column`).
+    """
+
+    def __init__(self, features: TableFeatures, rows: Sequence[int], target: str):
+        self.features, self.rows = features, [int(row) for row in rows]
+        if not bool(features.loaded[self.rows].all()):
+            raise RuntimeError("features of some rows were not prepared: call TableFeatures.prepare first")
+        mos = features.table.select(self.rows)[target_column(target)]
+        self.mos = torch.tensor([math.nan if value is None else value for value in mos], dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.rows[i]
+        item = {
+            "coarse_embeds": self.features.coarse[row],  # (D,)
+            "fine_embeds": self.features.fine[row],  # (D,)
+            "mos": self.mos[i],
+            "index": row,
+        }
+        if self.features.text is not None:
+            item["prompt_states"] = self.features.prompt_states(row)  # (L, Dt)
+        return item
+
+
+def collate_features(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """`default_collate`, with each batch's prompt states padded to its longest prompt.
+
+    Returns prompt_states (B, L, Dt), zero on padding, and prompt_mask (B, L), True on real tokens, as the prompt
+    head reads them.
+    """
+    states = [item.pop("prompt_states") for item in items] if "prompt_states" in items[0] else None
+    batch = default_collate(items)
+    if states is not None:
+        lengths = torch.tensor([len(s) for s in states])  # (B,)
+        batch["prompt_states"] = pad_sequence(states, batch_first=True)  # (B, L, Dt)
+        batch["prompt_mask"] = torch.arange(int(lengths.max()))[None] < lengths[:, None]  # (B, L)
+    return batch

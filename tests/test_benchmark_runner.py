@@ -1,0 +1,76 @@
+"""`mst-clipiqa benchmark`: splits x variants, one encoder pass in all, reports on disk and in W&B (offline)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from mst_clipiqa.cli import main
+
+CONFIG = Path(__file__).parents[1] / "experiments" / "demo.yaml"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def test_three_splits_and_both_heads_cost_one_encoder_pass(demo_data, tiny_clip, tmp_path, capsys):
+    wandb_config = tmp_path / "wandb.yaml"
+    wandb_config.write_text(
+        "trainer:\n"
+        "  logger:\n"
+        "    class_path: lightning.pytorch.loggers.WandbLogger\n"
+        "    init_args:\n"
+        f"      save_dir: {tmp_path / 'runs'}\n"
+        "      project: mst-clipiqa-test\n"
+    )
+    main(
+        [
+            "benchmark",
+            "--config", str(CONFIG),
+            "--config", str(wandb_config),
+            "--splits", "3",
+            "--variants", "template", "prompt",
+            "--name", "demo-bench",
+            "--output", str(tmp_path / "report"),
+            "--data.root", demo_data,
+            "--data.cache_dir", str(tmp_path / "cache"),
+            "--model.net.coarse_encoder", tiny_clip[0],
+            "--model.net.fine_encoder", tiny_clip[1],
+            "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--trainer.max_epochs", "1",
+            "--trainer.enable_progress_bar", "false",
+        ]
+    )  # fmt: skip
+
+    runs = read_csv(tmp_path / "report" / "results.csv")
+    assert [(r["variant"], r["split"]) for r in runs] == [(v, str(s)) for v in ("template", "prompt") for s in range(3)]
+    images = 80  # the demo data: 16 scenes at 5 levels, every one in some part of each split
+    encoded = [int(r["images_encoded"]) for r in runs]
+    assert encoded == [images, 0, 0, 0, 0, 0]  # one encoder pass for the whole protocol
+    assert all(int(r["images_cached"]) == images for r in runs[1:])
+    assert [int(r["prompts_encoded"]) for r in runs] == [0, 0, 0, 16, 0, 0]  # once per distinct prompt
+    assert all(Path(r["checkpoint"]).name.startswith("best") for r in runs)
+
+    summary = read_csv(tmp_path / "report" / "summary.csv")
+    assert [(s["variant"], s["splits"]) for s in summary] == [("template", "3"), ("prompt", "3")]
+    for row in summary:
+        srcc = [float(r["srcc"]) for r in runs if r["variant"] == row["variant"]]
+        assert abs(float(row["median_srcc"]) - statistics.median(srcc)) < 1e-9
+        assert abs(float(row["mean_srcc"]) - statistics.fmean(srcc)) < 1e-9
+
+    markdown = (tmp_path / "report" / "results.md").read_text()
+    assert "## Summary over splits" in markdown and markdown.count("| prompt | quality |") == 4
+    assert "| template | quality | 3 |" in capsys.readouterr().out
+
+    offline = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 7  # one per fit, and the summary
+    (summary_table,) = offline[-1].glob("files/media/table/benchmark/summary_*.table.json")
+    logged = json.loads(summary_table.read_text())
+    assert logged["columns"][:3] == ["variant", "target", "splits"]
+    assert [row[:3] for row in logged["data"]] == [["template", "quality", 3], ["prompt", "quality", 3]]
+    (runs_table,) = offline[-1].glob("files/media/table/benchmark/runs_*.table.json")
+    assert len(json.loads(runs_table.read_text())["data"]) == 6

@@ -11,3 +11,7 @@ class BadImageError(MSTCLIPIQAError, ValueError):
 
 class BadRowError(MSTCLIPIQAError, ValueError):
     """A row of an annotation table is unusable: non-numeric or missing MOS, duplicate name, missing prompt."""
+
+
+class BadCheckpointError(MSTCLIPIQAError, ValueError):
+    """A checkpoint file is truncated or corrupted, or holds pickled objects that only running code could rebuild."""

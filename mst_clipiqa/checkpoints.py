@@ -1,0 +1,176 @@
+"""Checkpoints on shared machines: read without running code, find the one to resume, continue where it left off.
+
+Reading. A Lightning checkpoint is a pickle; unpickling an arbitrary object can run arbitrary code. This package's
+checkpoints hold tensors and plain data only (hyperparameters are stored as dicts), so `read_checkpoint` always
+loads with ``torch.load(weights_only=True)`` and turns every failure into a `BadCheckpointError` that names the
+file: a truncated or corrupted file, or one carrying a pickled object, which is refused without being rebuilt.
+
+Resuming. ``--ckpt_path last`` in Lightning looks in the checkpoint folder of the *current* run only, and every
+run of the CLI gets a new logger version folder, so a rerun after a crash found nothing and trained from scratch.
+`find_last_checkpoint` looks through the checkpoint folders of all versions under the run's logger folder, and the
+SLURM ``hpc_ckpt_*.ckpt`` files in ``default_root_dir``, and takes the newest one made for the same network and the
+same split (another split's checkpoint in the same folder would leak its test images into training).
+`ResumingModelCheckpoint` then keeps saving into the resumed run's folder, so its best-k bookkeeping carries on:
+in a new folder Lightning forgets the best score and the first epoch after a resume always counts as the best.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from mst_clipiqa.errors import BadCheckpointError
+
+SPLIT_KEYS = (
+    "source",
+    "root",
+    "source_options",
+    "target",
+    "protocol",
+    "split_index",
+    "n_splits",
+    "train_fraction",
+    "val_fraction",
+    "folds",
+    "seed",
+    "splits_file",
+)
+"""Data module settings that decide which rows train and which test: a run resumes only a checkpoint that agrees."""
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True``.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors go, as in `torch.load`.
+
+    Returns:
+        The checkpoint's dict.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        BadCheckpointError: the file is truncated, corrupted or not a Lightning checkpoint, or it holds a pickled
+            object other than tensors and plain data (which is never unpickled).
+    """
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except pickle.UnpicklingError as err:
+        # torch names the first callable the pickle wanted to import, e.g. "GLOBAL posix.system".
+        code = re.search(r"GLOBAL [\w.]+", str(err))
+        if code:
+            raise BadCheckpointError(
+                f"{path}: refused to load: it holds a pickled object that only running code could rebuild "
+                f"({code.group(0)}). mst-clipiqa checkpoints hold tensors and plain data only, so this file was "
+                "altered or comes from elsewhere; it was not unpickled"
+            ) from err
+        raise BadCheckpointError(f"{path} is not a readable checkpoint (corrupted or not a checkpoint)") from err
+    except Exception as err:  # torch reports damage as RuntimeError, EOFError, KeyError, ... depending on where
+        raise BadCheckpointError(
+            f"{path} is not a readable checkpoint: truncated or corrupted ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'})"
+        ) from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise BadCheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def _candidates(trainer: L.Trainer) -> list[Path]:
+    """Every last*.ckpt of this run's checkpoint folders, all logger versions, and the SLURM hpc checkpoints."""
+    root = Path(trainer.default_root_dir)
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+        folders = [Path(callback.dirpath)]
+    elif trainer.loggers:
+        logger = trainer.loggers[0]
+        save_dir = logger.save_dir if logger.save_dir is not None else root
+        # Lightning's layout, <save_dir>/<name>/<version>/checkpoints, over every version.
+        folders = [path for path in (Path(save_dir) / str(logger.name)).glob("*/checkpoints") if path.is_dir()]
+    else:
+        folders = [root / "checkpoints"]
+    files = [path for folder in folders for path in folder.glob("last*.ckpt")] + list(root.glob("hpc_ckpt_*.ckpt"))
+    return sorted(files, key=lambda path: path.stat().st_mtime, reverse=True)
+
+
+def _differences(checkpoint: dict[str, Any], net: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    saved_net = checkpoint.get("hyper_parameters", {}).get("net")
+    saved_data = checkpoint.get("datamodule_hyper_parameters", {})
+    differ = ["model.net"] if saved_net != net else []
+    return differ + [f"data.{key}" for key in SPLIT_KEYS if key in data and saved_data.get(key) != data[key]]
+
+
+def find_last_checkpoint(trainer: L.Trainer, net: dict[str, Any], data: dict[str, Any]) -> Path | None:
+    """The newest checkpoint that this run can resume: see the module's docstring.
+
+    Unreadable checkpoints and those of another network or split are skipped with a warning that says why.
+
+    Args:
+        trainer: the run's trainer (its loggers, checkpoint callback and ``default_root_dir`` say where to look).
+        net: the model's ``net`` hyperparameters.
+        data: the data module's hyperparameters.
+
+    Returns:
+        The checkpoint's path, or None when there is none to resume.
+    """
+    skipped = []
+    for path in _candidates(trainer):
+        try:
+            differ = _differences(read_checkpoint(path), net, data)
+        except BadCheckpointError as err:
+            skipped.append(str(err))
+            continue
+        if not differ:
+            if skipped:
+                rank_zero_warn("skipped newer checkpoints:\n  " + "\n  ".join(skipped))
+            return path
+        skipped.append(f"{path}: another run (differs in {', '.join(differ)})")
+    if skipped:
+        rank_zero_warn("no checkpoint to resume; skipped:\n  " + "\n  ".join(skipped))
+    return None
+
+
+def resolve_ckpt_path(
+    ckpt_path: str | None, trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule | None
+) -> str | None:
+    """The ``ckpt_path`` to hand the Trainer: "last" becomes the checkpoint `find_last_checkpoint` picks.
+
+    When none fits, "last" stays: Lightning then says there is nothing to resume and starts afresh, where None would
+    let it fall back on a SLURM checkpoint without these checks. Any other value passes through.
+    """
+    if ckpt_path != "last":
+        return ckpt_path
+    data = dict(datamodule.hparams) if datamodule is not None else {}
+    found = find_last_checkpoint(trainer, model.hparams.get("net"), data)
+    return str(found) if found is not None else ckpt_path
+
+
+class ResumingModelCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` made for resuming: ``save_last`` refreshes last.ckpt after every evaluation, and a resumed
+    run keeps saving into the folder of the run it resumes (when that still exists).
+
+    Lightning 2.6 rewrites last.ckpt at an epoch's end only when it has just written a top-k file, that is when the
+    monitored metric improved; a crash would then lose every epoch since the best one. In the resumed run's folder
+    the best-k bookkeeping (best score, top-k files, last) carries on as if the run had never stopped.
+    """
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            # Lightning saves last.ckpt next if, and only if, a checkpoint was saved at this step.
+            self._last_global_step_saved = trainer.global_step
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        previous = state_dict.get("dirpath")
+        if previous and previous != self.dirpath and self._fs.isdir(previous):
+            rank_zero_info(f"Resuming: checkpoints go on into {previous}")
+            self.dirpath = previous
+        super().load_state_dict(state_dict)

@@ -1,0 +1,138 @@
+"""Faults during fit, with real processes and real signals.
+
+A SIGKILL mid-epoch, then `fit --ckpt_path last`, ends exactly where an uninterrupted run ends. Under SLURM,
+SIGUSR1 saves a checkpoint and requeues the job, and the requeued run resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from scripts.runs import STEPS_PER_EPOCH, cli_args, in_process, logged_metrics, standing_still, subprocess_env, wait_for
+
+from mst_clipiqa.checkpoints import find_last_checkpoint, read_checkpoint
+
+EPOCHS = 3
+
+
+def fit_and_test(args: list[str]) -> dict:
+    """`fit` with the CLI in this process, then test its best checkpoint; returns what a comparison needs."""
+    cli = in_process("fit", args)
+    trainer = cli.trainer
+    val = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
+    # Read before testing: loading the best checkpoint for the test restores the callback's state of that time.
+    best, last = Path(trainer.checkpoint_callback.best_model_path), trainer.checkpoint_callback.last_model_path
+    dirpath, resumed_from = trainer.checkpoint_callback.dirpath, trainer.ckpt_path
+    (test,) = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    return {
+        "val": val,
+        "test": test,
+        "best": best.name,
+        "last": read_checkpoint(last),
+        "last_path": Path(last),
+        "dirpath": dirpath,
+        "resumed_from": resumed_from,
+        "trainer": trainer,
+    }
+
+
+def assert_same_run(got: dict, want: dict) -> None:
+    assert got["val"] == pytest.approx(want["val"], abs=1e-4) and len(got["val"]) >= 5
+    assert got["test"] == pytest.approx(want["test"], abs=1e-4) and "test/srcc" in got["test"]
+    assert got["best"] == want["best"]
+    a, b = got["last"], want["last"]
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (EPOCHS - 1, EPOCHS * STEPS_PER_EPOCH)
+    for key, value in b["state_dict"].items():
+        torch.testing.assert_close(a["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+    moments, resumed_moments = b["optimizer_states"][0]["state"], a["optimizer_states"][0]["state"]
+    assert moments.keys() == resumed_moments.keys()
+    for key, state in moments.items():
+        for name, value in state.items():
+            torch.testing.assert_close(resumed_moments[key][name], value, rtol=0, atol=1e-6, msg=f"{key}.{name}")
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_clip, demo_data, tmp_path_factory) -> dict:
+    return fit_and_test(cli_args(demo_data, tiny_clip, tmp_path_factory.mktemp("uninterrupted") / "run", epochs=EPOCHS))
+
+
+def test_sigkill_mid_epoch_then_fit_ckpt_path_last_ends_like_an_uninterrupted_run(
+    uninterrupted, tiny_clip, demo_data, tmp_path
+):
+    run_dir = tmp_path / "run"
+    args = cli_args(demo_data, tiny_clip, run_dir, epochs=EPOCHS)
+    marker, log = tmp_path / "standing-still", tmp_path / "run.log"
+    # One step into epoch 1: last.ckpt holds the end of epoch 0, and the step after it is lost with the process.
+    with standing_still(marker, STEPS_PER_EPOCH + 1, args, subprocess_env(), log) as process:
+        wait_for(marker.exists, process, log)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    (last,) = run_dir.rglob("last.ckpt")
+    assert read_checkpoint(last)["global_step"] == STEPS_PER_EPOCH
+
+    resumed = fit_and_test([*args, "--ckpt_path", "last"])
+
+    assert resumed["resumed_from"] == str(last)
+    assert_same_run(resumed, uninterrupted)
+    # Checkpoints went on in the first run's folder, so the best-k bookkeeping survived the kill.
+    assert Path(resumed["dirpath"]) == last.parent
+
+
+def test_ckpt_path_last_takes_the_newest_readable_checkpoint_of_the_same_network_and_split(uninterrupted):
+    trainer, last = uninterrupted["trainer"], uninterrupted["last_path"]
+    net, data = trainer.lightning_module.hparams["net"], dict(trainer.datamodule.hparams)
+    assert find_last_checkpoint(trainer, net, data) == last
+    with pytest.warns(UserWarning, match=r"another run \(differs in data.split_index\)"):
+        assert find_last_checkpoint(trainer, net, {**data, "split_index": 1}) is None
+    with pytest.warns(UserWarning, match=r"another run \(differs in model.net\)"):
+        assert find_last_checkpoint(trainer, {**net, "variant": "prompt"}, data) is None
+    # A newer last checkpoint cut short, as a copy across file systems killed midway leaves it.
+    newer = last.with_name("last-v1.ckpt")
+    newer.write_bytes(last.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match=f"skipped newer checkpoints:\n  {newer} is not a readable checkpoint"):
+        assert find_last_checkpoint(trainer, net, data) == last
+
+
+def test_sigusr1_under_slurm_saves_and_requeues_and_the_rerun_resumes_from_it(
+    tiny_clip, demo_data, tmp_path, monkeypatch
+):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    requeued = tmp_path / "scontrol.log"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> "{requeued}"\n')
+    scontrol.chmod(0o755)
+    # What srun sets for a one-node, one-task job (a job named "bash" or "interactive" would not count as SLURM).
+    slurm = {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mst-clipiqa", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "1", "SLURM_NODELIST": "localhost", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0", "PATH": f"{bin_dir}:{subprocess_env()['PATH']}",
+    }  # fmt: skip
+    run_dir = tmp_path / "run"
+    # As the sbatch script of docs/CLUSTER.md runs it, the first time and after every requeue.
+    args = cli_args(demo_data, tiny_clip, run_dir, "--ckpt_path", "last", epochs=EPOCHS)
+    marker, log = tmp_path / "standing-still", tmp_path / "run.log"
+    with standing_still(marker, STEPS_PER_EPOCH + 1, args, subprocess_env(**slurm), log) as process:
+        wait_for(marker.exists, process, log)
+        process.send_signal(signal.SIGUSR1)
+        wait_for(requeued.exists, process, log)  # scontrol runs once the checkpoint is written
+    # Leaving the block kills the run, as SLURM kills a requeued job.
+
+    assert requeued.read_text().split() == ["requeue", "4242"]
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert read_checkpoint(hpc)["global_step"] == STEPS_PER_EPOCH + 1
+
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    with pytest.warns(UserWarning, match="resuming from a checkpoint that ended before the epoch ended"):
+        cli = in_process("fit", args)
+    assert isinstance(cli.trainer._accelerator_connector.cluster_environment, SLURMEnvironment)
+    assert cli.trainer.ckpt_path == str(hpc)
+    assert cli.trainer.global_step == EPOCHS * STEPS_PER_EPOCH
+    resumed_epochs = [row["epoch"] for row in logged_metrics(Path(cli.trainer.log_dir)) if "val/srcc" in row]
+    assert resumed_epochs == list(range(1, EPOCHS))

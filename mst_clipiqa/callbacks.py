@@ -1,0 +1,165 @@
+"""Weights & Biases reporting: the resolved config of a CLI run, and per-sample views of every evaluation.
+
+Lightning's `WandbLogger` already records the metrics (and, with ``log_model``, checkpoints as artifacts). The
+callbacks here add what a number cannot show, for the validation and test sets:
+
+- ``{stage}/pred_vs_mos``: a scatter plot of every prediction against its MOS;
+- ``{stage}/worst``: a table of the worst-predicted images (largest |prediction - MOS|) with a thumbnail, the
+  name, the prompt, the MOS and the prediction;
+- ``{stage}/coarse_share`` and ``{stage}/coarse_share_hist``: how much of each fused feature comes from the coarse
+  (semantic) stream rather than the fine one, i.e. the per-sample mean of the gate g of `GatedFusion`, averaged
+  over the set and as a histogram.
+
+Under DDP each rank holds part of the evaluation set (the evaluation sampler deals rows out without padding, so
+ranks may hold different counts); the per-sample outputs are gathered from all ranks and rank 0 logs them, so every
+row appears exactly once. Without a `WandbLogger` the callbacks do nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import yaml
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from mst_clipiqa.data.preprocess import open_image
+from mst_clipiqa.errors import BadImageError
+
+COLUMNS = ("index", "score", "mos", "coarse_share")
+"""Per-sample values collected from each evaluation step, in the column order of the gathered tensor."""
+
+
+def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+class SaveConfigToWandb(SaveConfigCallback):
+    """Writes config.yaml as usual and sends the whole resolved config to every W&B logger of the run.
+
+    Lightning logs only the model's and data module's own hyperparameters; the run's config (trainer, callbacks,
+    seed, checkpointing, ...) reaches W&B here, nested as in the YAML, so runs can be filtered on any option.
+    """
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        loggers = wandb_loggers(trainer)
+        if loggers:
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in loggers:
+                logger.log_hyperparams(config)
+
+
+def gather_rows(rows: Tensor) -> Tensor:
+    """Concatenate every rank's (N_rank, C) tensor in rank order; N_rank may differ between ranks.
+
+    Every rank must call it (it is a collective); outside DDP the tensor comes back as it is.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    return torch.cat(gather_all_tensors(rows))
+
+
+class WandbEvaluationLogger(L.Callback):
+    """Logs, at the end of each validation and test, a prediction-vs-MOS scatter plot, the worst-predicted images
+    and the gate's coarse/fine balance to W&B (see the module's docstring). Does nothing without a `WandbLogger`.
+
+    It reads the per-sample outputs `MSTCLIPIQAModule` returns from its validation and test steps (``index``,
+    ``score``, ``mos``, ``coarse_share``); images, names and prompts of the worst rows come from the data module's
+    table (`IQADataModule.load_table`) by row index, so it works as well when batches carry cached embeddings.
+
+    Args:
+        worst_k: rows in the table of worst-predicted images.
+        thumbnail_size: longest side, in pixels, of the images in that table.
+    """
+
+    def __init__(self, worst_k: int = 16, thumbnail_size: int = 160):
+        self.worst_k = worst_k
+        self.thumbnail_size = thumbnail_size
+        self._rows: list[Tensor] = []
+
+    # ---- collection (every rank) -----------------------------------------------------------------------------
+
+    def _collect(self, trainer: L.Trainer, outputs: Any) -> None:
+        if not wandb_loggers(trainer) or trainer.sanity_checking or not isinstance(outputs, dict):
+            return
+        columns = [torch.as_tensor(outputs[name], device=outputs["score"].device).double() for name in COLUMNS]
+        self._rows.append(torch.stack(columns, dim=1))  # (B, 4)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._rows = []
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._rows = []
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._report(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._report(trainer, pl_module, "test")
+
+    # ---- report (gathered, logged on rank 0) -----------------------------------------------------------------
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        loggers = wandb_loggers(trainer)
+        if not loggers or trainer.sanity_checking:
+            return
+        local = torch.cat(self._rows) if self._rows else torch.empty(0, len(COLUMNS), dtype=torch.float64)
+        self._rows = []
+        rows = gather_rows(local.to(pl_module.device)).cpu()  # (N, 4), the whole evaluation set
+        if not trainer.is_global_zero or len(rows) == 0:
+            return
+        rows = rows[rows[:, 0].argsort()]  # by row index: the same order whatever the number of ranks
+        media = self._media(trainer, stage, rows)
+        for logger in loggers:
+            logger.experiment.log({**media, "trainer/global_step": trainer.global_step})
+
+    def _media(self, trainer: L.Trainer, stage: str, rows: Tensor) -> dict[str, Any]:
+        import wandb
+
+        index = rows[:, 0].long().tolist()
+        score, mos, share = rows[:, 1].tolist(), rows[:, 2].tolist(), rows[:, 3].tolist()
+        points = wandb.Table(columns=["index", "mos", "prediction"], data=[list(r) for r in zip(index, mos, score)])
+        error = (rows[:, 1] - rows[:, 2]).abs()
+        worst = error.argsort(descending=True)[: self.worst_k].tolist()
+        info = self._row_info(trainer, [index[i] for i in worst])
+        table = wandb.Table(columns=["image", "name", "prompt", "mos", "prediction", "abs_error", "index"])
+        for i, row in zip(worst, info):
+            table.add_data(
+                row.get("image"), row.get("name"), row.get("prompt"), mos[i], score[i], error[i].item(), index[i]
+            )
+        scatter = wandb.plot.scatter(points, "mos", "prediction", title=f"{stage}: prediction vs MOS")
+        return {
+            f"{stage}/pred_vs_mos": scatter,
+            f"{stage}/worst": table,
+            f"{stage}/coarse_share": sum(share) / len(share),
+            f"{stage}/coarse_share_hist": wandb.Histogram(share),
+        }
+
+    def _row_info(self, trainer: L.Trainer, index: list[int]) -> list[dict[str, Any]]:
+        """Thumbnail, name and prompt of the given table rows; empty dicts when the data module has no table."""
+        import wandb
+
+        load_table = getattr(trainer.datamodule, "load_table", None)
+        if load_table is None:
+            return [{} for _ in index]
+        info = []
+        for row in load_table().select(index):
+            try:
+                image = open_image(row["image"])
+                image.thumbnail((self.thumbnail_size, self.thumbnail_size))
+                thumbnail = wandb.Image(image)
+            except BadImageError:
+                thumbnail = None
+            info.append({"image": thumbnail, "name": row.get("name"), "prompt": row.get("prompt")})
+        return info

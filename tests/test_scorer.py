@@ -1,0 +1,149 @@
+"""Scoring: the Python API (`load_scorer`) and the `mst-clipiqa score` command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from test_pretrained import trained_module
+
+from mst_clipiqa.cli import main
+from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+from mst_clipiqa.errors import BadImageError, BadRowError
+from mst_clipiqa.pretrained import save_pretrained
+from mst_clipiqa.scorer import load_scorer
+
+
+@pytest.fixture(scope="module")
+def models(tiny_clip, tmp_path_factory):
+    """variant → (the trained module, its saved folder)."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for variant in ("template", "prompt"):
+        module = trained_module(tiny_clip, variant)
+        out[variant] = module, save_pretrained(module, root / variant)
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(demo_data) -> list[Path]:
+    return sorted((Path(demo_data) / "images").iterdir())[:5]
+
+
+def assert_close(actual, expected) -> None:
+    """Scores of the same images in differently composed batches agree to float32 rounding."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-4)
+
+
+def module_scores(module, paths: list[Path], prompts: list[str] | None = None) -> list[float]:
+    preprocess = ClipPreprocess.from_pretrained(module.net_config.coarse_encoder)
+    batch = {"pixel_values": torch.stack([load_pixels(p, preprocess) for p in paths]), "prompt": prompts}
+    with torch.no_grad():
+        return module.to_mos(module(batch)).tolist()
+
+
+def test_scores_equal_the_modules_for_paths_images_and_tensors(models, images):
+    module, folder = models["template"]
+    expected = module_scores(module, images)
+    scorer = load_scorer(folder, device="cpu")
+    assert scorer.precision == "32" and scorer.mos_range == (20.0, 80.0) and not scorer.needs_prompt
+
+    preprocess = ClipPreprocess.from_pretrained(module.net_config.coarse_encoder)
+    pixels = torch.stack([load_pixels(p, preprocess) for p in images])
+    for given in (images, [str(p) for p in images], [Image.open(p) for p in images], pixels, list(pixels)):
+        assert scorer.score(given, batch_size=5) == expected
+    assert_close(scorer.score(images, batch_size=2), expected)
+    assert_close(scorer.score(images[0]), expected[:1])
+
+
+def test_api_errors(models, images, tmp_path):
+    template = load_scorer(models["template"][1], device="cpu")
+    with pytest.raises(BadImageError, match="not found: .*missing.png"):
+        template.score([images[0], tmp_path / "missing.png"])
+    with pytest.raises(ValueError, match="floating point of shape"):
+        template.score(torch.zeros(3, 64, 64))
+    with pytest.warns(UserWarning, match="does not read prompts"):
+        template.score(images[:1], prompts=["ignored"])
+
+    prompt = load_scorer(models["prompt"][1], device="cpu")
+    with pytest.raises(BadRowError, match="one prompt per image"):
+        prompt.score(images)
+    with pytest.raises(BadRowError, match=r"no prompt for .*demo.* \(row 2 of 2\)"):
+        prompt.score(images[:2], prompts=["a red cube", " "])
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_command_scores_folders_and_lists_and_reports_each_bad_image(models, images, tmp_path):
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    good = [shutil.copy(images[0], folder), shutil.copy(images[1], folder / "sub"), shutil.copy(images[2], folder)]
+    (folder / "truncated.jpg").write_bytes(Path(images[3]).read_bytes()[:300])
+    (folder / "not-an-image.png").write_text("hello")
+    (folder / "notes.txt").write_text("not listed: not an image extension")
+    out = tmp_path / "scores.csv"
+
+    main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--batch-size", "2"])
+    rows = {Path(row["image"]).name: row for row in read_csv(out)}
+    assert list(next(iter(rows.values()))) == ["image", "score", "error"]
+    assert sorted(rows) == sorted([Path(p).name for p in good] + ["truncated.jpg", "not-an-image.png"])
+    for name in ("truncated.jpg", "not-an-image.png"):
+        assert rows[name]["score"] == "" and f"cannot decode image {folder / name}" in rows[name]["error"]
+    scorer = load_scorer(models["template"][1], device="cpu")
+    for path in good:
+        row = rows[Path(path).name]
+        assert row["error"] == ""
+        assert_close(float(row["score"]), scorer.score(path)[0])
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# two images\nin/{Path(good[0]).name}\n\nin/gone.png\n")
+    main(["score", str(models["template"][1]), str(listing), str(good[2]), "--out", str(tmp_path / "s.jsonl")])
+    lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [line["image"] for line in lines] == [f"in/{Path(good[0]).name}", "in/gone.png", str(good[2])]
+    assert_close(lines[0]["score"], float(rows[Path(good[0]).name]["score"]))
+    assert lines[1]["score"] is None and "not found" in lines[1]["error"]
+
+
+def test_command_reads_prompts_from_a_table_and_names_a_row_without_one(models, images, tmp_path, capsys):
+    module, folder = models["prompt"]
+    for path in images[:3]:
+        shutil.copy(path, tmp_path)
+    names = [Path(p).name for p in images[:3]]
+    prompts = ["a red cube", "two blue circles", "a green square"]
+    pd.DataFrame({"file": names, "text": prompts}).to_parquet(tmp_path / "table.parquet")
+    out = tmp_path / "scores.jsonl"
+
+    main(["score", str(folder), str(tmp_path / "table.parquet"), "--out", str(out),
+          "--image-column", "file", "--prompt-column", "text"])
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(line["image"], line["prompt"], line["error"]) for line in lines] == [(n, p, None) for n, p in
+                                                                                   zip(names, prompts)]
+    assert [line["score"] for line in lines] == module_scores(module, images[:3], prompts)
+
+    pd.DataFrame({"image": names, "prompt": ["a red cube", "", "a green square"]}).to_csv(tmp_path / "t.csv")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", str(folder), str(tmp_path / "t.csv"), "--out", str(tmp_path / "x.csv")])
+    assert exit_info.value.code == 2
+    assert f"no prompt for {tmp_path / names[1]} (row 2 of 3)" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_the_package_imports_light_and_exports_the_api():
+    check = "import sys, mst_clipiqa; assert 'torch' not in sys.modules and 'lightning' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
+    import mst_clipiqa
+    from mst_clipiqa.scorer import Scorer
+
+    assert mst_clipiqa.load_scorer is load_scorer and mst_clipiqa.Scorer is Scorer
+    assert set(mst_clipiqa.__all__) <= set(dir(mst_clipiqa))

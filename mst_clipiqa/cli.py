@@ -1,14 +1,16 @@
-"""Command line: `mst-clipiqa {fit,validate,test,predict}` (LightningCLI) plus `demo`."""
+"""Command line: `mst-clipiqa {fit,validate,test,predict}` (LightningCLI) plus demo, score, export and benchmark."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from mst_clipiqa.callbacks import SaveConfigToWandb, WandbEvaluationLogger
+from mst_clipiqa.checkpoints import ResumingModelCheckpoint, read_checkpoint, resolve_ckpt_path
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
 
@@ -26,6 +28,7 @@ class MSTCLIPIQACLI(LightningCLI):
             args=args,
             run=run,
             seed_everything_default=0,
+            save_config_callback=SaveConfigToWandb,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             **kwargs,
@@ -34,7 +37,10 @@ class MSTCLIPIQACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.net.variant", "data.need_prompt", compute_fn=lambda variant: variant == "prompt")
         parser.link_arguments("model.net.coarse_encoder", "data.preprocess_from")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.link_arguments("model.net.draft_decode", "data.draft_decode")
+        parser.add_lightning_class_args(ResumingModelCheckpoint, "checkpoint")
+        # Idle unless the run logs to W&B (see experiments/wandb.yaml).
+        parser.add_lightning_class_args(WandbEvaluationLogger, "wandb_eval")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/srcc",
@@ -45,6 +51,25 @@ class MSTCLIPIQACLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse; then a ``--ckpt_path`` file is read with weights_only=True and, if damaged or tampered, refused by
+        name before Lightning reads it (to take its hyperparameters, then to restore it)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_checkpoint(ckpt_path)
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` finds this run's newest checkpoint in any earlier version folder (see
+        `mst_clipiqa.checkpoints`), and Lightning loads checkpoints with weights_only=True whatever torch's default."""
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), self.trainer, self.model, self.datamodule)
+        if config.get("weights_only") is None:
+            config["weights_only"] = True
+
+    before_validate = before_test = before_predict = before_fit
+
 
 def demo_command(argv: list[str]) -> None:
     from mst_clipiqa.demo import main as demo_main
@@ -52,7 +77,30 @@ def demo_command(argv: list[str]) -> None:
     demo_main(argv)
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"demo": demo_command}
+def score_command(argv: list[str]) -> None:
+    from mst_clipiqa.scorer import main as score_main
+
+    score_main(argv)
+
+
+def export_command(argv: list[str]) -> None:
+    from mst_clipiqa.pretrained import export_main
+
+    export_main(argv)
+
+
+def benchmark_command(argv: list[str]) -> None:
+    from mst_clipiqa.benchmark import main as benchmark_main
+
+    benchmark_main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "demo": demo_command,
+    "score": score_command,
+    "export": export_command,
+    "benchmark": benchmark_command,
+}
 
 
 def main(args: list[str] | None = None) -> None:

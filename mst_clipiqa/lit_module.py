@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from mst_clipiqa.checkpoints import read_checkpoint
 from mst_clipiqa.losses import LossConfig, iqa_loss
 from mst_clipiqa.metrics import make_metrics
 from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
 
 # The frozen towers are in eval mode on purpose; Lightning's generic notice about it would only alarm users.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# Under DDP every rank computes the evaluation metrics from all ranks' gathered pairs, so they are already the same
+# everywhere; Lightning's advice to log them with sync_dist=True would only average identical values.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/(srcc|plcc|krcc|rmse)")
 
 # The head's own scale: the template head's expected level lies in [1, 5]; head B trains on the same scale.
 INTERNAL_LOW, INTERNAL_HIGH = 1.0, 5.0
@@ -54,6 +59,8 @@ class MSTCLIPIQAModule(L.LightningModule):
         net: the network (encoders, fusion, head variant).
         loss: the objective's weights.
         optim: optimiser and schedule.
+        init_from: start from a saved model (a `save_pretrained` folder, a hub id or a .ckpt): its trainable weights
+            and MOS range. Its encoders and head must match `net`. Not stored in checkpoints, which hold the weights.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class MSTCLIPIQAModule(L.LightningModule):
         net: ModelConfig = ModelConfig(),
         loss: LossConfig = LossConfig(),
         optim: OptimConfig = OptimConfig(),
+        init_from: str | None = None,
     ):
         super().__init__()
         self.net_config = _as(ModelConfig, net)
@@ -73,6 +81,10 @@ class MSTCLIPIQAModule(L.LightningModule):
         # The data set's MOS range (low, high), mapped linearly onto the head's 1..5; set from the training split
         # at the first fit and stored in checkpoints, so scores come back on the benchmark's own scale.
         self.register_buffer("mos_range", torch.tensor([math.nan, math.nan], dtype=torch.float64))
+        if init_from is not None:
+            from mst_clipiqa.pretrained import SavedModel  # imported here: pretrained builds on this module
+
+            SavedModel.read(init_from).load_into(self)
         self.val_metrics = make_metrics("val/")
         self.test_metrics = make_metrics("test/", logistic=True)
 
@@ -117,8 +129,19 @@ class MSTCLIPIQAModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if not self.has_mos_range and datamodule is not None and hasattr(datamodule, "mos_range"):
             self.set_mos_range(*datamodule.mos_range)
+        elif stage == "fit" and datamodule is not None and hasattr(datamodule, "mos_range"):
+            self._check_training_range(*datamodule.mos_range)
         if not self.has_mos_range:
             raise RuntimeError("the model has no MOS range: train it first or load a trained checkpoint")
+
+    def _check_training_range(self, low: float, high: float) -> None:
+        """A model started from saved weights keeps their MOS range; head A cannot score outside it."""
+        model_low, model_high = self.mos_range.tolist()
+        if low < model_low or high > model_high:
+            rank_zero_warn(
+                f"the training MOS span [{low:g}, {high:g}] but the model's scores span [{model_low:g}, "
+                f"{model_high:g}] (the range of the weights it started from): put the MOS on that scale first"
+            )
 
     def on_fit_start(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -133,18 +156,25 @@ class MSTCLIPIQAModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(score))
         return loss
 
-    def _evaluate(self, batch: dict[str, Any], metrics) -> None:
-        score = self(batch)
+    def _evaluate(self, batch: dict[str, Any], metrics) -> dict[str, Tensor]:
+        score, gate = self(batch, return_gate=True)
         loss = iqa_loss(score, self.to_internal(batch["mos"]), self.loss_config)
         stage = "val" if metrics is self.val_metrics else "test"
         self.log(f"{stage}/loss", loss, batch_size=len(score), sync_dist=True)
-        metrics.update(self.to_mos(score).float(), batch["mos"].float())
+        outputs = self._per_sample(batch, score, gate)
+        metrics.update(outputs["score"], batch["mos"].float())
+        # Returned for callbacks that look at single samples (the W&B evaluation logger).
+        return {**outputs, "mos": batch["mos"].float()}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
+    def _per_sample(self, batch: dict[str, Any], score: Tensor, gate: Tensor) -> dict[str, Tensor]:
+        """Row index, score on the MOS scale and the gate's mean (the coarse stream's share of z) of each sample."""
+        return {"index": batch["index"], "score": self.to_mos(score).float(), "coarse_share": gate.float().mean(-1)}
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, self.test_metrics)
 
     def _log_metrics(self, metrics) -> None:
         # compute() gathers every rank's predictions, so correlations are over the whole evaluation set.
@@ -158,8 +188,7 @@ class MSTCLIPIQAModule(L.LightningModule):
         self._log_metrics(self.test_metrics)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
-        score, gate = self(batch, return_gate=True)
-        return {"index": batch["index"], "score": self.to_mos(score), "coarse_share": gate.float().mean(-1)}
+        return self._per_sample(batch, *self(batch, return_gate=True))
 
     # ---- optimisation ------------------------------------------------------------------------------------------
 
@@ -182,6 +211,17 @@ class MSTCLIPIQAModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints without the frozen towers -----------------------------------------------------------------
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> MSTCLIPIQAModule:
+        """Lightning's `load_from_checkpoint`, after `read_checkpoint` has checked the file (weights_only=True).
+
+        A truncated, corrupted or tampered file is refused with a `BadCheckpointError` naming it, before Lightning
+        reads it; Lightning then loads with ``weights_only=True`` too, unless told otherwise.
+        """
+        if isinstance(checkpoint_path, str | os.PathLike):  # a stream could not be read twice
+            read_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **{"weights_only": True, **kwargs})
 
     def _frozen_prefixes(self) -> tuple[str, ...]:
         named = {module: name for name, module in self.named_modules()}

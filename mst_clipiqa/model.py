@@ -52,6 +52,9 @@ class ModelConfig:
     """Hidden width of head B's GELU + linear regressor."""
     max_prompt_tokens: int = 77
     """Prompts are truncated to this many tokens (CLIP's context length), with a warning."""
+    draft_decode: bool = False
+    """Decode JPEGs at reduced size (Pillow draft mode, faster, slightly different pixels). Part of the model so
+    that training, evaluation and scoring always decode the same way."""
 
 
 @contextmanager

@@ -165,8 +165,8 @@ class IQADataModule(L.LightningDataModule):
         if not 0 <= hp.split_index < len(splits):
             raise ValueError(f"split_index {hp.split_index} is out of range: the protocol made {len(splits)} splits")
         self.split = splits[hp.split_index]
-        for name in ("train", "val", "test"):
-            if stage in ("fit", "validate", "test") and name != "train" and 0 < len(getattr(self.split, name)) < 2:
+        for name in ("val", "test"):
+            if stage in ("fit", "validate", "test") and 0 < len(getattr(self.split, name)) < 2:
                 raise ValueError(f"the {name} part of split {self.split.name} has fewer than 2 rows: nothing to rank")
         self.preprocess = ClipPreprocess.from_pretrained(hp.preprocess_from)
         # Read on every rank: Trainer.log_dir is a broadcast, which rank 0 alone would wait on forever under DDP.

@@ -68,9 +68,11 @@ def test_three_splits_and_both_heads_cost_one_encoder_pass(demo_data, tiny_clip,
 
     offline = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(offline) == 7  # one per fit, and the summary
-    (summary_table,) = offline[-1].glob("files/media/table/benchmark/summary_*.table.json")
+    # Run folders are named by start second and a random id, so the summary run need not sort last: find it.
+    (summary_run,) = [run for run in offline if list(run.glob("files/media/table/benchmark/summary_*.table.json"))]
+    (summary_table,) = summary_run.glob("files/media/table/benchmark/summary_*.table.json")
     logged = json.loads(summary_table.read_text())
     assert logged["columns"][:3] == ["variant", "target", "splits"]
     assert [row[:3] for row in logged["data"]] == [["template", "quality", 3], ["prompt", "quality", 3]]
-    (runs_table,) = offline[-1].glob("files/media/table/benchmark/runs_*.table.json")
+    (runs_table,) = summary_run.glob("files/media/table/benchmark/runs_*.table.json")
     assert len(json.loads(runs_table.read_text())["data"]) == 6

@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mst_clipiqa.data.benchmarks import IMAGE_EXTENSIONS, load_table
+from mst_clipiqa.data.features import prefers_bf16
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.errors import BadImageError, BadRowError, MSTCLIPIQAError
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
@@ -63,8 +64,7 @@ class Scorer:
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision is None:
-            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            precision = "bf16" if bf16 else "32"
+            precision = "bf16" if prefers_bf16(self.device) else "32"
         if precision not in ("32", *AUTOCAST_DTYPES):
             raise ValueError(f"unknown precision {precision!r}: choose 32, bf16 or 16")
         self.precision = precision

@@ -124,17 +124,18 @@ def _preprocess_spec(preprocess: ClipPreprocess) -> dict[str, Any]:
     return {f.name: getattr(preprocess, f.name) for f in fields(preprocess) if f.init}
 
 
-def _bf16(device: torch.device) -> bool:
-    """Encode under bf16 autocast on a GPU that supports it, in float32 elsewhere."""
+def prefers_bf16(device: torch.device) -> bool:
+    """The frozen towers run under bf16 autocast on a GPU that supports it, in float32 elsewhere (encoding here,
+    scoring in `mst_clipiqa.scorer`)."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def _compute_dtype(device: torch.device) -> str:
-    return "bfloat16-autocast" if _bf16(device) else "float32"
+    return "bfloat16-autocast" if prefers_bf16(device) else "float32"
 
 
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if _bf16(device) else nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if prefers_bf16(device) else nullcontext()
 
 
 def image_keys(images: datasets.Dataset, *, content_hash: bool = False) -> list[str]:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+from transformers.activations import QuickGELUActivation
 from transformers.utils import logging as hf_logging
 
 QUALITY_LEVELS = ("bad", "poor", "fair", "good", "perfect")
@@ -71,10 +72,29 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+class InPlaceQuickGELU(nn.Module):
+    """CLIP's QuickGELU, x * sigmoid(1.702 x), rewritten as silu(1.702 x) / 1.702 and computed in place.
+
+    The MLP activations are the largest tensors of a tower (tokens x 3072). The stock version makes three new ones
+    per layer; this one writes over its input, which nothing else reads. Same function up to float rounding; on the
+    CPU both towers together score 4-7% more images per second (docs/PERFORMANCE.md). With gradients on, the input
+    must stay intact for backward, so the stock formula runs.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return x * torch.sigmoid(1.702 * x)
+        return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
+
+
 def load_tower(cls: type, name: str, config: ModelConfig) -> nn.Module:
-    """One CLIP tower (image or text) of the checkpoint `name`, frozen."""
+    """One CLIP tower (image or text) of the checkpoint `name`, frozen, with its QuickGELU computed in place."""
     with quiet_transformers():
-        return freeze(cls.from_pretrained(name, revision=config.revision, attn_implementation="sdpa"))
+        tower = cls.from_pretrained(name, revision=config.revision, attn_implementation="sdpa")
+    for module in tower.modules():
+        if isinstance(getattr(module, "activation_fn", None), QuickGELUActivation):
+            module.activation_fn = InPlaceQuickGELU()
+    return freeze(tower)
 
 
 def load_tokenizer(config: ModelConfig):
@@ -96,16 +116,30 @@ class TwoStreamEncoder(nn.Module):
         self.coarse = load_tower(CLIPVisionModelWithProjection, config.coarse_encoder, config)
         self.fine = load_tower(CLIPVisionModelWithProjection, config.fine_encoder, config)
         self.dim = self.coarse.config.projection_dim
+        self.compiled_batch: int | None = None  # see compile_towers
         if self.fine.config.projection_dim != self.dim:
             raise ValueError(
                 f"the two encoders project to different widths: {config.coarse_encoder} → {self.dim}, "
                 f"{config.fine_encoder} → {self.fine.config.projection_dim}"
             )
 
+    def compile_towers(self) -> None:
+        """Compile both towers with torch.compile for the batch size of the next call, weights frozen into the graph
+        (inductor's `freezing`: constant folding, fused bias and activation). Inference only. Batches of another size
+        (a last, partial one) run eagerly rather than compile again; a new dtype or device does compile again."""
+        for tower in (self.coarse, self.fine):
+            tower.compile(dynamic=False, options={"freezing": True})
+        self.compiled_batch = 0  # the next call sets it
+
     @torch.no_grad()
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-        f_c = self.coarse(pixel_values=pixel_values).image_embeds  # (B, D)
-        f_f = self.fine(pixel_values=pixel_values).image_embeds  # (B, D)
+        coarse, fine = self.coarse, self.fine
+        if self.compiled_batch is not None:
+            self.compiled_batch = self.compiled_batch or len(pixel_values)
+            if len(pixel_values) != self.compiled_batch:
+                coarse, fine = coarse.forward, fine.forward  # eager: skips the compiled call
+        f_c = coarse(pixel_values=pixel_values).image_embeds  # (B, D)
+        f_f = fine(pixel_values=pixel_values).image_embeds  # (B, D)
         return f_c, f_f
 
 

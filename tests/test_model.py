@@ -147,3 +147,37 @@ def test_long_and_empty_prompts(tiny_clip):
     with pytest.warns(UserWarning, match="truncated"):
         states, mask = model.prompt_encoder(["word " * 200, ""])
     assert states.shape[1] == 77 and mask[0].all() and mask[1].sum() == 2
+
+
+def test_towers_compute_what_stock_transformers_computes(tiny_clip):
+    """The in-place QuickGELU is the stock activation up to float rounding, with gradients off (in place) and on."""
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    from mst_clipiqa.model import InPlaceQuickGELU
+
+    model = make(tiny_clip, "prompt")
+    layers = [m for m in model.modules() if isinstance(m, InPlaceQuickGELU)]
+    assert len(layers) == 3 * 2  # two layers in each of the two image towers and the text tower
+    pixels = torch.randn(2, 3, 224, 224)
+    stock = CLIPVisionModelWithProjection.from_pretrained(tiny_clip[1]).eval()
+    want = stock(pixel_values=pixels).image_embeds
+    with torch.inference_mode():
+        got_in_place = model.encoder.fine(pixel_values=pixels).image_embeds
+    got_with_grad = model.encoder.fine(pixel_values=pixels.requires_grad_()).image_embeds
+    got_with_grad.sum().backward()  # the in-place path would break autograd here
+    assert pixels.grad is not None and torch.isfinite(pixels.grad).all()
+    torch.testing.assert_close(got_in_place, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_with_grad, want, rtol=0, atol=0)
+
+    text = CLIPTextModel.from_pretrained(tiny_clip[0]).eval()
+    states, mask = model.prompt_encoder(["a red circle on grass", "noise"])
+    ids, _ = model.prompt_encoder.tokenize(["a red circle on grass", "noise"])
+    want_text = text(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    torch.testing.assert_close(states, want_text, rtol=1e-5, atol=1e-5)
+
+    x = torch.randn(1000) * 4
+    with torch.no_grad():
+        y = x.clone()
+        out = InPlaceQuickGELU()(y)
+    assert out.data_ptr() == y.data_ptr()  # written over its input
+    torch.testing.assert_close(out, x * torch.sigmoid(1.702 * x), rtol=1e-6, atol=1e-6)

@@ -94,7 +94,8 @@ def test_command_scores_folders_and_lists_and_reports_each_bad_image(models, ima
     (folder / "notes.txt").write_text("not listed: not an image extension")
     out = tmp_path / "scores.csv"
 
-    main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--batch-size", "2"])
+    # On the CPU, in float32 like the scorer it is compared with (the command's default is bf16 on a GPU).
+    main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--batch-size", "2", "--device", "cpu"])
     rows = {Path(row["image"]).name: row for row in read_csv(out)}
     assert list(next(iter(rows.values()))) == ["image", "score", "error"]
     assert sorted(rows) == sorted([Path(p).name for p in good] + ["truncated.jpg", "not-an-image.png"])
@@ -108,7 +109,8 @@ def test_command_scores_folders_and_lists_and_reports_each_bad_image(models, ima
 
     listing = tmp_path / "list.txt"
     listing.write_text(f"# two images\nin/{Path(good[0]).name}\n\nin/gone.png\n")
-    main(["score", str(models["template"][1]), str(listing), str(good[2]), "--out", str(tmp_path / "s.jsonl")])
+    listed = tmp_path / "s.jsonl"
+    main(["score", str(models["template"][1]), str(listing), str(good[2]), "--out", str(listed), "--device", "cpu"])
     lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [line["image"] for line in lines] == [f"in/{Path(good[0]).name}", "in/gone.png", str(good[2])]
     assert_close(lines[0]["score"], float(rows[Path(good[0]).name]["score"]))
@@ -125,7 +127,7 @@ def test_command_reads_prompts_from_a_table_and_names_a_row_without_one(models, 
     out = tmp_path / "scores.jsonl"
 
     main(["score", str(folder), str(tmp_path / "table.parquet"), "--out", str(out),
-          "--image-column", "file", "--prompt-column", "text"])
+          "--image-column", "file", "--prompt-column", "text", "--device", "cpu"])  # fp32, as module_scores
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(line["image"], line["prompt"], line["error"]) for line in lines] == [(n, p, None) for n, p in
                                                                                    zip(names, prompts)]
@@ -147,3 +149,22 @@ def test_the_package_imports_light_and_exports_the_api():
 
     assert mst_clipiqa.load_scorer is load_scorer and mst_clipiqa.Scorer is Scorer
     assert set(mst_clipiqa.__all__) <= set(dir(mst_clipiqa))
+
+
+def test_compiled_towers_score_like_eager_ones_and_other_batch_sizes_run_eagerly(models, images, monkeypatch):
+    module, folder = models["prompt"]
+    prompts = [f"prompt {i}" for i in range(len(images))]
+    expected = module_scores(module, images, prompts)
+    scorer = load_scorer(folder, "cpu", compile=True)
+    encoder = scorer.module.net.encoder
+    compiled_batches = []  # batch sizes that went through a compiled tower
+
+    def recording(compiled):
+        return lambda *args, **kwargs: compiled_batches.append(len(kwargs["pixel_values"])) or compiled(*args, **kwargs)
+
+    for tower in (encoder.coarse, encoder.fine):
+        monkeypatch.setattr(tower, "_compiled_call_impl", recording(tower._compiled_call_impl))
+    assert_close(scorer.score(images, prompts, batch_size=3), expected)  # 3 compiled, then the last 2 eagerly
+    assert encoder.compiled_batch == 3 and compiled_batches == [3, 3]
+    assert_close(scorer.score(images, prompts, batch_size=4), expected)  # no batch of 3: all eager
+    assert compiled_batches == [3, 3]

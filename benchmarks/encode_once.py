@@ -13,11 +13,14 @@ prints a markdown report with the machine. Measurements:
 - fit: `trainer.fit` of experiments/demo.yaml for 1 and for `--epochs` epochs, each from an empty feature cache
   (`--repeats` times, interleaved, keeping the fastest); again for `--epochs` epochs with the cache already filled;
   and for `--epochs` epochs reading pixels and running both towers at every step (``data.features=false``).
-- score: images/s of the network alone on preprocessed batches (``MSTCLIPIQA.forward``: both towers and the head,
-  under inference mode; bf16 autocast on CUDA), and of `Scorer.score` on the image files (decoding included),
-  against the matmul bound: the GEMM rate of this process (``torch.matmul`` of two large square matrices, fp32 on
-  the CPU, bf16 on CUDA; the faster of before and after) divided by the FLOPs of one image through both towers,
-  computed from their configs by `tower_flops`. Every timing is the fastest of its repeats.
+- score: images/s of `Scorer.score` on the image files (decoding included), plain and with ``compile=True``; then of
+  the network alone on preprocessed batches (``MSTCLIPIQA.forward``: both towers and the head, inference mode, bf16
+  autocast on CUDA) in interleaved rounds: with transformers' stock QuickGELU, with ours (in place, the default),
+  compiled, and on the CPU under bf16 autocast; and of the default at several batch sizes. All against the matmul
+  bound: the fastest GEMM rate of this process (``torch.matmul`` of two large square matrices, fp32 on the CPU, bf16
+  on CUDA) divided by the FLOPs of one image through both towers, computed from their configs by `tower_flops`.
+  Every timing is the fastest of its repeats. Peak memory (RSS, or GPU memory allocated) is taken right after the
+  plain `Scorer` run, before the comparison loads more copies of the model.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
@@ -117,56 +119,90 @@ def timed(step, repeats: int, warm_up: int = 1, sync=lambda: None) -> tuple[floa
 
 def score(args: argparse.Namespace) -> dict:
     import torch
+    from transformers.activations import QuickGELUActivation
 
     from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
     from mst_clipiqa.lit_module import MSTCLIPIQAModule
-    from mst_clipiqa.model import ModelConfig
+    from mst_clipiqa.model import InPlaceQuickGELU, ModelConfig
     from mst_clipiqa.scorer import Scorer
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
-    gemm_size, gemm_repeats = (8192, 20) if cuda else (4096, 5)
-    module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=COARSE, fine_encoder=FINE))
-    module.set_mos_range(0.0, 5.0)
-    net = module.net.to(device).eval()
-    flops = tower_flops(net.encoder.coarse.config) + tower_flops(net.encoder.fine.config)
+    gemm_size, gemm_repeats = (8192, 20) if cuda else (4096, 3)
+    sync = torch.cuda.synchronize if cuda else lambda: None
 
+    def load() -> MSTCLIPIQAModule:
+        module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=COARSE, fine_encoder=FINE))
+        module.set_mos_range(0.0, 5.0)
+        return module.to(device).eval()
+
+    module = load()
+    net = module.net
+    flops = tower_flops(net.encoder.coarse.config) + tower_flops(net.encoder.fine.config)
     paths = sorted(str(p) for p in (args.workdir / "data" / "images").iterdir())
     batches = sorted({1, 8, 32, args.batch})
-    preprocess = ClipPreprocess.from_pretrained(COARSE)
-    pixels = torch.stack([load_pixels(path, preprocess) for path in paths[: max(batches)]]).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-
-    sync = torch.cuda.synchronize if cuda else lambda: None
-    a = torch.randn(gemm_size, gemm_size, device=device, dtype=dtype)
-    b = torch.randn(gemm_size, gemm_size, device=device, dtype=dtype)
 
     def gemm() -> list[float]:
         """GEMM FLOP/s by wall-clock and per CPU-second."""
         return [2 * gemm_size**3 / seconds for seconds in timed(lambda: torch.matmul(a, b), gemm_repeats, sync=sync)]
 
-    gemms = [gemm()]
-    per_batch = {}
-    with torch.inference_mode(), autocast:
-        for batch in batches:
-            seconds = timed(lambda: net(pixels[:batch]), max(2, args.images // batch), sync=sync)
-            per_batch[batch] = [batch / s for s in seconds]
-    gemms.append(gemm())
+    def rate(model, batch: int, repeats: int, bf16: bool = cuda) -> list[float]:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return [batch / s for s in timed(lambda: model(pixels[:batch]), repeats, sync=sync)]
 
+    # The scoring process as a user runs it, alone first, so that its peak memory is its own.
     scorer = Scorer(module, device=device)
     scorer.score(paths[: args.batch], batch_size=args.batch)  # warm-up
-    seconds = timed(lambda: scorer.score(paths, batch_size=args.batch), repeats=1, warm_up=0)
-    rates = [max(g[i] for g in gemms) for i in range(2)]  # (wall, CPU): the faster of before and after
+    scorer_rate = [len(paths) / s for s in timed(lambda: scorer.score(paths, batch_size=args.batch), 1, warm_up=0)]
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_rss_mb()
+    a = torch.randn(gemm_size, gemm_size, device=device, dtype=dtype)
+    b = torch.randn(gemm_size, gemm_size, device=device, dtype=dtype)
+    preprocess = ClipPreprocess.from_pretrained(COARSE)
+    pixels = torch.stack([load_pixels(path, preprocess) for path in paths[: max(batches)]]).to(device)
+    pixels = pixels.repeat(-(-max(batches) // len(pixels)), 1, 1, 1)[: max(batches)]  # fewer files than a batch
+
+    # Then the towers three ways, at the scoring batch size, interleaved over rounds with the GEMM (the fastest of
+    # each): the stock QuickGELU, the in-place one (the default), compiled (Scorer(compile=True)), and on the CPU the
+    # default under bf16 autocast (Scorer(precision="bf16"); on a GPU bf16 is the default).
+    stock = load()
+    for parent in stock.net.modules():
+        if isinstance(getattr(parent, "activation_fn", None), InPlaceQuickGELU):
+            parent.activation_fn = QuickGELUActivation()
+    compiled = Scorer(load(), device=device, compile=True)
+    start = time.perf_counter()
+    compiled.score(list(pixels[: args.batch]), batch_size=args.batch)  # compiles both towers for this batch size
+    compile_seconds = time.perf_counter() - start
+    compiled_rate = [len(paths) / s for s in timed(lambda: compiled.score(paths, batch_size=args.batch), 1, 0)]
+    nets = {
+        "stock QuickGELU": (stock.net, cuda),
+        "in-place QuickGELU (default)": (net, cuda),
+        "compiled": (compiled.module.net, cuda),
+    }
+    if not cuda:
+        nets["bf16 autocast"] = (net, True)
+    repeats = max(2, args.images // args.batch)
+    best = {name: [0.0, 0.0] for name in nets}
+    gemms = []
+    for _ in range(args.rounds):
+        gemms.append(gemm())
+        for name, (model, bf16) in nets.items():
+            best[name] = [max(old, new) for old, new in zip(best[name], rate(model, args.batch, repeats, bf16))]
+    gemms.append(gemm())
+    per_batch = {batch: rate(net, batch, max(2, args.images // batch)) for batch in batches}
+    rates = [max(g[i] for g in gemms) for i in range(2)]  # (wall, CPU): the fastest GEMM of the run
     return {
         "gflop_per_image": flops / 1e9,
         "gemm_gflops": [[rate / 1e9 for rate in g] for g in gemms],
         "bound_images_per_s": [rate / flops for rate in rates],
         "net_images_per_s": per_batch,
-        "scorer_images_per_s": [len(paths) / s for s in seconds],
+        "towers_images_per_s": best,
+        "scorer_images_per_s": scorer_rate,
+        "compiled_scorer_images_per_s": compiled_rate,
+        "compile_seconds": compile_seconds,
         "scorer_images": len(paths),
         "threads": torch.get_num_threads(),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_mb": peak,
         "device_name": torch.cuda.get_device_name(device) if cuda else "",
     }
 
@@ -185,6 +221,7 @@ def machine() -> str:
 def run_worker(kind: str, args: argparse.Namespace, **options) -> dict:
     command = [sys.executable, __file__, str(args.hub_cache), "--worker", kind, "--workdir", str(args.workdir)]
     command += ["--device", args.device, "--batch", str(args.batch), "--images", str(args.images)]
+    command += ["--rounds", str(args.rounds)]
     for name, value in options.items():
         command += [f"--{name}", str(value)]
     env = {**os.environ, "HF_HUB_CACHE": str(args.hub_cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -196,22 +233,30 @@ def run_worker(kind: str, args: argparse.Namespace, **options) -> dict:
 
 def score_lines(args: argparse.Namespace, result: dict) -> list[str]:
     bound_wall, bound_cpu = result["bound_images_per_s"]
-    gemm = ", ".join(f"{wall:.0f} ({cpu:.0f})" for wall, cpu in result["gemm_gflops"])
+    gemm = ", ".join(f"{wall:.0f}" for wall, _ in result["gemm_gflops"])
+    memory = "peak GPU memory allocated" if result["device_name"] else "peak RSS"
     lines = [
         f"Scoring ({result['device_name'] or 'CPU'}, {result['threads']} torch threads): "
-        f"{result['gflop_per_image']:.2f} GFLOP per image through both towers. GEMM before, after: {gemm} GFLOP/s "
-        f"by wall-clock (per CPU-second). Matmul bound: {bound_wall:.2f} images/s ({bound_cpu:.2f} per CPU-second).",
+        f"{result['gflop_per_image']:.2f} GFLOP per image through both towers. GEMM over the run: {gemm} GFLOP/s. "
+        f"Matmul bound (fastest GEMM): {bound_wall:.2f} images/s ({bound_cpu:.2f} per CPU-second).",
         "",
         "| path | batch | images/s | of the bound | images per CPU-second | of the bound per CPU-second |",
         "|---|---|---|---|---|---|",
     ]
-    rows = [("network on preprocessed pixels", batch, rates) for batch, rates in result["net_images_per_s"].items()]
-    rows.append(
-        (f"Scorer.score, {result['scorer_images']} files, decoding included", args.batch, result["scorer_images_per_s"])
-    )
+    rows = [(f"towers + head, {name}", args.batch, rates) for name, rates in result["towers_images_per_s"].items()]
+    rows += [("towers + head, default", batch, rates) for batch, rates in result["net_images_per_s"].items()]
+    files = f"{result['scorer_images']} files, decoding included"
+    rows.append((f"Scorer.score, {files}", args.batch, result["scorer_images_per_s"]))
+    rows.append((f"Scorer.score(compile=True), {files}", args.batch, result["compiled_scorer_images_per_s"]))
     for path, batch, (wall, cpu) in rows:
         lines.append(f"| {path} | {batch} | {wall:.2f} | {wall / bound_wall:.0%} | {cpu:.2f} | {cpu / bound_cpu:.0%} |")
-    return [*lines, "", f"Peak RSS of the scoring process: {result['peak_rss_mb']:.0f} MiB.", ""]
+    return [
+        *lines,
+        "",
+        f"Compiling both towers (first compiled batch included): {result['compile_seconds']:.0f} s. "
+        f"Scoring process, {memory}: {result['peak_mb']:.0f} MiB (before the comparison loaded more copies).",
+        "",
+    ]
 
 
 def fastest(runs: list[dict]) -> dict:
@@ -283,6 +328,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="scoring batch size (default: 8 on the CPU, 256 on CUDA)")
     parser.add_argument("--images", type=int, default=64, help="images timed per batch size (network alone)")
     parser.add_argument("--repeats", type=int, default=2, help="fits from an empty cache, per epoch count")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the three tower versions")
     parser.add_argument("--only", nargs="+", default=["fit", "score"], choices=("fit", "score"))
     parser.add_argument("--worker", choices=("fit", "score"), help=argparse.SUPPRESS)
     parser.add_argument("--features", help=argparse.SUPPRESS)

@@ -6,7 +6,9 @@ page faults per image, and the operators that take the time.
 
 `--tuned-malloc` fixes glibc's mmap threshold at its largest (32 MB) and its trim threshold at 1 GB before anything
 is allocated, so freed buffers under 32 MB are reused instead of returned to the system and faulted in again.
-`--compile` also times ``torch.compile`` of the tower (compile time excluded). Runs on the CPU with fp32, with
+`--compile` also times ``torch.compile`` of the tower (compile time excluded). Last, the tower's linear layers
+alone (their matrix products at the tower's shapes, one after another, into preallocated outputs) against the same
+GEMM rate: the ceiling of any version that keeps these products. Runs on the CPU with fp32, with
 the offline hub cache of `python ../shared/tools/offline_clip_cache.py HUB_CACHE` (random weights, real shapes).
 """
 
@@ -43,10 +45,9 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     from transformers import CLIPVisionModelWithProjection
 
-    from mst_clipiqa.model import quiet_transformers
+    from mst_clipiqa.model import ModelConfig, load_tower
 
-    with quiet_transformers():
-        tower = CLIPVisionModelWithProjection.from_pretrained(args.tower, attn_implementation="sdpa").eval()
+    tower = load_tower(CLIPVisionModelWithProjection, args.tower, ModelConfig())  # as the package runs it
     flops = tower_flops(tower.config)
     pixels = torch.randn(max(args.batches), 3, 224, 224)
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
@@ -78,6 +79,32 @@ def main() -> None:
     sys.stdout.flush()
     print(f"\nOperators of one eager call at batch {batch}, by own CPU time:")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    print("| batch | linear layers alone, GFLOP/s | GEMM GFLOP/s | of the GEMM rate |\n|---|---|---|---|")
+    for batch in args.batches:
+        rate, bound = linear_layers_rate(tower.config, batch, args.repeats), gemm() / 1e9
+        print(f"| {batch} | {rate:.0f} | {bound:.0f} | {rate / bound:.0%} |")
+
+
+def linear_layers_rate(config, batch: int, repeats: int) -> float:
+    """GFLOP/s of a tower's linear layers alone at `batch` images: per layer the Q, K, V and output projections and the
+    two MLP layers, as (tokens x in) @ (in x out) products into preallocated outputs, one after another, each layer
+    with its own weights."""
+    import torch
+
+    d, f = config.hidden_size, config.intermediate_size
+    rows = batch * ((config.image_size // config.patch_size) ** 2 + 1)
+    shapes = [(d, d)] * 4 + [(d, f), (f, d)]
+    inputs = {k: torch.randn(rows, k) for k in (d, f)}
+    outputs = {n: torch.empty(rows, n) for n in (d, f)}
+    weights = [[torch.randn(k, n) for k, n in shapes] for _ in range(config.num_hidden_layers)]  # each layer its own
+    flops = config.num_hidden_layers * sum(2 * rows * k * n for k, n in shapes)
+
+    def run() -> None:
+        for layer in weights:
+            for w in layer:
+                torch.matmul(inputs[w.shape[0]], w, out=outputs[w.shape[1]])
+
+    return flops / 1e9 / timed(run, repeats)[0]
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ def test_matches_clip_image_processor_for_every_mode(clip_folder, mode):
     image = (rgba if "A" in mode else rgba.convert("RGB")).convert(mode)
     ours = ClipPreprocess.from_pretrained(clip_folder)(image)
     # Transparency is composited onto white (checked by hand in test_alpha_is_composited_onto_white), as recent
-    # transformers' convert_to_rgb does; older versions and the torchvision backend drop the alpha band instead. So
-    # the reference gets the composited image and checks everything else.
+    # transformers' convert_to_rgb does; the reference's alpha handling differs in other versions and backends (with
+    # transformers 5.17 and torchvision installed, by up to 3.7). So it gets the composited image and checks the rest.
     if "A" in mode:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")

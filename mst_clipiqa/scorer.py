@@ -298,12 +298,18 @@ def main(argv: list[str] | None = None) -> None:
         "--batch-size", type=int, default=None, help="images per forward pass (default: 8 on a CPU, 256 on a GPU)"
     )
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU when there is one)")
-    parser.add_argument("--precision", choices=("32", "bf16", "16"), default=None, help="default: bf16 on a GPU")
+    parser.add_argument(
+        "--precision",
+        choices=("32", "bf16", "16"),
+        default=None,
+        help="default: bf16 on a GPU, else 32; on a CPU with AMX, bf16 runs about 3x faster",
+    )
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub model")
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="compile the image towers first (torch.compile): faster on thousands of images, slower on a few",
+        help="compile the image towers first (torch.compile, tens of seconds): faster towers, which pays on large "
+        "jobs where decoding keeps up",
     )
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         "--precision",
         choices=("32", "bf16", "16"),
         default=None,
-        help="default: bf16 on a GPU, else 32; on a CPU with AMX, bf16 runs about 3x faster",
+        help="default: bf16 on a GPU, else 32; on a CPU with AMX, bf16 runs 2-3x faster",
     )
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub model")
     parser.add_argument(

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mst_clipiqa.data.benchmarks import IMAGE_EXTENSIONS, load_table
-from mst_clipiqa.data.features import prefers_bf16
+from mst_clipiqa.data.features import CPU_BATCH, prefers_bf16
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.errors import BadImageError, BadRowError, MSTCLIPIQAError
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
@@ -77,7 +77,7 @@ class Scorer:
         self.preprocess = ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision)
         self.draft_decode = config.draft_decode
         self.num_workers = num_workers or min(8, os.cpu_count() or 1)
-        self.default_batch_size = 8 if self.device.type == "cpu" else 256  # the fastest measured, PERFORMANCE.md
+        self.default_batch_size = CPU_BATCH if self.device.type == "cpu" else 256  # fastest measured, PERFORMANCE.md
         if compile:
             self.module.net.encoder.compile_towers()
 

@@ -70,7 +70,7 @@ def peak_rss_mb() -> float:
 def fit(args: argparse.Namespace) -> dict:
     import warnings
 
-    from mst_clipiqa.cli import MSTCLIPIQACLI
+    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
     options = [
         "--config", str(CONFIG),

@@ -36,7 +36,7 @@ from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from mst_clipiqa.cli import MSTCLIPIQACLI
+from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
 METRICS = ("srcc", "plcc", "krcc")
 """Metrics summarised over the splits (results.csv also keeps RMSE and the logistic-fitted PLCC)."""

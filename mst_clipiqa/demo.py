@@ -34,7 +34,7 @@ def prepare(workdir: str | Path, n_scenes: int = 40) -> dict[str, str]:
 
 def run(workdir: str | Path = "demo_run", extra: list[str] | None = None, n_scenes: int = 40) -> dict[str, float]:
     """Fit on the demo's training split, then test the best checkpoint; returns the test metrics."""
-    from mst_clipiqa.cli import MSTCLIPIQACLI
+    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
     overrides = [item for pair in prepare(workdir, n_scenes).items() for item in pair]
     with warnings.catch_warnings():

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mst_clipiqa.cli import MSTCLIPIQACLI, main
+from mst_clipiqa.cli import main
+from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
 CONFIGS = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
 

@@ -34,9 +34,10 @@ def run(tiny_clip, demo_data, tmp_path_factory):
     """Fit 2 epochs and test on the demo data, logging to an offline W&B run; what the run holds on disk."""
     import wandb
 
-    # Imported here, not above: the DDP test's worker processes import this file and need none of it.
-    from mst_clipiqa.cli import MSTCLIPIQACLI
     from mst_clipiqa.demo import DEMO_CONFIG
+
+    # Imported here, not above: the DDP test's worker processes import this file and need none of it.
+    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
     root = tmp_path_factory.mktemp("wandb")
     with pytest.MonkeyPatch.context() as env:

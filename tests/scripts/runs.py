@@ -118,7 +118,7 @@ def logged_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 def in_process(subcommand: str, args: list[str]):
     """Run the CLI in this process and return it (its trainer, model and data module stay readable)."""
-    from mst_clipiqa.cli import MSTCLIPIQACLI
+    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

@@ -1,10 +1,15 @@
 """Readers of the AIGIQA benchmark releases, each returning a `datasets.Dataset` with one schema, and a checker.
 
 Every reader takes a release exactly as its authors publish it (see the formats in each reader's docstring)
-and returns rows with the columns of `FEATURES`. Readers fail loudly on what they cannot parse: a missing
-annotation file or column, a wrong header, a non-numeric MOS. Problems that need the whole table or the image
-files (missing or duplicate names, missing MOS, unreadable images, missing prompts) are found by
-`check_dataset`, which is meant to run once before any training.
+and returns rows with the columns of `FEATURES`. Readers fail loudly on what keeps them from reading a release at
+all: a missing annotation file or column, a wrong header, tables that disagree in length, a row without an image.
+Every problem of a single row is left to `check_dataset`, which is meant to run once before any training and
+names them all in one message: a missing or duplicate name, a missing or non-numeric MOS (readers keep the cell's
+text in the `bad_cells` column for it), an unknown split, an unreadable image, a missing prompt.
+
+Rows are numbered from 1 in the order of the table, header not counted, in every message and report: row N is
+`ds[N - 1]` and the N-th data row of the annotation file (the N-th row of the .mat files for AIGCIQA2023;
+AIGIQA-20K counts on through its three tables).
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ import logging
 import math
 import numbers
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import datasets
@@ -30,11 +35,15 @@ from mst_clipiqa.errors import BadImageError, BadRowError
 
 logger = logging.getLogger(__name__)
 
+_MOS_COLUMNS = ("mos_quality", "mos_alignment", "mos_authenticity")
+_CELL_COLUMNS = (*_MOS_COLUMNS, "split")
+
 FEATURES = datasets.Features(
     {
         # {"path": absolute path, "bytes": None} for image files; embedded bytes for hub data.
         "image": datasets.Image(decode=False),
-        # The image file name or id: unique per dataset, used in every error message, report and split file.
+        # The image's path below the release's image folder, or an id: unique per dataset (two rows share one
+        # only when a table lists one image twice), used in every error message, report and split file.
         "name": datasets.Value("string"),
         "prompt": datasets.Value("string"),
         "mos_quality": datasets.Value("float64"),
@@ -45,6 +54,9 @@ FEATURES = datasets.Features(
         "source": datasets.Value("string"),
         # The release's official split ("train", "val", "test"), None where it has none.
         "split": datasets.Value("string"),
+        # The text of cells the reader could not take (a non-numeric MOS, an unknown split), by the column they
+        # were meant for; None where every cell was read. `check_dataset` reports them as written in the file.
+        "bad_cells": {column: datasets.Value("string") for column in _CELL_COLUMNS},
     }
 )
 
@@ -64,6 +76,9 @@ _SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", 
 # Problems listed in an error message or warning; the report file holds all of them.
 _SHOWN_PROBLEMS = 10
 
+# How every message and report numbers rows.
+_ROW_NUMBERS = "rows numbered from 1, header not counted"
+
 # How deep below a release's root its annotation files and image folders are searched for.
 _SEARCH_DEPTH = 2
 
@@ -82,7 +97,7 @@ def target_column(target: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_agiqa1k(root: str | Path, *, on_bad: OnBad = "error") -> datasets.Dataset:
+def load_agiqa1k(root: str | Path) -> datasets.Dataset:
     """Read AGIQA-1K: `AIGC_MOS_Zscore.xlsx` (header `Image,Prompt,MOS`) and its image folder.
 
     `AIGC_all.csv` holds raw means, not the MOS the papers use, and is never read. The official xlsx lists
@@ -91,12 +106,10 @@ def load_agiqa1k(root: str | Path, *, on_bad: OnBad = "error") -> datasets.Datas
     Args:
         root: the release folder. The xlsx and the image folder (often `file/`) are searched for in it and in
             its subfolders two levels down.
-        on_bad: "error" raises on a non-numeric MOS; "drop" logs it and stores NaN so that `check_dataset`
-            drops the row.
 
     Raises:
         FileNotFoundError: no xlsx, or no folder holding its images; the message says where it looked.
-        BadRowError: a missing column or a non-numeric MOS; the message names the file and the rows.
+        BadRowError: a missing column, or rows without an image name; the message names the file and the rows.
     """
     root = _existing_dir(root)
     table = _find_file(root, "AIGC_MOS_Zscore.xlsx")
@@ -104,17 +117,18 @@ def load_agiqa1k(root: str | Path, *, on_bad: OnBad = "error") -> datasets.Datas
     names = _names(rows["image"], table)
     return _assemble(
         "agiqa-1k",
+        table,
         names,
         _image_files(_find_image_dir(root, names, table), names),
         prompts=_texts(rows["prompt"]),
-        mos={"mos_quality": _floats(rows["mos"], table, "MOS", names, on_bad)},
+        mos={"mos_quality": rows["mos"]},
     )
 
 
 _AGIQA3K_HEADER = ("name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality", "mos_align", "std_align")
 
 
-def load_agiqa3k(root: str | Path, *, on_bad: OnBad = "error") -> datasets.Dataset:
+def load_agiqa3k(root: str | Path) -> datasets.Dataset:
     """Read AGIQA-3K: `data.csv` with header `name,prompt,adj1,adj2,style,mos_quality,std_quality,mos_align,std_align`.
 
     `mos_align` becomes `mos_alignment`. The images lie in the root, `img/`, `images/` or another subfolder,
@@ -122,11 +136,10 @@ def load_agiqa3k(root: str | Path, *, on_bad: OnBad = "error") -> datasets.Datas
 
     Args:
         root: the release folder (or a hub copy holding the official data.csv).
-        on_bad: see `load_agiqa1k`.
 
     Raises:
         FileNotFoundError: no data.csv, or no folder holding its images.
-        BadRowError: a header without the official columns, or a non-numeric MOS.
+        BadRowError: a header without the official columns, or rows without an image name.
     """
     root = _existing_dir(root)
     table = _find_file(root, "data.csv")
@@ -134,13 +147,11 @@ def load_agiqa3k(root: str | Path, *, on_bad: OnBad = "error") -> datasets.Datas
     names = _names(rows["name"], table)
     return _assemble(
         "agiqa-3k",
+        table,
         names,
         _image_files(_find_image_dir(root, names, table), names),
         prompts=_texts(rows["prompt"]),
-        mos={
-            "mos_quality": _floats(rows["mos_quality"], table, "mos_quality", names, on_bad),
-            "mos_alignment": _floats(rows["mos_align"], table, "mos_align", names, on_bad),
-        },
+        mos={"mos_quality": rows["mos_quality"], "mos_alignment": rows["mos_align"]},
     )
 
 
@@ -149,7 +160,7 @@ _AIGCIQA2023_MOS = {"mos_quality": "mosz1.mat", "mos_authenticity": "mosz2.mat",
 _PER_PROMPT = 4
 
 
-def load_aigciqa2023(root: str | Path, *, on_bad: OnBad = "error") -> datasets.Dataset:
+def load_aigciqa2023(root: str | Path) -> datasets.Dataset:
     """Read AIGCIQA2023: `DATA/MOS/mosz{1,2,3}.mat`, `AIGCIQA2023_Prompts.xlsx` and the images.
 
     mosz1 is quality, mosz2 authenticity, mosz3 correspondence (stored as `mos_alignment`); each holds a
@@ -162,11 +173,11 @@ def load_aigciqa2023(root: str | Path, *, on_bad: OnBad = "error") -> datasets.D
       2. `Image/<model>/<PPP-k>.png`, PPP the prompt number on three digits (counted from 000 or from 001,
          whichever the Controlnet folder holds);
       3. the flat variant `allimg/<i>.png`.
-    Names are the paths below the image folder (`Controlnet/000-1.png`, `allimg/0.png`).
+    Names are the paths below the image folder (`Controlnet/000-1.png`, `allimg/0.png`): each model's folder
+    holds the same file names, so a bare file name would not tell the images apart.
 
     Args:
         root: the release folder; files are searched for two levels down.
-        on_bad: see `load_agiqa1k`.
 
     Raises:
         FileNotFoundError: a .mat file, the prompts or the image folder is missing.
@@ -197,6 +208,7 @@ def load_aigciqa2023(root: str | Path, *, on_bad: OnBad = "error") -> datasets.D
     folder, names = _aigciqa2023_images(root, n)
     return _assemble(
         "aigciqa2023",
+        root,
         names,
         _image_files(folder, names),
         prompts=[prompts[_aigciqa2023_place(i, per_model)[1]] for i in range(n)],
@@ -239,7 +251,7 @@ def _aigciqa2023_images(root: Path, n: int) -> tuple[Path, list[str]]:
     )
 
 
-def load_aigiqa20k(root: str | Path, *, on_bad: OnBad = "error") -> datasets.Dataset:
+def load_aigiqa20k(root: str | Path) -> datasets.Dataset:
     """Read AIGIQA-20K (NTIRE 2024): `info_train`, `info_val`, `info_test` (.csv or .xlsx) and the split folders.
 
     `info_train` holds `name,prompt,mos`; `info_val` and `info_test` hold `name,prompt` (labels withheld;
@@ -248,19 +260,22 @@ def load_aigiqa20k(root: str | Path, *, on_bad: OnBad = "error") -> datasets.Dat
     lie in `train/`, `val/`, `test/` (or wherever most of the split's names are). The `split` column is set.
     `info_val` and `info_test` are optional, so that a copy of the training data alone can be read.
 
+    Rows are those of info_train, then info_val, then info_test, numbered on from one table to the next. Names
+    are the file names the tables list, as a submission needs them; a file name listed by two tables for two
+    different files becomes each file's path below the root (`train/x.png`, `test/x.png`).
+
     Args:
         root: the release folder.
-        on_bad: see `load_agiqa1k`.
 
     Raises:
         FileNotFoundError: no info_train, or no folder holding a split's images.
-        BadRowError: a header without the expected columns, or a non-numeric MOS.
+        BadRowError: a header without the expected columns, or rows without an image name.
     """
     root = _existing_dir(root)
     names: list[str] = []
     images: list[dict[str, Any]] = []
     prompts: list[str | None] = []
-    mos: list[float | None] = []
+    mos: list[Any] = []
     splits: list[str] = []
     for split in ("train", "val", "test"):
         table = _find_file(root, f"info_{split}.csv", f"info_{split}.xlsx", required=split == "train")
@@ -272,9 +287,24 @@ def load_aigiqa20k(root: str | Path, *, on_bad: OnBad = "error") -> datasets.Dat
         names += part
         images += _image_files(_find_image_dir(root, part, table), part)
         prompts += _texts(rows["prompt"])
-        mos += _floats(rows["mos"], table, "mos", part, on_bad) if "mos" in rows else [None] * len(part)
+        mos += rows.get("mos", [None] * len(part))
         splits += [split] * len(part)
-    return _assemble("aigiqa-20k", names, images, prompts=prompts, mos={"mos_quality": mos}, splits=splits)
+    names = _names_of_files(names, images, root)
+    return _assemble("aigiqa-20k", root, names, images, prompts=prompts, mos={"mos_quality": mos}, splits=splits)
+
+
+def _names_of_files(names: Sequence[str], images: Sequence[dict[str, Any]], root: Path) -> list[str]:
+    """`names`, except where one name stands for different files: those become each file's path below `root`.
+
+    One name listed twice for the same file stays as it is, a duplicate for `check_dataset` to report.
+    """
+    files: dict[str, set[str]] = defaultdict(set)
+    for name, image in zip(names, images):
+        files[name].add(image["path"])
+    return [
+        Path(image["path"]).relative_to(root).as_posix() if len(files[name]) > 1 else name
+        for name, image in zip(names, images)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -293,11 +323,11 @@ def load_table(
     name_column: str | None = None,
     image_root: str | Path | None = None,
     source: str = "table",
-    on_bad: OnBad = "error",
 ) -> datasets.Dataset:
     """Read any annotation table: CSV, TSV, JSONL, Parquet or xlsx, chosen by the file's extension.
 
-    Column names are matched case-insensitively.
+    Column names are matched case-insensitively. A cell that is not a number in a MOS column, or names no known
+    split in the split column, is kept as written in `bad_cells` for `check_dataset` to report with the rest.
 
     Args:
         path: the table.
@@ -309,10 +339,9 @@ def load_table(
         name_column: the column of unique image ids; the image path as written in the table by default.
         image_root: the folder image paths are relative to; the table's folder by default.
         source: the value of the `source` column.
-        on_bad: see `load_agiqa1k`.
 
     Raises:
-        BadRowError: a missing column, a non-numeric MOS, an unknown split, a missing image path.
+        BadRowError: a missing column, or rows without an image path (or without a name in `name_column`).
     """
     path = Path(path)
     wanted = _mapped_columns(image_column, mos_columns, prompt_column, group_column, split_column, name_column)
@@ -329,7 +358,6 @@ def load_table(
         split_column=split_column,
         name_column=name_column,
         source=source,
-        on_bad=on_bad,
     )
 
 
@@ -345,24 +373,24 @@ def load_hf(
     name_column: str | None = None,
     image_root: str | Path | None = None,
     source: str = "hf",
-    on_bad: OnBad = "error",
 ) -> datasets.Dataset:
     """Read a Hugging Face dataset: a `save_to_disk` folder, or anything `datasets.load_dataset` accepts.
 
     The image column is either an `Image` feature (embedded bytes stay in Arrow, never pass through Python)
-    or a string column of paths. Names come from `name_column`, else from the image file names (the
-    `Image` feature's stored path without folders, or the path string), else from the row number.
+    or a string column of paths. Names come from `name_column`, else from the path string, else from the
+    `Image` feature's stored paths (see `_embedded_names`), so that images sharing a file name in different
+    folders keep apart.
 
     Args:
         name_or_path: a `save_to_disk` folder, or a hub id / local data folder for `load_dataset`.
         split: the split to read from a `DatasetDict` or a hub dataset.
         image_column: the `Image` feature or path column.
-        mos_columns, prompt_column, group_column, split_column, name_column, source, on_bad: see `load_table`.
+        mos_columns, prompt_column, group_column, split_column, name_column, source: see `load_table`.
         image_root: the folder relative paths of a string image column refer to; the `save_to_disk` folder
             by default, else the working directory.
 
     Raises:
-        BadRowError: a missing column, a non-numeric MOS, an unknown split value.
+        BadRowError: a missing column, or rows without an image path (or without a name in `name_column`).
     """
     ds, base = _open_hf(name_or_path, split)
     origin = f"{name_or_path} [{split}]"
@@ -376,8 +404,7 @@ def load_hf(
     if embedded:
         images = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
         # Only the path field is read, so embedded bytes stay in Arrow memory.
-        stored = images.with_format("arrow")[:].flatten().column(f"{image_column}.path").to_pylist()
-        names = [os.path.basename(p) if p else str(row) for row, p in enumerate(stored)]
+        names = _embedded_names(images.with_format("arrow")[:].flatten().column(f"{image_column}.path").to_pylist())
         if image_column != "image":
             images = images.rename_column(image_column, "image")
     else:
@@ -394,7 +421,6 @@ def load_hf(
         split_column=split_column,
         name_column=name_column,
         source=source,
-        on_bad=on_bad,
     )
 
 
@@ -409,6 +435,31 @@ def _open_hf(name_or_path: str | Path, split: str) -> tuple[datasets.Dataset, Pa
             raise ValueError(f"{local}: no split {split!r}; it holds {sorted(ds)}")
         ds = ds[split]
     return ds, local
+
+
+def _embedded_names(paths: Sequence[str | None]) -> list[str]:
+    """Names of embedded images: each stored path relative to the folder all stored paths share.
+
+    A row without a stored path is named by its row number (from 1). Rows sharing a stored path get their row
+    number in front, `12/000-1.png`: saving a dataset (`save_to_disk`, `push_to_hub`) keeps only each image's
+    file name, so `DALLE/000-1.png` and `Glide/000-1.png` both come back as `000-1.png`. Should such a name be
+    another row's path, every row gets its number in front.
+    """
+    parts = [PurePosixPath(path).parts if path else None for path in paths]
+    common = len(os.path.commonprefix([p[:-1] for p in parts if p is not None]))
+    relative = [PurePosixPath(*p[common:]).as_posix() if p is not None else None for p in parts]
+    counts = Counter(relative)
+
+    def numbered(row: int, path: str | None) -> str:
+        return f"{row}/{path}" if path is not None else str(row)
+
+    rows = range(1, len(relative) + 1)
+    names = [
+        path if path is not None and counts[path] == 1 else numbered(row, path) for row, path in zip(rows, relative)
+    ]
+    if len(set(names)) < len(names):
+        names = [numbered(row, path) for row, path in zip(rows, relative)]
+    return names
 
 
 def _mapped_columns(image_column: str, mos_columns: Mapping[str, str], *others: str | None) -> list[str]:
@@ -442,39 +493,22 @@ def _from_mapping(
     split_column: str | None,
     name_column: str | None,
     source: str,
-    on_bad: OnBad,
 ) -> datasets.Dataset:
     """The dataset of `load_table` and `load_hf` from their columns; `names` unless `name_column` is given."""
     key = str.lower
     if name_column is not None:
         names = _names(rows[key(name_column)], origin)
-    splits = None
-    if split_column is not None:
-        splits = [
-            _split_name(value, origin, row, name)
-            for row, (value, name) in enumerate(zip(rows[key(split_column)], names), 1)
-        ]
     prompts = _texts(rows[key(prompt_column)]) if prompt_column is not None else None
     return _assemble(
         source,
+        origin,
         names,
         images,
         prompts=prompts,
-        mos={f: _floats(rows[key(c)], origin, c, names, on_bad) for f, c in _mos_features(mos_columns).items()},
+        mos={feature: rows[key(column)] for feature, column in _mos_features(mos_columns).items()},
         groups=_texts(rows[key(group_column)]) if group_column is not None else None,
-        splits=splits,
+        splits=rows[key(split_column)] if split_column is not None else None,
     )
-
-
-def _split_name(value: Any, origin: str | Path, row: int, name: str) -> str | None:
-    text = _text(value)
-    if text is None:
-        return None
-    if text.lower() not in _SPLITS:
-        raise BadRowError(
-            f"{origin}: data row {row} ({name}): unknown split {text!r}; expected one of {sorted(_SPLITS)}"
-        )
-    return _SPLITS[text.lower()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -520,20 +554,23 @@ def check_dataset(
     """Find every problem of a dataset before training, and refuse it or drop the rows at fault.
 
     A row is bad when its name is missing or listed more than once (every copy is bad: with two MOS for one
-    image neither can be trusted), its target MOS is missing or not finite, its image is missing, unreadable,
-    truncated or a decompression bomb, or, with `need_prompt`, its prompt is missing or blank. Rows of the
-    official val/test splits without a target MOS are not bad: their labels are withheld and they are for
-    prediction (see `splits.predict_indices`).
+    image neither can be trusted), its target MOS is missing, not a number or not finite, its split cell names
+    no known split, its image is missing, unreadable, truncated or a decompression bomb, or, with `need_prompt`,
+    its prompt is missing or blank. Rows of the official val/test splits without a target MOS are not bad: their
+    labels are withheld and they are for prediction (see `splits.predict_indices`).
+
+    Every message and the report number rows from 1 in the order of `ds` (row N is `ds[N - 1]`, the N-th data
+    row of the annotation table), and quote a bad cell as the file holds it.
 
     Args:
-        ds: a dataset with the columns of `FEATURES`.
+        ds: a dataset with the columns of `FEATURES`, as a reader returns it.
         target: the target ("quality", ...) or MOS column whose values must be present.
         need_prompt: whether every row needs a prompt (the prompt-anchored head).
         check_images: decode every image fully (in `num_threads` threads).
-        on_bad: "error" raises one error listing the first problems and their count; "drop" removes the bad
-            rows and logs a warning with their count.
-        report_path: where to write every problem as CSV (`name,row,reason`, `row` the 0-based index into
-            `ds`), in both modes.
+        on_bad: "error" raises one error naming the file, the number of bad rows and the first of them with all
+            their problems; "drop" removes the bad rows and logs the same as a warning.
+        report_path: where to write every problem as CSV (`name,row,reason`, one line per bad row), in both
+            modes; the message says where it is.
         num_threads: threads decoding images.
 
     Returns:
@@ -545,27 +582,34 @@ def check_dataset(
     """
     column = target_column(target)
     _check_on_bad(on_bad)
-    meta = ds.select_columns(["name", "prompt", column, "split", "source"]).to_dict()
+    meta = ds.select_columns(["name", "prompt", column, "split", "bad_cells", "source"]).to_dict()
     names = meta["name"]
     rows_of: dict[str, list[int]] = defaultdict(list)
     for row, name in enumerate(names):
         rows_of[name].append(row)
 
     problems: dict[int, list[str]] = defaultdict(list)
-    for row, (name, prompt, mos, split) in enumerate(zip(names, meta["prompt"], meta[column], meta["split"])):
+    for row, (name, prompt, mos, split, bad) in enumerate(
+        zip(names, meta["prompt"], meta[column], meta["split"], meta["bad_cells"])
+    ):
+        bad = bad or {}
         if not name:
             problems[row].append("no image name")
         elif len(rows_of[name]) > 1:
             copies = rows_of[name]
             problems[row].append(
-                f"name listed {len(copies)} times (rows {', '.join(map(str, copies))}; "
+                f"name listed {len(copies)} times (rows {', '.join(str(r + 1) for r in copies)}; "
                 f"{column} {', '.join(str(meta[column][r]) for r in copies)})"
             )
-        if mos is None:
+        if bad.get(column) is not None:
+            problems[row].append(f"{column} {bad[column]!r} is not a number")
+        elif mos is None:
             if split not in ("val", "test"):
                 problems[row].append(f"{column} is missing")
         elif not math.isfinite(mos):
             problems[row].append(f"{column} is not a finite number ({mos})")
+        if bad.get("split") is not None:
+            problems[row].append(f"split {bad['split']!r} is none of {', '.join(sorted(_SPLITS))}")
         if need_prompt and not (prompt and prompt.strip()):
             problems[row].append("prompt is missing")
     image_only = not problems
@@ -575,17 +619,26 @@ def check_dataset(
     if not problems:
         return ds
 
-    source = meta["source"][0]
-    lines = [f"{names[row]} (row {row}): {'; '.join(reasons)}" for row, reasons in sorted(problems.items())]
+    lines = [f"{_row_label(names[row], row)}: {'; '.join(reasons)}" for row, reasons in sorted(problems.items())]
     if report_path is not None:
         _write_report(report_path, names, problems)
-    where = f"; every problem is in {report_path}" if report_path is not None else ""
-    header = f"{source}: {len(problems)} bad rows of {len(ds)}{where}"
+    # Readers record the file the rows came from; a dataset built otherwise is named by its source.
+    origin = ds.info.description or meta["source"][0]
+    header = f"{origin}: {len(problems)} bad rows of {len(ds)} ({_ROW_NUMBERS})"
+    if report_path is not None:
+        header += f"; all are listed in {report_path}"
     if on_bad == "error":
         error = BadImageError if image_only else BadRowError
-        raise error(_summary(f'{header}; fix them or pass on_bad="drop"', lines))
-    logger.warning(_summary(f"{header}; dropping them", lines))
+        raise error(
+            _summary(f'{header}. Fix them, or set on_bad to "drop" (--data.on_bad drop) to leave them out', lines)
+        )
+    logger.warning(_summary(f"{header}. Dropping them", lines))
     return ds.select([row for row in range(len(ds)) if row not in problems])
+
+
+def _row_label(name: str | None, row: int) -> str:
+    """How messages name the row at 0-based index `row` of a dataset: its name and its number from 1."""
+    return f"{name} (row {row + 1})" if name else f"row {row + 1}"
 
 
 def _image_problems(ds: datasets.Dataset, num_threads: int, batch_size: int = 256) -> list[tuple[int, str]]:
@@ -616,7 +669,7 @@ def _write_report(path: str | Path, names: Sequence[str], problems: Mapping[int,
         writer = csv.writer(file)
         writer.writerow(["name", "row", "reason"])
         for row, reasons in sorted(problems.items()):
-            writer.writerow([names[row], row, "; ".join(reasons)])
+            writer.writerow([names[row], row + 1, "; ".join(reasons)])
 
 
 def _summary(header: str, lines: Sequence[str]) -> str:
@@ -818,11 +871,17 @@ def _texts(values: Iterable[Any]) -> list[str | None]:
 
 
 def _names(values: Iterable[Any], origin: str | Path) -> list[str]:
-    """Image names of a table; a row without one cannot be reported by name, so it is always an error."""
+    """Image names (or paths) of a table.
+
+    Raises:
+        BadRowError: rows without one: nothing of such a row can be found or checked, so the table is refused
+            at once; the message names every such row.
+    """
     names = _texts(values)
-    empty = [str(row) for row, name in enumerate(names, 1) if name is None]
+    empty = [f"row {row}" for row, name in enumerate(names, 1) if name is None]
     if empty:
-        raise BadRowError(_summary(f"{origin}: {len(empty)} data rows without an image name", empty))
+        header = f"{origin}: {len(empty)} rows without an image name ({_ROW_NUMBERS}); fill them in or remove them"
+        raise BadRowError(_summary(header, empty))
     return names
 
 
@@ -844,50 +903,64 @@ def _to_float(value: Any) -> float | None:
     return None if math.isnan(number) else number
 
 
-def _floats(values: Sequence[Any], origin: str | Path, column: str, names: Sequence[str], on_bad: OnBad) -> list:
-    """MOS cells as floats (None where empty). Non-numeric cells raise, or with "drop" become NaN and are logged,
-    so that `check_dataset` reports and drops their rows."""
-    _check_on_bad(on_bad)
+def _floats(values: Sequence[Any]) -> tuple[list[float | None], list[str | None]]:
+    """MOS cells as floats, None where empty or not a number, and the text of each cell that is not a number."""
     parsed: list[float | None] = []
-    bad: list[str] = []
-    for row, (value, name) in enumerate(zip(values, names), 1):
+    bad: list[str | None] = []
+    for value in values:
         try:
             parsed.append(_to_float(value))
+            bad.append(None)
         except ValueError:
-            parsed.append(math.nan)
-            bad.append(f"data row {row} ({name}): {value!r}")
-    if bad:
-        message = _summary(f"{origin}: {len(bad)} non-numeric values in column {column}", bad)
-        if on_bad == "error":
-            raise BadRowError(message)
-        logger.warning(message)
-    return parsed
+            parsed.append(None)
+            bad.append(str(value))
+    return parsed, bad
+
+
+def _splits(values: Sequence[Any]) -> tuple[list[str | None], list[str | None]]:
+    """Split cells as "train", "val" or "test" (None where empty or unknown), and the text of each unknown one."""
+    texts = _texts(values)
+    known = [_SPLITS.get(text.lower()) if text is not None else None for text in texts]
+    return known, [text if split is None else None for text, split in zip(texts, known)]
 
 
 def _assemble(
     source: str,
+    origin: str | Path,
     names: list[str],
     images: list[dict[str, Any]] | datasets.Dataset,
     *,
     prompts: list[str | None] | None = None,
-    mos: Mapping[str, list[float | None]] | None = None,
+    mos: Mapping[str, Sequence[Any]] | None = None,
     groups: list[str | None] | None = None,
-    splits: list[str | None] | None = None,
+    splits: Sequence[Any] | None = None,
 ) -> datasets.Dataset:
-    """The dataset in the common schema; `images` is a list of image dicts or a one-column `image` dataset."""
+    """The dataset in the common schema; `images` is a list of image dicts or a one-column `image` dataset.
+
+    Args:
+        origin: the file (or folder) the rows were read from, named by `check_dataset`'s messages.
+        mos: MOS column → the cells as read; cells that are not numbers go to `bad_cells`.
+        splits: the split cells as read; unknown ones go to `bad_cells`.
+    """
     n = len(names)
+    cells = {column: _floats(values) for column, values in (mos or {}).items()}
+    if splits is not None:
+        cells["split"] = _splits(splits)
     columns: dict[str, list] = {
         "name": names,
         "prompt": prompts if prompts is not None else [None] * n,
-        **{
-            column: (mos or {}).get(column, [None] * n)
-            for column in ("mos_quality", "mos_alignment", "mos_authenticity")
-        },
+        **{column: cells[column][0] if column in cells else [None] * n for column in _MOS_COLUMNS},
         "group": groups if groups is not None else prompts if prompts is not None else [None] * n,
         "source": [source] * n,
-        "split": splits if splits is not None else [None] * n,
+        "split": cells["split"][0] if splits is not None else [None] * n,
+        "bad_cells": [
+            {column: bad[row] for column, (_, bad) in cells.items() if bad[row] is not None} or None for row in range(n)
+        ],
     }
     if isinstance(images, datasets.Dataset):
         rest = datasets.Dataset.from_dict(columns, features=datasets.Features({k: FEATURES[k] for k in columns}))
-        return datasets.concatenate_datasets([images, rest], axis=1).select_columns(list(FEATURES))
-    return datasets.Dataset.from_dict({"image": images, **columns}, features=FEATURES)
+        ds = datasets.concatenate_datasets([images, rest], axis=1).select_columns(list(FEATURES))
+    else:
+        ds = datasets.Dataset.from_dict({"image": images, **columns}, features=FEATURES)
+    ds.info.description = str(origin)  # the dataset's own copy; `select` and `map` keep it
+    return ds

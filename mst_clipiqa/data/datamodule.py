@@ -129,7 +129,7 @@ class IQADataModule(L.LightningDataModule):
         """The checked table of the whole source (read and validated once per process)."""
         if self.table is None:
             hp = self.hparams
-            table = load_source(hp.source, hp.root, on_bad=hp.on_bad, **(hp.source_options or {}))
+            table = load_source(hp.source, hp.root, **(hp.source_options or {}))
             report = self.run_dir / "dropped_rows.csv" if self.run_dir is not None else None
             self.table = check_dataset(
                 table,

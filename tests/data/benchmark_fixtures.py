@@ -167,6 +167,28 @@ def make_table_release(root: Path, rows: Sequence[tuple[str, str | None, object]
     return write_table(root / "labels.csv", pd.DataFrame(rows, columns=["image", "prompt", "mos"]))
 
 
+# A table with one bad row of each kind a user meets most (image, prompt, mos), and the message each row gets.
+THREE_BAD_ROWS = [
+    ("images/a.png", "a cat", "1.0"),
+    ("images/b.png", "a dog", "n/a"),
+    ("images/c.png", "a cow", ""),
+    ("images/d.png", "a hen", "4.0"),
+    ("images/e.png", "a pig", "5.0"),
+]
+THREE_BAD_REASONS = {
+    "2": "mos_quality 'n/a' is not a number",
+    "3": "mos_quality is missing",
+    "4": "image file not found",
+}
+
+
+def make_three_bad_rows(root: Path) -> Path:
+    """`THREE_BAD_ROWS` as labels.csv with its images, d.png left out; returns the table."""
+    table = make_table_release(root, THREE_BAD_ROWS)
+    (root / "images" / "d.png").unlink()
+    return table
+
+
 def synthetic_dataset(n: int = 100, n_groups: int = 20, splits: Sequence[str | None] | None = None) -> datasets.Dataset:
     """A dataset in the common schema without image files, for split tests."""
     return datasets.Dataset.from_dict(
@@ -180,6 +202,7 @@ def synthetic_dataset(n: int = 100, n_groups: int = 20, splits: Sequence[str | N
             "group": [f"prompt {i % n_groups}" for i in range(n)],
             "source": ["synthetic"] * n,
             "split": list(splits) if splits is not None else [None] * n,
+            "bad_cells": [None] * n,
         },
         features=FEATURES,
     )

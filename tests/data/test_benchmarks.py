@@ -1,6 +1,9 @@
 import csv
+import json
 import logging
-import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -14,23 +17,27 @@ from benchmark_fixtures import (
     AIGIQA20K_TEST,
     AIGIQA20K_TRAIN,
     AIGIQA20K_VAL,
+    THREE_BAD_REASONS,
     aigciqa2023_mos,
     make_agiqa1k,
     make_agiqa3k,
     make_aigciqa2023,
     make_aigiqa20k,
     make_table_release,
+    make_three_bad_rows,
     write_bomb_png,
     write_image,
     write_table,
     write_truncated,
 )
 from PIL import Image
+from scripts.runs import subprocess_env
 
 from mst_clipiqa.data.benchmarks import (
     AIGCIQA2023_MODELS,
     FEATURES,
     SOURCES,
+    _embedded_names,
     check_dataset,
     load_agiqa1k,
     load_agiqa3k,
@@ -41,6 +48,7 @@ from mst_clipiqa.data.benchmarks import (
     load_table,
     target_column,
 )
+from mst_clipiqa.demo import DEMO_CONFIG
 from mst_clipiqa.errors import BadImageError, BadRowError
 
 
@@ -135,6 +143,8 @@ def test_aigciqa2023_maps_rows_to_model_prompt_and_image(tmp_path, layout, first
         )
     assert all(path.is_file() for path in image_paths(ds))
     assert image_paths(ds)[0] == (tmp_path / "Image" / rows[0]["name"]).resolve()
+    # Every model's folder holds the same file names: names keep the folder, and no row is refused.
+    assert check_dataset(ds, target="quality", need_prompt=True, num_threads=2) is ds
 
 
 def test_aigciqa2023_rejects_a_row_count_that_does_not_fit_six_models(tmp_path):
@@ -169,6 +179,19 @@ def test_aigiqa20k_reads_the_official_split_with_or_without_header(tmp_path, hea
     assert [(r["name"], r["prompt"], r["mos_quality"], r["split"]) for r in rows] == expected
     assert [path.parent.name for path in image_paths(ds)] == [split for *_, split in expected]
     assert all(path.is_file() for path in image_paths(ds))
+
+
+def test_aigiqa20k_file_names_shared_by_two_split_folders_keep_apart(tmp_path):
+    make_aigiqa20k(tmp_path)
+    shared = AIGIQA20K_TRAIN[0][0]
+    write_table(tmp_path / "info_test.csv", pd.DataFrame([(shared, "a forest")], columns=["name", "prompt"]))
+    write_image(tmp_path / "test" / shared, shade=9)
+
+    ds = load_aigiqa20k(tmp_path)
+
+    assert ds["name"][0] == f"train/{shared}" and ds["name"][-1] == f"test/{shared}"
+    assert ds["name"][1:-1] == [name for name, *_ in AIGIQA20K_TRAIN[1:] + AIGIQA20K_VAL]
+    assert check_dataset(ds, target="quality", need_prompt=True, num_threads=2) is ds
 
 
 def test_aigiqa20k_wrong_header_is_refused(tmp_path):
@@ -236,14 +259,12 @@ def test_table_reader_refuses_bad_mappings(tmp_path):
         load_table(path, image_column="file", mos_columns={"beauty": "quality"})
     with pytest.raises(ValueError, match="two targets to mos_alignment"):
         load_table(path, image_column="file", mos_columns={"alignment": "align", "correspondence": "quality"})
-    broken = write_table(tmp_path / "broken.csv", TABLE.assign(part=["train", "holdout", "test"]))
-    with pytest.raises(BadRowError, match=r"broken.csv: data row 2 \(imgs/b.png\): unknown split 'holdout'"):
-        load_table(broken, image_column="file", mos_columns={"quality": "quality"}, split_column="part")
 
 
 def test_table_reader_refuses_rows_without_an_image(tmp_path):
     path = write_table(tmp_path / "labels.csv", TABLE.assign(file=["a.png", "", "c.png"]))
-    with pytest.raises(BadRowError, match="labels.csv: 1 data rows without an image name:\n  2"):
+    with pytest.raises(BadRowError, match=r"labels.csv: 1 rows without an image name \(rows numbered from 1, header "
+                       r"not counted\); fill them in or remove them:\n  row 2$"):  # fmt: skip
         load_table(path, image_column="file", mos_columns={"quality": "quality"})
 
 
@@ -270,6 +291,57 @@ def test_hf_reader_takes_embedded_images_from_a_saved_dataset(tmp_path):
     ]
     assert all(image["bytes"] for image in ds["image"])
     assert check_dataset(ds, target="quality", need_prompt=True) is ds
+
+
+def save_images(folder: Path, images: list[dict], mos: list[float]) -> Path:
+    """A `datasets.Dataset` with an `Image` column (bytes, and the path each came from) saved to `folder`."""
+    features = datasets.Features({"image": datasets.Image(), "mos": datasets.Value("float32")})
+    datasets.Dataset.from_dict({"image": images, "mos": mos}, features=features).save_to_disk(str(folder))
+    return folder
+
+
+def test_hf_images_sharing_a_file_name_in_different_folders_keep_apart(tmp_path):
+    # AIGCIQA2023 on the hub: every model's folder holds 000-1.png. Saving keeps only the file name, so the
+    # rows that share one are told apart by their row number; a row without a path is named by its number.
+    png = write_image(tmp_path / "one.png").read_bytes()
+    paths = ["Image/DALLE/000-1.png", "Image/Glide/000-1.png", "Image/Glide/001-1.png", None]
+    saved = save_images(tmp_path / "saved", [{"bytes": png, "path": path} for path in paths], [1.0, 2.0, 3.0, 4.0])
+
+    ds = load_source("hf", saved, mos_columns={"quality": "mos"})
+
+    assert ds["name"] == ["1/000-1.png", "2/000-1.png", "001-1.png", "4"]
+    assert check_dataset(ds, target="quality", need_prompt=False, num_threads=2) is ds
+    kept = check_dataset(ds, target="quality", need_prompt=False, on_bad="drop", report_path=tmp_path / "r.csv")
+    assert kept is ds and not (tmp_path / "r.csv").exists()
+
+
+def test_hf_image_folder_names_keep_the_folders_below_the_common_one(tmp_path, monkeypatch):
+    # An image-folder dataset, read by `datasets.load_dataset` from its files: stored paths keep their folders.
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    root = tmp_path / "AIGCIQA2023" / "Image"
+    files = ["DALLE/000-1.png", "Glide/000-1.png", "Glide/001-1.png"]
+    for i, file in enumerate(files):
+        write_image(root / file, shade=i)
+    pd.DataFrame({"file_name": files, "mos": [1.0, 2.0, 3.0]}).to_csv(root / "metadata.csv", index=False)
+
+    ds = load_source("hf", root, mos_columns={"quality": "mos"})
+
+    assert sorted(zip(ds["name"], ds["mos_quality"])) == [(file, i + 1.0) for i, file in enumerate(files)]
+    assert check_dataset(ds, target="quality", need_prompt=False, num_threads=2) is ds
+
+
+@pytest.mark.parametrize(
+    ("paths", "names"),
+    [
+        (["/data/Image/DALLE/0.png", "/data/Image/Glide/0.png"], ["DALLE/0.png", "Glide/0.png"]),
+        (["a/x/0.png", "a/y/0.png", "b/0.png"], ["a/x/0.png", "a/y/0.png", "b/0.png"]),
+        (["0.png", "1.png", None, ""], ["0.png", "1.png", "3", "4"]),
+        # Row 1's name would be row 3's path: then every row gets its number.
+        (["a.png", "a.png", "1/a.png"], ["1/a.png", "2/a.png", "3/1/a.png"]),
+    ],
+)
+def test_embedded_names_are_unique_paths_below_the_common_folder(paths, names):
+    assert _embedded_names(paths) == names
 
 
 def test_hf_reader_takes_path_columns_relative_to_the_saved_folder(tmp_path):
@@ -328,6 +400,10 @@ def nan_mos(root):
     return [GOOD[0], ("images/b.png", "a dog", "nan"), GOOD[2]]
 
 
+def text_mos(root):
+    return [GOOD[0], ("images/b.png", "a dog", "n/a"), GOOD[2]]
+
+
 def empty_mos(root):
     return [GOOD[0], ("images/b.png", "a dog", ""), GOOD[2]]
 
@@ -346,6 +422,7 @@ BAD_CASES = {
     "truncated image": (truncated, BadImageError, "cannot decode image", 1),
     "decompression bomb": (bomb, BadImageError, "decompression bomb", 1),
     "NaN MOS": (nan_mos, BadRowError, "mos_quality is missing", 1),
+    "non-numeric MOS": (text_mos, BadRowError, "mos_quality 'n/a' is not a number", 1),
     "empty MOS": (empty_mos, BadRowError, "mos_quality is missing", 1),
     "missing prompt": (missing_prompt, BadRowError, "prompt is missing", 1),
     "duplicate name": (duplicate, BadRowError, "name listed 2 times", 2),
@@ -368,8 +445,10 @@ def test_bad_data_is_an_error_naming_the_image(tmp_path, case):
     with pytest.raises(error, match=r"labels|table") as info:
         check_dataset(ds, target="quality", need_prompt=True, num_threads=2)
     message = str(info.value)
-    assert "images/b.png (row 1)" in message
-    assert reason in message
+    assert "labels.csv: " in message and "(rows numbered from 1, header not counted)" in message
+    listed = [line for line in message.split("\n")[1:] if line.startswith("  images/b.png (row ")]
+    assert len(listed) == BAD_CASES[case][3] and all(reason in line for line in listed)
+    assert listed[0].startswith("  images/b.png (row 2): ")
     assert "images/a.png" not in message
 
 
@@ -388,7 +467,7 @@ def test_bad_data_is_dropped_with_a_report(tmp_path, case, caplog):
     lines = list(csv.DictReader(report.open()))
     assert [line["name"] for line in lines] == ["images/b.png"] * n_bad
     assert all(reason in line["reason"] for line in lines)
-    assert lines[0]["row"] == "1"
+    assert lines[0]["row"] == "2"
 
 
 def test_bomb_below_twice_the_pixel_limit_is_caught_too(tmp_path, monkeypatch):
@@ -398,30 +477,114 @@ def test_bomb_below_twice_the_pixel_limit_is_caught_too(tmp_path, monkeypatch):
     path = write_table(tmp_path / "labels.csv", pd.DataFrame(GOOD, columns=["image", "prompt", "mos"]))
     ds = load_table(path, image_column="image", mos_columns={"quality": "mos"})
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80)
-    with pytest.raises(BadImageError, match=r"images/b.png \(row 1\).*decompression bomb"):
+    with pytest.raises(BadImageError, match=r"images/b.png \(row 2\).*decompression bomb"):
         check_dataset(ds, target="quality", need_prompt=False, num_threads=4)
 
 
-def test_non_numeric_mos_is_an_error_in_the_reader_or_dropped_by_the_check(tmp_path, caplog):
-    path = make_table_release(tmp_path, [GOOD[0], ("images/b.png", "a dog", "good"), GOOD[2]])
-    with pytest.raises(BadRowError, match=r"labels.csv: 1 non-numeric values in column mos:\n  data row 2 \(images/b"):
-        load_table(path, image_column="image", mos_columns={"quality": "mos"})
+def test_cells_the_reader_cannot_take_are_kept_as_written_for_the_check(tmp_path):
+    make_table_release(tmp_path, GOOD)
+    frame = pd.DataFrame(GOOD, columns=["image", "prompt", "mos"]).assign(
+        mos=["1.0", "good", "3.0"], align=["4.0", "5.0", "n/a"], part=["train", "holdout", "test"]
+    )
+    path = write_table(tmp_path / "labels.csv", frame)
+    mapping = {"quality": "mos", "alignment": "align"}
 
-    with caplog.at_level(logging.WARNING):
-        ds = load_table(path, image_column="image", mos_columns={"quality": "mos"}, on_bad="drop")
-    assert "data row 2 (images/b.png): 'good'" in caplog.text
-    assert math.isnan(ds["mos_quality"][1])
-    with pytest.raises(BadRowError, match=r"images/b.png \(row 1\): mos_quality is not a finite number"):
+    ds = load_table(path, image_column="image", mos_columns=mapping, split_column="part")
+
+    assert ds["mos_quality"] == [1.0, None, 3.0] and ds["split"] == ["train", None, "test"]
+    assert ds["bad_cells"] == [
+        None,
+        {"mos_quality": "good", "mos_alignment": None, "mos_authenticity": None, "split": "holdout"},
+        {"mos_quality": None, "mos_alignment": "n/a", "mos_authenticity": None, "split": None},
+    ]
+    with pytest.raises(BadRowError) as info:
         check_dataset(ds, target="quality", need_prompt=False)
+    assert str(info.value).endswith(
+        "\n  images/b.png (row 2): mos_quality 'good' is not a number; split 'holdout' is none of dev, test, train, "
+        "val, valid, validation"
+    )  # a bad cell of another target's column is no problem for this one
     kept = check_dataset(ds, target="quality", need_prompt=False, on_bad="drop", report_path=tmp_path / "r.csv")
     assert kept["name"] == ["images/a.png", "images/c.png"]
-    assert "not a finite number" in (tmp_path / "r.csv").read_text()
+    assert "'good'" in (tmp_path / "r.csv").read_text()
+    with pytest.raises(BadRowError, match=r"images/c.png \(row 3\): mos_alignment 'n/a' is not a number"):
+        check_dataset(ds, target="alignment", need_prompt=False)
+
+
+def test_every_problem_of_a_table_is_in_one_error_and_its_report(tmp_path):
+    table = make_three_bad_rows(tmp_path)
+    report = tmp_path / "run" / "dropped_rows.csv"
+    ds = load_table(table, image_column="image", mos_columns={"quality": "mos"})
+
+    with pytest.raises(BadRowError) as info:
+        check_dataset(ds, target="quality", need_prompt=False, report_path=report)
+
+    message = str(info.value)
+    assert message.startswith(f"{table}: 3 bad rows of 5 (rows numbered from 1, header not counted); all are listed "
+                              f"in {report}. Fix them, or set on_bad to \"drop\" (--data.on_bad drop)")  # fmt: skip
+    listed = dict(re.findall(r"\n  images/\w\.png \(row (\d+)\): ([^\n]*)", message))
+    assert listed.keys() == THREE_BAD_REASONS.keys()
+    assert all(listed[row].startswith(reason) for row, reason in THREE_BAD_REASONS.items())
+    lines = list(csv.DictReader(report.open()))
+    assert {line["row"]: line["reason"] for line in lines} == listed
+    assert [line["name"] for line in lines] == ["images/b.png", "images/c.png", "images/d.png"]
+    assert "'n/a'" in lines[0]["reason"]
+
+
+def test_one_error_names_rows_of_every_kind(tmp_path):
+    rows = [
+        ("images/a.png", "a cat", 1.0),
+        ("images/b.png", "a dog", "n/a"),
+        ("images/c.png", "a cow", "?"),
+        ("images/d.png", "", 2.0),
+        ("images/e.png", "a pig", 3.0),
+        ("images/e.png", "a pig", 4.0),
+        ("images/f.png", "a hen", 5.0),
+    ]
+    table = make_table_release(tmp_path, rows)
+    write_truncated(tmp_path / "images" / "f.png")
+    ds = load_table(table, image_column="image", mos_columns={"quality": "mos"}, prompt_column="prompt")
+
+    with pytest.raises(BadRowError) as info:
+        check_dataset(ds, target="quality", need_prompt=True, num_threads=2)
+
+    *listed, broken = str(info.value).split("\n")[1:]
+    assert listed == [
+        "  images/b.png (row 2): mos_quality 'n/a' is not a number",
+        "  images/c.png (row 3): mos_quality '?' is not a number",
+        "  images/d.png (row 4): prompt is missing",
+        "  images/e.png (row 5): name listed 2 times (rows 5, 6; mos_quality 3.0, 4.0)",
+        "  images/e.png (row 6): name listed 2 times (rows 5, 6; mos_quality 3.0, 4.0)",
+    ]
+    assert broken.startswith("  images/f.png (row 7): cannot decode image")
+
+
+def test_the_command_line_names_every_bad_row_once_and_leaves_the_report(tmp_path, tiny_clip):
+    table = make_three_bad_rows(tmp_path / "data")
+    run = tmp_path / "run"
+    options = json.dumps({"image_column": "image", "mos_columns": {"quality": "mos"}})
+    result = subprocess.run(
+        [sys.executable, "-m", "mst_clipiqa", "fit", "--config", str(DEMO_CONFIG), "--data.source", "table",
+         "--data.root", str(table), "--data.source_options", options, "--data.protocol", "random",
+         "--model.net.coarse_encoder", tiny_clip[0], "--model.net.fine_encoder", tiny_clip[1],
+         "--trainer.default_root_dir", str(run), "--trainer.logger.init_args.save_dir", str(run),
+         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+    assert result.returncode != 0
+    (report,) = run.rglob("dropped_rows.csv")
+    assert f"{table}: 3 bad rows of 5" in result.stderr and str(report) in result.stderr
+    listed = re.findall(r"\n  images/\w\.png \(row (\d+)\): ([^\n]*)", result.stderr)
+    assert [row for row, _ in listed] == list(THREE_BAD_REASONS)  # each once, in one message
+    lines = list(csv.DictReader(report.open()))
+    assert [(line["row"], line["reason"]) for line in lines] == listed
+    assert "'n/a'" in lines[0]["reason"]
 
 
 def test_agiqa1k_duplicate_listing_drops_both_copies(tmp_path):
     rows = [*AGIQA1K_ROWS, ("dreamStudio_8_9_1_1.jpg", "a bird", 2.0), ("dreamStudio_8_9_1_1.jpg", "a bird", 3.0)]
     ds = load_agiqa1k(make_agiqa1k(tmp_path, rows=rows))
-    with pytest.raises(BadRowError, match=r"dreamStudio_8_9_1_1.jpg \(row 4\): name listed 2 times"):
+    with pytest.raises(BadRowError, match=r"dreamStudio_8_9_1_1.jpg \(row 5\): name listed 2 times \(rows 5, 6;"):
         check_dataset(ds, target="quality", need_prompt=False)
     kept = check_dataset(ds, target="quality", need_prompt=False, on_bad="drop")
     assert kept["name"] == [name for name, _, _ in AGIQA1K_ROWS]

@@ -1,0 +1,107 @@
+"""Launchers that start the processes themselves (torchrun, SLURM's srun, `fabric run`) and the Trainer's options.
+
+Such a launcher starts every process of a job; the Trainer must then be set for exactly that many: devices per node
+times nodes. `fabric run` says what it started in LT_* environment variables, which Lightning's Fabric reads and the
+Trainer does not; `take_launcher_options` hands them to the Trainer. `check_world_size` stops a run whose devices and
+nodes disagree with the processes started: each process would run a fit of its own, or wait for ranks that never come.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+
+from mst_clipiqa.errors import OptionError
+
+# The Trainer option each of `fabric run`'s variables carries (lightning.fabric.cli sets them).
+FABRIC_RUN_OPTIONS = {
+    "accelerator": "LT_ACCELERATOR",
+    "strategy": "LT_STRATEGY",
+    "devices": "LT_DEVICES",
+    "num_nodes": "LT_NUM_NODES",
+    "precision": "LT_PRECISION",
+}
+
+
+def take_launcher_options(trainer: MutableMapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Fill the Trainer options left unset with the values `fabric run` passes in LT_* variables, in place.
+
+    An option is unset when it holds its default (`defaults`, the command line's) or "auto": the shipped configs
+    write the defaults out, and "auto" asks for a choice the launcher has made. An option set to anything else
+    wins over the launcher's, with a warning; a launcher's "auto" fills nothing.
+
+    Args:
+        trainer: the Trainer's options as parsed from the command line and config.
+        defaults: each option's default.
+    """
+    overridden = []
+    for option, variable in FABRIC_RUN_OPTIONS.items():
+        value: str | int | None = os.environ.get(variable)
+        if value is None or value == "auto":
+            continue
+        if option in ("devices", "num_nodes") and value.lstrip("-").isdigit():  # else GPU ids: "0,1"
+            value = int(value)
+        current = trainer.get(option)
+        if current == defaults.get(option) or current == "auto":
+            trainer[option] = value
+        elif str(current) != str(value):
+            overridden.append(f"--trainer.{option} {current} (fabric run gave {value})")
+    if overridden:
+        overrides = "; ".join(overridden)
+        rank_zero_warn(f"Set on the command line or in the config, these win over fabric run's: {overrides}")
+
+
+def launched_processes() -> tuple[int, int | None, str] | None:
+    """What the launcher that started this process started: (processes in all, nodes where it says, the variables
+    that say so), or None without a launcher."""
+    env = os.environ
+    if "WORLD_SIZE" in env:  # torchrun, fabric run, Lightning's own launcher
+        world = int(env["WORLD_SIZE"])
+        if "LOCAL_WORLD_SIZE" not in env:
+            return world, None, f"WORLD_SIZE={world}"
+        per_node = int(env["LOCAL_WORLD_SIZE"])
+        return world, world // per_node, f"WORLD_SIZE={world}, LOCAL_WORLD_SIZE={per_node}"
+    if SLURMEnvironment.detect():  # srun; Lightning ignores the shell of an interactive allocation
+        world, nodes = int(env["SLURM_NTASKS"]), env.get("SLURM_NNODES")
+        if nodes is None:
+            return world, None, f"SLURM_NTASKS={world}"
+        return world, int(nodes), f"SLURM_NTASKS={world}, SLURM_NNODES={nodes}"
+    return None
+
+
+def check_world_size(num_devices: int, num_nodes: int, strategy: Any) -> None:
+    """Stop unless the Trainer's devices per node times nodes are the processes the launcher started.
+
+    Args:
+        num_devices: devices per node, as the Trainer resolved them.
+        num_nodes: the Trainer's number of nodes.
+        strategy: the Trainer's strategy option; "auto" gets `--trainer.strategy ddp` in the advice.
+
+    Raises:
+        OptionError: naming what was started and the options that match it.
+    """
+    launched = launched_processes()
+    if launched is None:
+        return
+    world, nodes, variables = launched
+    nodes = nodes or num_nodes
+    if num_devices * num_nodes == world and num_nodes == nodes:
+        return
+    advice = f"--trainer.devices {max(world // nodes, 1)} --trainer.num_nodes {nodes}"
+    if strategy == "auto" and world > 1:
+        advice += " --trainer.strategy ddp"
+    wanted = num_devices * num_nodes
+    outcome = "each would run a fit of its own" if wanted == 1 else "they would not form one job"
+    raise OptionError(
+        f"The launcher started {_count(world, 'process')} ({variables}), but the Trainer is set for "
+        f"{_count(num_devices, 'device')} per node x {_count(num_nodes, 'node')}: {outcome}. Pass {advice}, "
+        f"or launch {_count(wanted, 'process')}."
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"

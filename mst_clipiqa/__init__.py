@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_scorer": "mst_clipiqa.scorer",
     "Scorer": "mst_clipiqa.scorer",
+    "MSTCLIPIQAScore": "mst_clipiqa.image_metric",
     "save_pretrained": "mst_clipiqa.pretrained",
     "from_pretrained": "mst_clipiqa.pretrained",
     "push_to_hub": "mst_clipiqa.pretrained",

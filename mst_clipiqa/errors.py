@@ -15,3 +15,11 @@ class BadRowError(MSTCLIPIQAError, ValueError):
 
 class BadCheckpointError(MSTCLIPIQAError, ValueError):
     """A checkpoint file is truncated or corrupted, or holds pickled objects that only running code could rebuild."""
+
+
+class OptionError(MSTCLIPIQAError, ValueError):
+    """An option has a value the command cannot use; the message names the option and what it accepts."""
+
+
+class BadModelError(MSTCLIPIQAError, ValueError):
+    """A saved model is incomplete or damaged (config.json, weights, encoders), or its encoders cannot be found."""

@@ -1,0 +1,218 @@
+"""A torchmetrics metric for pipelines that generate images: quality scores from a trained MST-CLIPIQA model, and,
+with gradients, a differentiable quality reward.
+
+    metric = MSTCLIPIQAScore("my-model").to("cuda")     # a saved folder, a hub repo id, a .ckpt or a loaded module
+    metric.update(images)                               # float (B, 3, H, W) in [0, 1], any size
+    metric.update(images, prompts=prompts)              # the prompt head (variant B) needs each image's prompt
+    metric.compute()                                    # {"mean": tensor(52.1), "scores": tensor([...])}
+
+    reward = metric(images)["scores"]                   # this batch's scores; differentiable when images need grad
+
+Images are preprocessed in torch, on their own device, as `ClipPreprocess` does from files; scores are on the MOS
+scale the model was trained on, and under DDP `compute` gathers every rank's scores.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from mst_clipiqa.data.preprocess import ClipPreprocess
+from mst_clipiqa.errors import BadImageError, BadModelError, BadRowError
+from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.model import freeze
+from mst_clipiqa.pretrained import from_pretrained
+
+_RESIZE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
+"""Pillow filters that torch's antialiased interpolation reproduces (same kernels, same support)."""
+
+
+def clip_pixel_values(images: Tensor, preprocess: ClipPreprocess) -> Tensor:
+    """CLIP preprocessing of float images in torch, on their device and differentiable: `ClipPreprocess` without
+    the 8-bit rounding.
+
+    Pillow resizes in two passes, width then height, clipping to 0..255 after each; torch's antialiased filters
+    use Pillow's kernels, so the same two passes, each clipped to [0, 1], leave only Pillow's rounding of every
+    pass to whole 8-bit values as a difference (at most about 1/255 per pixel).
+
+    Args:
+        images: (B, 3, H, W) floats in [0, 1].
+        preprocess: the model's preprocessing (resize, crop, mean and std), as read from its coarse encoder.
+
+    Returns:
+        pixel_values (B, 3, crop height, crop width), in the images' dtype.
+
+    Raises:
+        ValueError: the preprocessing resizes with a filter other than bilinear or bicubic.
+    """
+    mode = _RESIZE_MODES.get(preprocess.resample)
+    if mode is None:
+        raise ValueError(f"cannot preprocess tensors with Pillow resampling filter {preprocess.resample}")
+    height, width = images.shape[-2:]
+    # The arithmetic of ClipPreprocess: the long side is truncated, not rounded.
+    if width <= height:
+        new_width, new_height = preprocess.shortest_edge, int(preprocess.shortest_edge * height / width)
+    else:
+        new_width, new_height = int(preprocess.shortest_edge * width / height), preprocess.shortest_edge
+    pixels = images
+    if new_width != width:
+        pixels = F.interpolate(pixels, size=(height, new_width), mode=mode, antialias=True).clamp(0, 1)
+    if new_height != height:
+        pixels = F.interpolate(pixels, size=(new_height, new_width), mode=mode, antialias=True).clamp(0, 1)
+    crop_h, crop_w = preprocess.crop_size
+    top, left = (new_height - crop_h) // 2, (new_width - crop_w) // 2
+    # Negative padding crops; where the crop box reaches outside the image it pads zeros, as Pillow's crop does.
+    pixels = F.pad(pixels, (-left, left + crop_w - new_width, -top, top + crop_h - new_height))  # (B, 3, crop)
+    mean = torch.tensor(preprocess.image_mean, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(preprocess.image_std, dtype=pixels.dtype, device=pixels.device).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+class MSTCLIPIQAScore(Metric):
+    """Quality of images, on the MOS scale a trained MST-CLIPIQA model was trained on.
+
+    Follows torchmetrics' `CLIPImageQualityAssessment`: `update` takes a batch of images, `compute` returns the
+    scores of every image seen since the last `reset`, gathered from every rank under DDP (in rank order). Calling
+    the metric, ``metric(images)``, adds the batch to the state and returns the batch's own result; when the
+    images require grad (and grad mode is on), its scores carry the autograd graph back to the pixels, so that
+    ``-metric(images)["scores"].mean()`` is a loss for fine-tuning a generator. `update` alone never builds a graph.
+
+    Args:
+        model: a saved model folder, a Hugging Face Hub repo id or a Lightning .ckpt (loaded with `from_pretrained`),
+            or an already loaded `MSTCLIPIQAModule`. The metric freezes it (no gradients to its weights, eval
+            mode): it judges, it does not train. It is not part of the metric's `state_dict` or `parameters()`,
+            and it follows the metric's `.to(...)`.
+        revision: branch, tag or commit of a hub repo.
+        kwargs: torchmetrics' `Metric` options (`sync_on_compute`, `compute_on_cpu`, `process_group`, ...).
+
+    Returns (from `compute` and from calling the metric):
+        A dict: ``mean``, the mean score (NaN when no image was seen), and ``scores``, each image's score in the
+        order they came (a single image's as a 0-d tensor: torchmetrics squeezes one-element results).
+
+    Raises:
+        BadModelError: the loaded module has no MOS range (it was never trained).
+    """
+
+    is_differentiable = True
+    higher_is_better = True
+    full_state_update = False
+
+    scores: list[Tensor]
+
+    def __init__(self, model: str | os.PathLike | MSTCLIPIQAModule, *, revision: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        if isinstance(model, str | os.PathLike):
+            model = from_pretrained(model, revision=revision)
+        elif not isinstance(model, MSTCLIPIQAModule):
+            raise TypeError(
+                f"model must be a saved model's path or hub id, or an MSTCLIPIQAModule; got {type(model).__name__}"
+            )
+        if not model.has_mos_range:
+            raise BadModelError("the model has no MOS range to score on: train it first or load a trained model")
+        # Set around nn.Module's registration: a submodule would put the towers into the metric's (and its owner's)
+        # state_dict and parameters, and follow its train(); `_apply` still moves it with the metric.
+        object.__setattr__(self, "model", freeze(model))
+        config = model.net_config
+        self.preprocess = ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision)
+        self.add_state("scores", [], dist_reduce_fx="cat")
+
+    @property
+    def needs_prompt(self) -> bool:
+        """True for the prompt head (variant B): `update` needs each image's generation prompt."""
+        return self.model.net.needs_prompt
+
+    @property
+    def mos_range(self) -> tuple[float, float]:
+        """(low, high) of the MOS scale scores are on."""
+        low, high = self.model.mos_range.tolist()
+        return low, high
+
+    def update(self, images: Tensor, prompts: Sequence[str] | None = None) -> None:
+        """Score a batch of images.
+
+        Args:
+            images: (B, 3, H, W) floats in [0, 1], any size; 8-bit images as ``uint8_images / 255``.
+            prompts: the generation prompt of each image; required by the prompt head (variant B), ignored (with a
+                warning) by the template head.
+
+        Raises:
+            BadImageError: the images are not a float (B, 3, H, W) batch with values in [0, 1].
+            BadRowError: the prompt head and no prompt, a blank one, or not one per image.
+        """
+        _check_images(images)
+        if not len(images):
+            return
+        batch: dict[str, Any] = {"prompt": self._checked_prompts(len(images), prompts)}
+        encoder = self.model.net.encoder
+        # Autograd only when someone can use it; without it the towers compute their activations in place.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
+            pixel_values = clip_pixel_values(images, self.preprocess).to(encoder.coarse.dtype)
+            # The towers themselves: TwoStreamEncoder.forward runs without autograd.
+            batch["coarse_embeds"] = encoder.coarse(pixel_values=pixel_values).image_embeds  # (B, D)
+            batch["fine_embeds"] = encoder.fine(pixel_values=pixel_values).image_embeds  # (B, D)
+            self.scores.append(self.model.to_mos(self.model(batch)))  # (B,)
+
+    def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Add the batch to the state and return its own result, differentiable as described above."""
+        result = super().forward(images, prompts)
+        # Only the returned result keeps the graph: a state holding it would keep every batch's activations alive.
+        self.scores = [score.detach() for score in self.scores]
+        return result
+
+    def compute(self) -> dict[str, Tensor]:
+        """The mean score and every image's score, over all ranks."""
+        scores = dim_zero_cat(self.scores) if len(self.scores) else torch.empty(0, device=self.device)
+        return {"mean": scores.mean(), "scores": scores}
+
+    def _apply(self, fn: Any, exclude_state: Sequence[str] = "") -> MSTCLIPIQAScore:
+        self.model._apply(fn)  # not a registered submodule (see __init__), so moved here
+        return super()._apply(fn, exclude_state)
+
+    def _checked_prompts(self, count: int, prompts: Sequence[str] | None) -> list[str] | None:
+        if not self.needs_prompt:
+            if prompts is not None:
+                warnings.warn("the template head (variant A) does not read prompts; they are ignored", stacklevel=4)
+            return None
+        if prompts is None:
+            raise BadRowError(
+                "this model's prompt head (variant B) scores each image against its generation prompt: "
+                "pass prompts, one per image"
+            )
+        if isinstance(prompts, str) or len(prompts) != count:
+            given = "one string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
+            raise BadRowError(f"{count} images need {count} prompts, one per image; got {given}")
+        for row, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise BadRowError(
+                    f"no prompt for image {row} of the batch: the prompt head (variant B) needs the generation "
+                    "prompt of every image"
+                )
+        return list(prompts)
+
+
+def _check_images(images: Tensor) -> None:
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        described = (
+            f"{images.dtype} of shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        )
+        raise BadImageError(
+            f"images must be a float tensor of shape (B, 3, H, W) with values in [0, 1]; got {described} "
+            "(8-bit images: images.float() / 255)"
+        )
+    if images.numel():
+        low, high = images.detach().aminmax()
+        low, high = low.item(), high.item()  # one synchronisation: a wrong range is the commonest mistake
+        if not (low >= 0 and high <= 1):
+            raise BadImageError(
+                f"images must have values in [0, 1]; got values from {low:.4g} to {high:.4g} "
+                "(outputs in [-1, 1]: (images + 1) / 2; 8-bit values: images / 255; then .clamp(0, 1))"
+            )

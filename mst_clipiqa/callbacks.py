@@ -1,4 +1,4 @@
-"""Weights & Biases reporting: the resolved config of a CLI run, and per-sample views of every evaluation.
+"""The resolved config of a CLI run, in the run's own folder and on W&B, and per-sample views of every evaluation.
 
 Lightning's `WandbLogger` already records the metrics (and, with ``log_model``, checkpoints as artifacts). The
 callbacks here add what a number cannot show, for the validation and test sets:
@@ -6,6 +6,9 @@ callbacks here add what a number cannot show, for the validation and test sets:
 - ``{stage}/pred_vs_mos``: a scatter plot of every prediction against its MOS;
 - ``{stage}/worst``: a table of the worst-predicted images (largest |prediction - MOS|) with a thumbnail, the
   name, the prompt, the MOS and the prediction;
+- ``{stage}/worst_images``: the same thumbnails as images of the run, captioned with name, MOS and prediction.
+  wandb keeps a table's images only in the table's artifact, staged outside the run folder (under
+  ``WANDB_DATA_DIR``); these are files of the run itself, so an offline run folder holds them for `wandb sync`;
 - ``{stage}/coarse_share`` and ``{stage}/coarse_share_hist``: how much of each fused feature comes from the coarse
   (semantic) stream rather than the fine one, i.e. the per-sample mean of the gate g of `GatedFusion`, averaged
   over the set and as a histogram.
@@ -25,9 +28,11 @@ import torch.distributed as dist
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from PIL import ImageOps
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from mst_clipiqa.checkpoints import new_run_file, run_dir
 from mst_clipiqa.data.preprocess import open_image
 from mst_clipiqa.errors import BadImageError
 
@@ -40,11 +45,26 @@ def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
 
 
 class SaveConfigToWandb(SaveConfigCallback):
-    """Writes config.yaml as usual and sends the whole resolved config to every W&B logger of the run.
+    """Writes config.yaml into the run's own folder and sends the whole resolved config to every W&B logger of the run.
+
+    Lightning writes config.yaml into `Trainer.log_dir`, which under a `WandbLogger` is the save_dir every run
+    shares, so each run overwrote the last one's. Here it goes into `run_dir`, next to the run's checkpoints, and
+    never over an earlier run's file (`new_run_file`; a resumed fit rewrites its own).
 
     Lightning logs only the model's and data module's own hyperparameters; the run's config (trainer, callbacks,
     seed, checkpointing, ...) reaches W&B here, nested as in the YAML, so runs can be filtered on any option.
     """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        folder = run_dir(trainer)  # every rank: a broadcast
+        if trainer.is_global_zero:
+            path = new_run_file(trainer, folder, self.config_filename)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile)
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = True
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         loggers = wandb_loggers(trainer)
@@ -74,7 +94,8 @@ class WandbEvaluationLogger(L.Callback):
 
     Args:
         worst_k: rows in the table of worst-predicted images.
-        thumbnail_size: longest side, in pixels, of the images in that table.
+        thumbnail_size: side, in pixels, of the square thumbnails (each image fitted in and padded: W&B shows a list
+            of images of one size only).
     """
 
     def __init__(self, worst_k: int = 16, thumbnail_size: int = 160):
@@ -134,13 +155,17 @@ class WandbEvaluationLogger(L.Callback):
         worst = error.argsort(descending=True)[: self.worst_k].tolist()
         info = self._row_info(trainer, [index[i] for i in worst])
         table = wandb.Table(columns=["image", "name", "prompt", "mos", "prediction", "abs_error", "index"])
+        images = []
         for i, row in zip(worst, info):
-            table.add_data(
-                row.get("image"), row.get("name"), row.get("prompt"), mos[i], score[i], error[i].item(), index[i]
-            )
+            image = row.get("image")
+            if image is not None:
+                image = wandb.Image(image, caption=f"{row['name']}: MOS {mos[i]:.4g}, predicted {score[i]:.4g}")
+                images.append(image)
+            table.add_data(image, row.get("name"), row.get("prompt"), mos[i], score[i], error[i].item(), index[i])
         scatter = wandb.plot.scatter(points, "mos", "prediction", title=f"{stage}: prediction vs MOS")
         return {
             f"{stage}/pred_vs_mos": scatter,
+            **({f"{stage}/worst_images": images} if images else {}),
             f"{stage}/worst": table,
             f"{stage}/coarse_share": sum(share) / len(share),
             f"{stage}/coarse_share_hist": wandb.Histogram(share),
@@ -148,18 +173,14 @@ class WandbEvaluationLogger(L.Callback):
 
     def _row_info(self, trainer: L.Trainer, index: list[int]) -> list[dict[str, Any]]:
         """Thumbnail, name and prompt of the given table rows; empty dicts when the data module has no table."""
-        import wandb
-
         load_table = getattr(trainer.datamodule, "load_table", None)
         if load_table is None:
             return [{} for _ in index]
         info = []
         for row in load_table().select(index):
             try:
-                image = open_image(row["image"])
-                image.thumbnail((self.thumbnail_size, self.thumbnail_size))
-                thumbnail = wandb.Image(image)
+                image = ImageOps.pad(open_image(row["image"]), (self.thumbnail_size, self.thumbnail_size))
             except BadImageError:
-                thumbnail = None
-            info.append({"image": thumbnail, "name": row.get("name"), "prompt": row.get("prompt")})
+                image = None
+            info.append({"image": image, "name": row.get("name"), "prompt": row.get("prompt")})
         return info

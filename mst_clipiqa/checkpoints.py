@@ -12,18 +12,25 @@ SLURM ``hpc_ckpt_*.ckpt`` files in ``default_root_dir``, and takes the newest on
 same split (another split's checkpoint in the same folder would leak its test images into training).
 `ResumingModelCheckpoint` then keeps saving into the resumed run's folder, so its best-k bookkeeping carries on:
 in a new folder Lightning forgets the best score and the first epoch after a resume always counts as the best.
+
+The run's folder. Every run keeps its own files (config.yaml, splits.json, reports) in `run_dir`, next to its
+``checkpoints/``, and never writes over an earlier run's (`new_run_file`). Each checkpoint records that folder and
+the id of the W&B run it logs to; `continue_run` takes both back before a resumed fit starts, so the resumed run
+goes on in the same folder and the same W&B run (same id, steps continuing), after a kill as after a SLURM requeue.
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mst_clipiqa.errors import BadCheckpointError
@@ -153,14 +160,104 @@ def resolve_ckpt_path(
     return str(found) if found is not None else ckpt_path
 
 
+def run_dir(trainer: L.Trainer) -> Path:
+    """The folder of this run's own files (config.yaml, splits.json, reports), the one that holds its checkpoints/.
+
+    Lightning's checkpoint layout names it: ``<save_dir>/<name>/<version>`` of the first logger, that is
+    ``version_N`` for a CSV or TensorBoard logger and the run id for a `WandbLogger` (whose `Trainer.log_dir` is the
+    save_dir that all its runs share), and ``default_root_dir`` without a logger. A resumed fit keeps the folder of
+    the run it resumes (see `continue_run`).
+
+    Call it on every rank: rank 0 decides and broadcasts, as `Trainer.log_dir` does.
+    """
+    folder = None
+    if trainer.is_global_zero:
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ResumingModelCheckpoint) and callback.resumed_run_dir is not None:
+            folder = callback.resumed_run_dir
+        elif trainer.loggers:
+            logger = trainer.loggers[0]
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            folder = Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+        else:
+            folder = Path(trainer.default_root_dir)
+    return Path(trainer.strategy.broadcast(str(folder) if folder is not None else None))
+
+
+def new_run_file(trainer: L.Trainer, folder: Path, name: str) -> Path:
+    """Where this run writes its file `name` in its `folder` (from `run_dir`), never over an earlier run's file.
+
+    That is ``folder/name``, unless an earlier run left a file of that name there (runs without a logger share
+    ``default_root_dir``, as do runs given the same logger version): then the first free ``<stem>-vN<suffix>``, as
+    Lightning names a checkpoint whose name is taken. The folder of the run a fit resumes is its own: there
+    ``folder/name`` is rewritten.
+    """
+    path = folder / name
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ResumingModelCheckpoint) and callback.resumed_run_dir == folder:
+        return path
+    version = 0
+    while path.exists():
+        version += 1
+        path = folder / f"{Path(name).stem}-v{version}{Path(name).suffix}"
+    return path
+
+
+def continue_run(trainer: L.Trainer, ckpt_path: str | None) -> None:
+    """Before a fit from the checkpoint `ckpt_path`: go on in the run it was saved by, its folder and its W&B run.
+
+    The checkpoint's `ResumingModelCheckpoint` state holds the run's folder and W&B run id. The folder, if it still
+    exists, becomes this run's `run_dir`; every `WandbLogger` without an id of its own takes the run id, with
+    ``resume="allow"``, so the W&B run continues (offline, wandb writes a new ``offline-run-*-<id>`` folder that
+    `wandb sync` uploads into the same run). Call it before the fit starts: Lightning starts the W&B run at setup.
+    Does nothing without a checkpoint file or a `ResumingModelCheckpoint`.
+    """
+    callback = trainer.checkpoint_callback
+    if not (ckpt_path and Path(ckpt_path).is_file() and isinstance(callback, ResumingModelCheckpoint)):
+        return
+    state = read_checkpoint(ckpt_path).get("callbacks", {}).get(callback.state_key, {})
+    folder, run_id = state.get("run_dir"), state.get("wandb_id")
+    if folder and Path(folder).is_dir():
+        callback.resumed_run_dir = Path(folder)
+        rank_zero_info(f"Resuming: the run's files and checkpoints go on in {folder}")
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger) and logger.version is None]
+    if run_id and loggers:
+        for logger in loggers:
+            # WandbLogger reads these when it starts its run (lazily, at setup); it takes no id after construction.
+            logger._id = run_id
+            logger._wandb_init.update(id=run_id, resume="allow")
+        rank_zero_info(f"Resuming: W&B run {run_id} continues")
+
+
 class ResumingModelCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` made for resuming: ``save_last`` refreshes last.ckpt after every evaluation, and a resumed
-    run keeps saving into the folder of the run it resumes (when that still exists).
+    """`ModelCheckpoint` made for resuming: ``save_last`` refreshes last.ckpt after every evaluation, a resumed fit
+    keeps saving into the folder of the run it resumes (when that still exists), and every checkpoint records the
+    run's folder and W&B run id for `continue_run`.
 
     Lightning 2.6 rewrites last.ckpt at an epoch's end only when it has just written a top-k file, that is when the
     monitored metric improved; a crash would then lose every epoch since the best one. In the resumed run's folder
-    the best-k bookkeeping (best score, top-k files, last) carries on as if the run had never stopped.
+    the best-k bookkeeping (best score, top-k files, last) carries on as if the run had never stopped. A checkpoint
+    loaded to validate, test or predict leaves the callback as it is: only a fit resumes.
     """
+
+    resumed_run_dir: Path | None = None
+    """The folder of the run this fit resumes, set by `continue_run`; None for a new run."""
+    _fitting = False
+    _run_dir: str | None = None
+    _wandb_id: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._fitting = stage == "fit"
+        with warnings.catch_warnings():
+            if self.resumed_run_dir is not None:  # a resumed run goes on in its own folder, which is not empty
+                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+        if self._fitting:
+            self._run_dir = str(run_dir(trainer))
+            self._wandb_id = next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "run_dir": self._run_dir, "wandb_id": self._wandb_id}
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
         super()._save_topk_checkpoint(trainer, monitor_candidates)
@@ -169,8 +266,9 @@ class ResumingModelCheckpoint(ModelCheckpoint):
             self._last_global_step_saved = trainer.global_step
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self._fitting:
+            return
         previous = state_dict.get("dirpath")
         if previous and previous != self.dirpath and self._fs.isdir(previous):
-            rank_zero_info(f"Resuming: checkpoints go on into {previous}")
             self.dirpath = previous
         super().load_state_dict(state_dict)

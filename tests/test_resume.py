@@ -1,16 +1,19 @@
-"""Faults during fit, with real processes and real signals.
+"""Faults during fit, with real processes and real signals, and each run's own folder.
 
-A SIGKILL mid-epoch, then `fit --ckpt_path last`, ends exactly where an uninterrupted run ends. Under SLURM,
-SIGUSR1 saves a checkpoint and requeues the job, and the requeued run resumes from that checkpoint.
+A SIGKILL mid-epoch, then `fit --ckpt_path last`, ends exactly where an uninterrupted run ends, in the same run
+folder. Under SLURM, SIGUSR1 saves a checkpoint and requeues the job, and the requeued run resumes from that
+checkpoint. `test` and `predict` from a checkpoint resume nothing and keep their files apart from the fit's.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from scripts.runs import STEPS_PER_EPOCH, cli_args, in_process, logged_metrics, standing_still, subprocess_env, wait_for
 
@@ -24,7 +27,6 @@ def fit_and_test(args: list[str]) -> dict:
     cli = in_process("fit", args)
     trainer = cli.trainer
     val = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
-    # Read before testing: loading the best checkpoint for the test restores the callback's state of that time.
     best, last = Path(trainer.checkpoint_callback.best_model_path), trainer.checkpoint_callback.last_model_path
     dirpath, resumed_from = trainer.checkpoint_callback.dirpath, trainer.ckpt_path
     (test,) = trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
@@ -79,8 +81,11 @@ def test_sigkill_mid_epoch_then_fit_ckpt_path_last_ends_like_an_uninterrupted_ru
 
     assert resumed["resumed_from"] == str(last)
     assert_same_run(resumed, uninterrupted)
-    # Checkpoints went on in the first run's folder, so the best-k bookkeeping survived the kill.
+    # Checkpoints went on in the first run's folder, so the best-k bookkeeping survived the kill ...
     assert Path(resumed["dirpath"]) == last.parent
+    # ... and so did the run's config (rewritten by the resumed command, which did not fail on it) and splits; the
+    # logger's new version folder holds the resumed part's metrics only.
+    assert_files_in_one_run_folder(run_dir, last.parents[1])
 
 
 def test_ckpt_path_last_takes_the_newest_readable_checkpoint_of_the_same_network_and_split(uninterrupted):
@@ -136,3 +141,49 @@ def test_sigusr1_under_slurm_saves_and_requeues_and_the_rerun_resumes_from_it(
     assert cli.trainer.global_step == EPOCHS * STEPS_PER_EPOCH
     resumed_epochs = [row["epoch"] for row in logged_metrics(Path(cli.trainer.log_dir)) if "val/srcc" in row]
     assert resumed_epochs == list(range(1, EPOCHS))
+    assert_files_in_one_run_folder(run_dir, run_dir / "lightning_logs" / "version_0")
+
+
+def assert_files_in_one_run_folder(root: Path, folder: Path) -> None:
+    """`folder` holds the run's config.yaml (the resumed command's: ``--ckpt_path last``) and splits.json, and no other
+    folder under `root` holds one."""
+    assert sorted(root.rglob("config.yaml")) == [folder / "config.yaml"]
+    assert sorted(root.rglob("splits.json")) == [folder / "splits.json"]
+    assert yaml.safe_load((folder / "config.yaml").read_text())["ckpt_path"] == "last"
+
+
+# ---- each run's own folder ---------------------------------------------------------------------------------------
+
+
+def test_test_and_predict_from_a_checkpoint_resume_nothing_and_keep_their_files_apart(
+    uninterrupted, tiny_clip, demo_data, caplog
+):
+    fit_folder = uninterrupted["last_path"].parents[1]  # <root>/lightning_logs/version_0
+    root = fit_folder.parents[1]
+    fit_files = {path: path.read_bytes() for path in fit_folder.iterdir() if path.is_file()}
+    best = fit_folder / "checkpoints" / uninterrupted["best"]
+    args = cli_args(demo_data, tiny_clip, root, "--ckpt_path", str(best), epochs=EPOCHS)
+    with caplog.at_level(logging.INFO):
+        tested = in_process("test", args)
+        predicted = in_process("predict", args)
+    assert "Resuming" not in caplog.text
+    folders = [Path(cli.trainer.log_dir) for cli in (tested, predicted)]
+    assert len({fit_folder, *folders}) == 3
+    for folder, command in zip(folders, ("test", "predict")):
+        assert yaml.safe_load((folder / "config.yaml").read_text())["ckpt_path"] == str(best), command
+        assert (folder / "splits.json").read_bytes() == fit_files[fit_folder / "splits.json"], command
+        assert not (folder / "checkpoints").exists(), command
+    for cli, folder in zip((tested, predicted), folders):  # the fit's checkpoint folder was not taken over
+        assert Path(cli.trainer.checkpoint_callback.dirpath).parent == folder
+    assert {path: path.read_bytes() for path in fit_folder.iterdir() if path.is_file()} == fit_files
+
+
+def test_runs_without_a_logger_share_a_folder_without_overwriting_each_other(tiny_clip, demo_data, tmp_path):
+    args = cli_args(demo_data, tiny_clip, tmp_path, "--trainer.logger", "false", epochs=1)
+    in_process("fit", args)
+    first = {path: path.read_bytes() for path in (tmp_path / "config.yaml", tmp_path / "splits.json")}
+    in_process("fit", [*args, "--data.split_index", "1"])
+    assert {path: path.read_bytes() for path in first} == first
+    # As Lightning names a second run's checkpoints in a shared folder.
+    assert yaml.safe_load((tmp_path / "config-v1.yaml").read_text())["data"]["split_index"] == 1
+    assert (tmp_path / "splits-v1.json").read_bytes() == first[tmp_path / "splits.json"]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from mst_clipiqa.checkpoints import read_checkpoint
@@ -52,6 +52,20 @@ def _as(cls: type, value: Any) -> Any:
     return cls(**{k: v for k, v in dict(value).items() if k in names})
 
 
+def _settings_from(saved: ModelConfig, net: ModelConfig, source: str) -> ModelConfig:
+    """`net` with each setting left at its default taken from the saved model's network."""
+    default = ModelConfig()
+    taken = {
+        f.name: getattr(saved, f.name)
+        for f in fields(ModelConfig)
+        if getattr(net, f.name) == getattr(default, f.name) != getattr(saved, f.name)
+    }
+    if taken:
+        settings = ", ".join(f"{name}={value!r}" for name, value in taken.items())
+        rank_zero_info(f"network settings taken from {source}: {settings}")
+    return replace(net, **taken)
+
+
 class MSTCLIPIQAModule(L.LightningModule):
     """MST-CLIPIQA training and evaluation.
 
@@ -59,8 +73,10 @@ class MSTCLIPIQAModule(L.LightningModule):
         net: the network (encoders, fusion, head variant).
         loss: the objective's weights.
         optim: optimiser and schedule.
-        init_from: start from a saved model (a `save_pretrained` folder, a hub id or a .ckpt): its trainable weights
-            and MOS range. Its encoders and head must match `net`. Not stored in checkpoints, which hold the weights.
+        init_from: start from a saved model (a `save_pretrained` folder, a hub id or a .ckpt): its trainable weights,
+            and its network settings (encoders, head variant and shape) wherever `net` leaves them at their defaults;
+            settings given otherwise must match the saved ones. Fitting maps the training data's MOS scale onto the
+            head, whatever scale the saved model had. Not stored in checkpoints, which hold the resolved network.
     """
 
     def __init__(
@@ -72,19 +88,24 @@ class MSTCLIPIQAModule(L.LightningModule):
     ):
         super().__init__()
         self.net_config = _as(ModelConfig, net)
+        saved = None
+        if init_from is not None:
+            from mst_clipiqa.pretrained import SavedModel  # imported here: pretrained builds on this module
+
+            saved = SavedModel.read(init_from)
+            self.net_config = _settings_from(saved.net, self.net_config, init_from)
         self.loss_config = _as(LossConfig, loss)
         self.optim_config = _as(OptimConfig, optim)
         self.save_hyperparameters(
             {"net": asdict(self.net_config), "loss": asdict(self.loss_config), "optim": asdict(self.optim_config)}
         )
         self.net = MSTCLIPIQA(self.net_config)
-        # The data set's MOS range (low, high), mapped linearly onto the head's 1..5; set from the training split
-        # at the first fit and stored in checkpoints, so scores come back on the benchmark's own scale.
+        # The data's MOS scale (low, high), mapped linearly onto the head's 1..5: set from the data module at every
+        # fit (its mos_range option, else the training split's min and max) and stored in checkpoints, so scores
+        # come back on the data's own scale.
         self.register_buffer("mos_range", torch.tensor([math.nan, math.nan], dtype=torch.float64))
-        if init_from is not None:
-            from mst_clipiqa.pretrained import SavedModel  # imported here: pretrained builds on this module
-
-            SavedModel.read(init_from).load_into(self)
+        if saved is not None:
+            saved.load_into(self)
         self.val_metrics = make_metrics("val/")
         self.test_metrics = make_metrics("test/", logistic=True)
 
@@ -126,22 +147,20 @@ class MSTCLIPIQAModule(L.LightningModule):
     # ---- steps -------------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
+        """Training maps the training data's MOS scale onto the head, also when the weights it starts from were
+        trained on another scale; evaluating and predicting keep the scale the model was trained on (restored from
+        a checkpoint after this hook), or take the data's when it has none."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if not self.has_mos_range and datamodule is not None and hasattr(datamodule, "mos_range"):
-            self.set_mos_range(*datamodule.mos_range)
-        elif stage == "fit" and datamodule is not None and hasattr(datamodule, "mos_range"):
-            self._check_training_range(*datamodule.mos_range)
+        data_range = getattr(datamodule, "mos_range", None)
+        if data_range is not None and (stage == "fit" or not self.has_mos_range):
+            if self.has_mos_range and tuple(self.mos_range.tolist()) != tuple(data_range):
+                rank_zero_info(
+                    "scores map onto the training data's MOS range [{:g}, {:g}] (the weights it starts from were "
+                    "trained on [{:g}, {:g}])".format(*data_range, *self.mos_range.tolist())
+                )
+            self.set_mos_range(*data_range)
         if not self.has_mos_range:
             raise RuntimeError("the model has no MOS range: train it first or load a trained checkpoint")
-
-    def _check_training_range(self, low: float, high: float) -> None:
-        """A model started from saved weights keeps their MOS range; head A cannot score outside it."""
-        model_low, model_high = self.mos_range.tolist()
-        if low < model_low or high > model_high:
-            rank_zero_warn(
-                f"the training MOS span [{low:g}, {high:g}] but the model's scores span [{model_low:g}, "
-                f"{model_high:g}] (the range of the weights it started from): put the MOS on that scale first"
-            )
 
     def on_fit_start(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
+
 import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mst_clipiqa.data.datamodule import IQADataModule
+from mst_clipiqa.errors import OptionError
 from mst_clipiqa.lit_module import MSTCLIPIQAModule, OptimConfig
 from mst_clipiqa.model import ModelConfig
+from mst_clipiqa.pretrained import SavedModel, save_pretrained
 
 
 def pixel_batches(n: int, seed: int = 0, prompts: bool = False) -> list[dict]:
@@ -101,3 +106,68 @@ def test_scores_come_back_on_the_data_sets_scale(tiny_clip):
     torch.testing.assert_close(module.to_mos(module.to_internal(mos)), mos)
     with pytest.raises(ValueError, match="must not all be equal"):
         module.set_mos_range(3.0, 3.0)
+
+
+class ScaleData(L.LightningDataModule):
+    """Pixel rows whose MOS lie on the scale `mos_range`, as `IQADataModule` reports it."""
+
+    def __init__(self, mos_range: tuple[float, float]):
+        super().__init__()
+        self.mos_range = mos_range
+        low, high = mos_range
+        self.rows = [{**row, "mos": low + row["mos"] / 5 * (high - low)} for row in pixel_batches(8)]
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.rows, batch_size=4)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.rows, batch_size=4)
+
+
+def test_fitting_maps_the_training_data_scale_and_evaluating_keeps_the_models(tiny_clip, tmp_path):
+    module = make_module(tiny_clip, lr=1e-2)
+    module.set_mos_range(1.0, 5.0)  # as if started from saved weights trained on 1..5
+    trainer(tmp_path).fit(module, datamodule=ScaleData((0.0, 10.0)))
+    assert module.mos_range.tolist() == [0.0, 10.0]
+    trainer(tmp_path).test(module, datamodule=ScaleData((20.0, 80.0)), verbose=False)
+    assert module.mos_range.tolist() == [0.0, 10.0]  # its scores stay on the scale it was trained on
+
+    fresh = make_module(tiny_clip)
+    fresh.mos_range.fill_(float("nan"))
+    trainer(tmp_path).test(fresh, datamodule=ScaleData((20.0, 80.0)), verbose=False)
+    assert fresh.mos_range.tolist() == [20.0, 80.0]
+
+
+def test_init_from_takes_the_saved_network_where_the_config_keeps_the_defaults(tiny_clip, tmp_path):
+    saved_net = ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], fusion_dim=32, tau_init=3.0,
+                            template="an image of {} quality")  # fmt: skip
+    saved = MSTCLIPIQAModule(net=saved_net)
+    saved.set_mos_range(1.0, 5.0)
+    folder = save_pretrained(saved, tmp_path / "model")
+    stored = SavedModel.read(folder).net
+
+    module = MSTCLIPIQAModule(init_from=str(folder))
+    assert module.net_config == stored and module.hparams["net"] == asdict(stored)
+    assert torch.equal(module.net.fusion.gate.weight, saved.net.fusion.gate.weight)
+    # A setting given otherwise stays; one that gives the weights their shape must then match.
+    assert MSTCLIPIQAModule(net=ModelConfig(max_prompt_tokens=32), init_from=str(folder)).net_config == replace(
+        stored, max_prompt_tokens=32
+    )
+    with pytest.raises(ValueError, match="differs in fusion_dim: saved 32, configured 64"):
+        MSTCLIPIQAModule(net=ModelConfig(fusion_dim=64), init_from=str(folder))
+
+
+def test_the_data_scale_is_the_mos_range_option_else_the_training_split(tiny_clip, demo_data):
+    def data(**options) -> IQADataModule:
+        return IQADataModule(source="agiqa-3k", root=demo_data, preprocess_from=tiny_clip[0], features=False,
+                             num_workers=0, **options)  # fmt: skip
+
+    unset = data()
+    low, high = unset.mos_range
+    mos = unset.load_table().select(unset.split.train)["mos_quality"]
+    assert (low, high) == (min(mos), max(mos)) and 0 < low and high < 5
+    assert data(mos_range=(0, 5)).mos_range == (0.0, 5.0)
+    with pytest.warns(UserWarning, match=r"beyond data.mos_range \[1, 4\]"):
+        assert data(mos_range=(1, 4)).mos_range == (1.0, 4.0)
+    with pytest.raises(OptionError, match=r"data.mos_range must be \[low, high\] with low < high, not \[5, 5\]"):
+        data(mos_range=(5, 5))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -10,14 +11,17 @@ from typing import Any, Literal
 import datasets
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mst_clipiqa import checkpoints
 from mst_clipiqa.data.benchmarks import check_dataset, load_source, target_column
 from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_features
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.data.samplers import EvalDistributedSampler
 from mst_clipiqa.data.splits import Split, load_splits, make_splits, predict_indices, save_splits
+from mst_clipiqa.errors import OptionError
+from mst_clipiqa.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +67,22 @@ class IQADataModule(L.LightningDataModule):
         folds: k of kfold.
         seed: seed of the splits.
         splits_file: read the splits from this JSON (one written by an earlier run) instead of making them.
-        need_prompt: every row must have a prompt (set from the model's variant).
-        preprocess_from: CLIP checkpoint whose preprocessing is used (set from the model's coarse encoder).
-        on_bad: what to do with bad rows or images found at setup: 'error' stops with a message naming them,
-            'drop' removes them and writes a report of every drop to the run folder.
+        need_prompt: every row must have a prompt (set from the model's variant; under a Trainer, from its model).
+        preprocess_from: CLIP checkpoint whose preprocessing is used (set from the model's coarse encoder; under a
+            Trainer, from its model).
+        on_bad: what to do with bad rows or images found at setup: 'error' stops with one message naming them all,
+            'drop' removes them; either way every one is listed in dropped_rows.csv in the run folder.
         check_images: decode every image at setup, so a broken file fails now and not hours into training.
-        draft_decode: faster, reduced-size JPEG decoding (Pillow draft mode); set from the model's config, so
-            training and scoring decode alike.
+        draft_decode: faster, reduced-size JPEG decoding (Pillow draft mode); set from the model's config (under a
+            Trainer, from its model), so training and scoring decode alike.
         batch_size: training batch size (per device).
         eval_batch_size: validation, test and predict batch size (per device).
         num_workers: data loader workers; None picks from the CPU count. With `features`, they decode the images
             the cache lacks while the towers encode; the loaders themselves read tensors in the main process.
-        predict_split: rows scored by `predict`: test, val, train, all, or unlabeled (official test sets).
+        mos_range: the nominal (low, high) of the data's MOS scale, mapped onto the head's 1..5, e.g. [0, 5] or
+            [1, 10]; None takes the min and max of the training rows. A model trained here scores on this scale.
+        predict_split: rows scored by `predict`: test, val, train, all, or unlabeled (official test sets, whose file
+            then holds name, prompt and score only, ready to submit).
         features: read each image's two frozen embeddings (and each prompt's token states) from the feature cache,
             encoding only what it lacks, once, with the trainer's model (see `mst_clipiqa.data.features`). False
             decodes pixels and runs both frozen towers at every step.
@@ -104,12 +112,15 @@ class IQADataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int | None = None,
+        mos_range: tuple[float, float] | None = None,
         predict_split: Literal["test", "val", "train", "all", "unlabeled"] = "test",
         features: bool = True,
         cache_dir: str | None = None,
         content_hash: bool = False,
     ):
         super().__init__()
+        if mos_range is not None and not (all(map(math.isfinite, mos_range)) and mos_range[0] < mos_range[1]):
+            raise OptionError(f"data.mos_range must be [low, high] with low < high, not {list(mos_range)}")
         self.save_hyperparameters()
         self.table: datasets.Dataset | None = None
         self.split: Split | None = None
@@ -120,10 +131,12 @@ class IQADataModule(L.LightningDataModule):
 
     @property
     def run_dir(self) -> Path | None:
+        """The run's own folder, next to its checkpoints (`mst_clipiqa.checkpoints.run_dir`); None without a Trainer.
+        Read it on every rank: it is a broadcast."""
         trainer = self.trainer
         if trainer is None:
             return None
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        return checkpoints.run_dir(trainer)
 
     def load_table(self) -> datasets.Dataset:
         """The checked table of the whole source (read and validated once per process)."""
@@ -160,6 +173,7 @@ class IQADataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
             return
+        self._follow_model()
         hp = self.hparams
         splits = self.all_splits()
         if not 0 <= hp.split_index < len(splits):
@@ -173,21 +187,41 @@ class IQADataModule(L.LightningDataModule):
         self._write_splits(splits, self.run_dir)
         log.info("split %s: %d train, %d val, %d test", self.split.name, *map(len, self.parts()))
 
+    def _follow_model(self) -> None:
+        """Take the prompt requirement, preprocessing and decoding from the trainer's model, whose network may come
+        from a saved one (`MSTCLIPIQAModule`'s ``init_from``) rather than from the options linked to these."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        config = getattr(getattr(model, "net", None), "config", None)
+        if isinstance(config, ModelConfig):
+            self.hparams.need_prompt = config.variant == "prompt"
+            self.hparams.preprocess_from = config.coarse_encoder
+            self.hparams.draft_decode = config.draft_decode
+
     @rank_zero_only
     def _write_splits(self, splits: list[Split], run_dir: Path | None) -> None:
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_splits(splits, run_dir / "splits.json", self.load_table())
+            save_splits(splits, checkpoints.new_run_file(self.trainer, run_dir, "splits.json"), self.load_table())
 
     def parts(self) -> tuple[list[int], list[int], list[int]]:
         return list(self.split.train), list(self.split.val), list(self.split.test)
 
     @property
     def mos_range(self) -> tuple[float, float]:
-        """(min, max) of the target MOS over the training rows: the head's 1..5 maps onto this range."""
+        """The data's MOS scale (low, high), onto which the head's 1..5 maps: the `mos_range` option, else the
+        (min, max) of the target MOS over the training rows."""
         self.setup("fit")
         values = self.load_table().select(self.split.train)[target_column(self.hparams.target)]
-        return float(min(values)), float(max(values))
+        low, high = float(min(values)), float(max(values))
+        if self.hparams.mos_range is None:
+            return low, high
+        nominal = float(self.hparams.mos_range[0]), float(self.hparams.mos_range[1])
+        if low < nominal[0] or high > nominal[1]:
+            rank_zero_warn(
+                f"the training MOS span [{low:g}, {high:g}], beyond data.mos_range [{nominal[0]:g}, {nominal[1]:g}]: "
+                "the template head cannot score outside that range; set data.mos_range to your scale's low and high"
+            )
+        return nominal
 
     # ---- loaders -------------------------------------------------------------------------------------------------
 
@@ -274,3 +308,22 @@ class IQADataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_rows(), train=False)
+
+    # ---- prediction files (see `mst_clipiqa.predictions.PredictionWriter`) -----------------------------------------
+
+    @property
+    def prediction_columns(self) -> tuple[str, ...]:
+        """Columns of the prediction file: name, prompt, score, MOS and the gate's coarse share; for the unlabeled
+        rows of an official test set, name, prompt and score, ready to submit."""
+        if self.hparams.predict_split == "unlabeled":
+            return "name", "prompt", "score"
+        return "name", "prompt", "score", "mos", "coarse_share"
+
+    def describe_rows(self, index: list[int]) -> list[dict[str, Any]]:
+        """Name, prompt and MOS (None where unknown) of the given table rows."""
+        column = target_column(self.hparams.target)
+        values = self.load_table().select_columns(["name", "prompt", column])[list(index)]
+        return [
+            {"name": name, "prompt": prompt, "mos": mos}
+            for name, prompt, mos in zip(values["name"], values["prompt"], values[column])
+        ]

@@ -1,0 +1,258 @@
+"""Prediction files: one row per scored image, in row order, however many processes scored them.
+
+    name,prompt,score,mos,coarse_share
+    AttnGAN_normal_000.jpg,a red cube on a table,2.81,3.05,0.497
+
+`PredictionWriter` is a Lightning `BasePredictionWriter`. As batches finish, every rank appends its rows to its own
+shard (JSON lines in ``<file>.parts/``), so memory stays flat however many images are scored; when the loop ends,
+rank 0 merges the shards by row index into the file, CSV, JSON lines or Parquet by its extension, and removes them.
+The evaluation sampler deals each row to exactly one rank without padding, so every image appears once. Shards and
+file must be on a file system every rank sees, as checkpoints must. The file appears whole or not at all: it is
+written under a temporary name and renamed.
+
+A row joins the model's outputs (``index``, ``score``, ``coarse_share`` from `predict_step`) with what the data
+module says about that row, through two optional hooks:
+
+- ``describe_rows(index) -> list[dict]``: per table row, e.g. its name, prompt and MOS (None where unknown);
+- ``prediction_columns``: the file's columns, in order.
+
+Without them the file holds the model's outputs as they are.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain, islice
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from mst_clipiqa.checkpoints import new_run_file, run_dir
+from mst_clipiqa.errors import OptionError
+
+FORMATS = (".csv", ".jsonl", ".parquet")
+"""File formats, chosen by the file's extension."""
+DEFAULT_NAME = "predictions.csv"
+"""The file's name in the run's log folder when no path is given."""
+FLOAT_COLUMNS = frozenset({"score", "mos", "coarse_share"})
+"""Columns stored as float64 in Parquet; ``index`` is int64 and every other column a string."""
+PARQUET_ROWS = 65_536
+"""Rows per Parquet row group: the most the merge holds in memory at once."""
+
+
+def checked_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path, if its extension names a known format.
+
+    Raises:
+        OptionError: another extension.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise OptionError(
+            f"predictions_path {str(path)!r}: the extension picks the format; use one of {', '.join(FORMATS)}"
+        )
+    return path
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes every prediction of `Trainer.predict` to one file, in row order (see the module's docstring).
+
+    Args:
+        path: the file, .csv, .jsonl or .parquet; None for predictions.csv in the run's own folder
+            (`mst_clipiqa.checkpoints.run_dir`), ``predictions-v1.csv`` ... where an earlier run left one there.
+        columns: the file's columns, in order; None for the data module's ``prediction_columns``, else every
+            output of the predict step.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, columns: Sequence[str] | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.path = None if path is None else checked_path(path)
+        self.columns = None if columns is None else tuple(columns)
+        self.written: Path | None = None
+        """The file the last prediction loop wrote."""
+        self._out: Path | None = None
+        self._shard = None
+
+    # ---- every rank ----------------------------------------------------------------------------------------------
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._out = self.path or self._default_path(trainer)
+        parts = _parts_folder(self._out)
+        parts.mkdir(parents=True, exist_ok=True)
+        self._shard = open(parts / _shard_name(trainer.global_rank), "w", encoding="utf-8")
+
+    @staticmethod
+    def _default_path(trainer: L.Trainer) -> Path:
+        # Every rank asks (run_dir is a broadcast); rank 0's answer holds, whatever another rank sees of the folder.
+        path = new_run_file(trainer, run_dir(trainer), DEFAULT_NAME)
+        return Path(trainer.strategy.broadcast(str(path)))
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        outputs = {key: v.tolist() if isinstance(v, Tensor) else list(v) for key, v in prediction.items()}
+        index = outputs["index"]
+        describe = getattr(trainer.datamodule, "describe_rows", None)
+        described = describe(index) if describe is not None else [{} for _ in index]
+        columns = self._declared_columns(trainer) or [key for key in prediction if key != "index"]
+        keep = ("index", *columns)
+        for i, about in enumerate(described):
+            row = {**about, **{key: values[i] for key, values in outputs.items()}}
+            self._shard.write(json.dumps({key: row.get(key) for key in keep}, ensure_ascii=False) + "\n")
+
+    def _declared_columns(self, trainer: L.Trainer) -> Sequence[str] | None:
+        return self.columns or getattr(trainer.datamodule, "prediction_columns", None)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._shard.close()
+        trainer.strategy.barrier("prediction-shards-written")
+        if trainer.is_global_zero:
+            count = merge_shards(self._out, trainer.world_size, self._declared_columns(trainer))
+            rank_zero_info(f"Predictions of {count} images written to {self._out}")
+        # The file exists on every rank once predict returns.
+        trainer.strategy.barrier("prediction-file-written")
+        self.written = self._out
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._shard is not None:
+            self._shard.close()
+
+
+# ---- rank 0: merge ---------------------------------------------------------------------------------------------
+
+
+def _parts_folder(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _shard_name(rank: int) -> str:
+    return f"rank{rank:05d}.jsonl"
+
+
+def merge_shards(out: Path, world_size: int, columns: Sequence[str] | None = None) -> int:
+    """Merge the ranks' shards of `out` by row index into `out`, remove them, and return the number of rows.
+
+    Args:
+        out: the file to write (its shards are in ``<out>.parts/``).
+        world_size: the number of ranks, one shard each.
+        columns: the file's columns; None for every key of the rows but ``index``.
+
+    Raises:
+        FileNotFoundError: a rank's shard is missing: the ranks do not share the file system the file is on.
+        RuntimeError: a row appears twice, or a rank's rows are out of order.
+    """
+    parts = _parts_folder(out)
+    shards = [parts / _shard_name(rank) for rank in range(world_size)]
+    missing = [str(shard) for shard in shards if not shard.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the predictions of some ranks are missing ({', '.join(missing)}): put the predictions file on a file "
+            "system every node sees"
+        )
+    rows = _unique(heapq.merge(*(_read_shard(shard) for shard in shards), key=lambda row: row["index"]))
+    count = write_rows(out, rows, columns)
+    shutil.rmtree(parts)
+    return count
+
+
+def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
+    last = None
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            row = json.loads(line)
+            if last is not None and row["index"] < last:
+                raise RuntimeError(f"{path}: rows are not in increasing index order ({last} before {row['index']})")
+            last = row["index"]
+            yield row
+
+
+def _unique(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    last = None
+    for row in rows:
+        if row["index"] == last:
+            # A padding sampler (torch's DistributedSampler) repeats rows; evaluation samplers must not.
+            raise RuntimeError(f"row {last} was predicted twice: the predict loader's sampler repeats rows")
+        last = row["index"]
+        yield row
+
+
+# ---- formats ---------------------------------------------------------------------------------------------------
+
+
+def write_rows(path: str | os.PathLike, rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None) -> int:
+    """Stream rows (dicts) into a CSV, JSON lines or Parquet file, by its extension; returns the number of rows.
+
+    Missing values (None) are empty cells in CSV and nulls elsewhere. The file is written under a temporary name
+    and renamed, so it is never seen half-written.
+
+    Args:
+        path: the file; its folder is created if needed.
+        rows: the rows.
+        columns: the columns, in order; None for the first row's keys other than ``index``.
+    """
+    path = checked_path(path)
+    rows = iter(rows)
+    first = next(rows, None)
+    if columns is None:
+        columns = [key for key in (first or {}) if key != "index"]
+    rows = rows if first is None else chain([first], rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        count = _write_parquet(partial, rows, list(columns))
+    else:
+        with partial.open("w", newline="", encoding="utf-8") as stream:
+            count = (_write_csv if suffix == ".csv" else _write_jsonl)(stream, rows, list(columns))
+    os.replace(partial, path)
+    return count
+
+
+def _write_csv(stream, rows: Iterable[dict[str, Any]], columns: list[str]) -> int:
+    writer = csv.writer(stream)
+    writer.writerow(columns)
+    count = 0
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row[c] for c in columns])
+        count += 1
+    return count
+
+
+def _write_jsonl(stream, rows: Iterable[dict[str, Any]], columns: list[str]) -> int:
+    count = 0
+    for row in rows:
+        stream.write(json.dumps({c: row.get(c) for c in columns}, ensure_ascii=False) + "\n")
+        count += 1
+    return count
+
+
+def _write_parquet(path: Path, rows: Iterable[dict[str, Any]], columns: list[str]) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def kind(column: str) -> pa.DataType:
+        return pa.float64() if column in FLOAT_COLUMNS else pa.int64() if column == "index" else pa.string()
+
+    schema = pa.schema([(column, kind(column)) for column in columns])
+    count = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        while batch := list(islice(rows, PARQUET_ROWS)):
+            writer.write_table(pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in batch], schema))
+            count += len(batch)
+    return count

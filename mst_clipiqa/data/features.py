@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -272,6 +273,12 @@ class FeatureStats:
     """Distinct prompts whose token states were already in the cache."""
     prompts_encoded: int = 0
     """Distinct prompts that went through the text tower, over all ranks."""
+    images_decoded: int = 0
+    """Images this process decoded to encode them."""
+    decode_seconds: float = 0.0
+    """Seconds this process's encoding waited for decoded images: the decoding the towers did not hide."""
+    tower_seconds: float = 0.0
+    """Seconds this process spent in the frozen towers (image and text), outputs copied to the host."""
 
 
 class _Pixels(Dataset):
@@ -476,8 +483,10 @@ class TableFeatures:
             pin_memory=device.type == "cuda",
         )
         done = 0
+        waiting = time.perf_counter()
         with tqdm(total=len(items), desc="Encoding images", unit="img", disable=not progress) as bar:
             for pixels in loader:  # (B, 3, 224, 224)
+                self.stats.decode_seconds += time.perf_counter() - waiting
                 batch = [key for key, _ in items[done : done + len(pixels)]]
                 done += len(batch)
                 pixels = pixels.to(device, non_blocking=True)
@@ -485,11 +494,15 @@ class TableFeatures:
                     chosen = [i for i, key in enumerate(batch) if key in todo]
                     if not chosen:
                         continue
+                    began = time.perf_counter()
                     with torch.inference_mode(), _autocast(device):
                         embeds = tower(pixel_values=pixels if len(chosen) == len(batch) else pixels[chosen])
                     values = embeds.image_embeds.float().cpu().numpy()  # (b, D)
+                    self.stats.tower_seconds += time.perf_counter() - began
                     writer.add([batch[i] for i in chosen], [row[None] for row in values])
+                self.stats.images_decoded += len(batch)
                 bar.update(len(batch))
+                waiting = time.perf_counter()
         for _, _, writer in towers:
             writer.close()
 
@@ -502,9 +515,11 @@ class TableFeatures:
         with tqdm(total=len(prompts), desc="Encoding prompts", unit="prompt", disable=not progress) as bar:
             for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start : start + self.batch_size]
+                began = time.perf_counter()
                 with torch.inference_mode(), _autocast(device):
                     states, mask = net.prompt_encoder(batch)  # (B, L, Dt), (B, L), padding on the right
                 states = states.float().cpu().numpy()
+                self.stats.tower_seconds += time.perf_counter() - began
                 lengths = mask.sum(dim=1).tolist()
                 writer.add([prompt_key(p) for p in batch], [s[:n] for s, n in zip(states, lengths)])
                 bar.update(len(batch))

@@ -1,4 +1,5 @@
-"""The offline demo data set: AGIQA-3K's layout, determinism, reuse, and labels that make sense."""
+"""The offline demo data set (AGIQA-3K's layout, determinism, reuse, labels that make sense), and the stand-ins of
+the four benchmarks: read by the package's readers, sized as the releases, reused, never drawn over real data."""
 
 from __future__ import annotations
 
@@ -8,9 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from mst_clipiqa.data import synthetic
+from mst_clipiqa.data.benchmarks import check_dataset, load_source
 from mst_clipiqa.data.preprocess import open_image
-from mst_clipiqa.data.synthetic import HEADER, LEVELS, MARKER, make_demo_dataset
+from mst_clipiqa.data.splits import make_splits
+from mst_clipiqa.data.synthetic import (
+    HEADER,
+    LEVELS,
+    MARKER,
+    RELEASE_IMAGES,
+    STANDIN_FOLDERS,
+    make_demo_dataset,
+    make_standins,
+)
 
 
 def _rows(root: Path) -> list[dict[str, str]]:
@@ -113,3 +126,110 @@ def test_a_foreign_table_is_never_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="not a demo data set"):
         make_demo_dataset(tmp_path, n_scenes=1)
     assert "real.jpg" in (tmp_path / "data.csv").read_text()
+
+
+# ---- stand-ins of the benchmarks -------------------------------------------------------------------------------------
+
+SMALL = 0.001  # every benchmark at its floor: the least rows that keep its protocol's parts at 2 rows or more
+SMALL_ROWS = {"agiqa-1k": 20, "agiqa-3k": 20, "aigciqa2023": 24, "aigiqa-20k": 20 + 2 + 4}
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory) -> synthetic.StandIns:
+    return make_standins(tmp_path_factory.mktemp("standins"), scale=SMALL, workers=2)
+
+
+def test_full_size_plans_have_each_releases_counts_and_structure():
+    # Planning draws nothing, so the real sizes are checked without writing 26,500 images.
+    plans = {source: plan(np.random.default_rng(0), 1.0, False) for source, plan in synthetic._PLANS.items()}
+    sizes = {source: sum(map(len, plan.scenes)) for source, plan in plans.items()}
+    assert sizes == RELEASE_IMAGES == {"agiqa-1k": 1080, "agiqa-3k": 2982, "aigciqa2023": 2400, "aigiqa-20k": 20000}
+    assert len(plans["agiqa-3k"].scenes) == 300  # prompts
+    assert len(plans["aigciqa2023"].scenes) == 100 and {len(s) for s in plans["aigciqa2023"].scenes} == {24}
+    parts = [shot.path.split("/")[0] for scene in plans["aigiqa-20k"].scenes for shot in scene]
+    assert {part: parts.count(part) for part in set(parts)} == {"train": 14000, "val": 2000, "test": 4000}
+    sides = {max(shot.size) for scene in plans["aigiqa-20k"].scenes for shot in scene}
+    assert min(sides) == 512 and max(sides) == 1024
+    # A twentieth keeps the releases' structure: 6 x prompts x 4 images for AIGCIQA2023, about 10 per prompt for
+    # AGIQA-3K.
+    twentieth = {source: plan(np.random.default_rng(0), 0.05, False) for source, plan in synthetic._PLANS.items()}
+    assert [sum(map(len, p.scenes)) for p in twentieth.values()] == [54, 149, 120, 1000]
+    assert len(twentieth["agiqa-3k"].scenes) == 15 and len(twentieth["aigciqa2023"].scenes) == 5
+
+
+def test_each_standin_is_read_by_its_reader(standins):
+    assert set(standins.roots) == set(STANDIN_FOLDERS) and standins.drawn == sum(SMALL_ROWS.values())
+    assert standins.images == SMALL_ROWS
+    for source, root in standins.roots.items():
+        assert root.name == STANDIN_FOLDERS[source]
+        ds = load_source(source, root)
+        assert len(ds) == SMALL_ROWS[source]
+        # Every image decodes, every row has its MOS and a prompt: nothing for the setup check to refuse.
+        assert check_dataset(ds, target="quality", need_prompt=True) is ds
+    aigc = load_source("aigciqa2023", standins.roots["aigciqa2023"])
+    for column in ("mos_quality", "mos_alignment", "mos_authenticity"):
+        assert all(20 < value < 80 for value in aigc[column])  # z-scores around 50, inside the configs' mos_range
+    twenty = load_source("aigiqa-20k", standins.roots["aigiqa-20k"])
+    assert [twenty["split"].count(part) for part in ("train", "val", "test")] == [20, 2, 4]
+    (split,) = make_splits(twenty, "official")
+    assert (len(split.train), len(split.val), len(split.test)) == (20, 2, 4)  # labelled val and test, as released later
+
+
+def test_standin_images_have_the_releases_formats_and_sizes(standins):
+    def formats(source: str) -> set[tuple[str, tuple[int, int]]]:
+        found = set()
+        for image in load_source(source, standins.roots[source])["image"]:
+            with Image.open(image["path"]) as file:
+                found.add((file.format, file.size))
+        return found
+
+    assert formats("agiqa-1k") == {("JPEG", (512, 512))}
+    assert formats("agiqa-3k") <= {("PNG", (512, 512)), ("PNG", (1024, 1024))}
+    assert formats("aigciqa2023") == {("PNG", (512, 512))}
+    twenty = formats("aigiqa-20k")
+    assert twenty <= {("PNG", size) for _, size in synthetic.AIGIQA20K_GENERATORS.values()} and len(twenty) > 1
+
+
+def test_misdrawn_images_get_low_alignment(standins):
+    ds = load_source("agiqa-3k", standins.roots["agiqa-3k"])
+    lowcorr = np.array(["_lowcorr_" in name for name in ds["name"]])
+    align = np.array(ds["mos_alignment"])
+    assert lowcorr.any() and align[lowcorr].max() < align[~lowcorr].min()
+    prompts = ds["prompt"]
+    assert len(set(prompts)) == 10 and all(prompts.count(p) == 2 for p in set(prompts))  # AGIQA-3K's prompt groups
+
+
+def test_a_complete_standin_is_reused_and_other_arguments_redraw(standins):
+    folder = standins.roots["agiqa-1k"].parent
+    xlsx = standins.roots["agiqa-1k"] / "AIGC_MOS_Zscore.xlsx"
+    stamp = xlsx.stat().st_mtime_ns
+    again = make_standins(folder, scale=SMALL, workers=2)
+    assert again.drawn == 0 and again.images == standins.images and xlsx.stat().st_mtime_ns == stamp
+    other = make_standins(folder, ["agiqa-1k"], scale=SMALL, seed=1, workers=1)
+    assert other.drawn == 20 and xlsx.stat().st_mtime_ns != stamp
+
+
+def test_withheld_labels_leave_the_official_val_and_test_for_prediction(tmp_path):
+    roots = make_standins(tmp_path, ["aigiqa-20k"], scale=1e-4, withhold_labels=True, workers=1).roots
+    root = roots["aigiqa-20k"]
+    assert (root / "info_val.csv").read_text().splitlines()[0] == "name,prompt"
+    assert (root / "info_train.csv").read_text().splitlines()[0] == "name,prompt,mos"
+    ds = check_dataset(load_source("aigiqa-20k", root), target="quality", need_prompt=False)
+    (split,) = make_splits(ds, "official")
+    assert (len(split.train), len(split.val), len(split.test)) == (18, 2, 0)  # val carved from train's 20
+
+
+def test_a_standin_never_overwrites_other_files(tmp_path):
+    (tmp_path / "AGIQA-1K").mkdir()
+    (tmp_path / "AGIQA-1K" / "AIGC_MOS_Zscore.xlsx").write_text("real data")
+    with pytest.raises(FileExistsError, match="not a stand-in"):
+        make_standins(tmp_path, ["agiqa-1k"], scale=SMALL)
+    assert (tmp_path / "AGIQA-1K" / "AIGC_MOS_Zscore.xlsx").read_text() == "real data"
+
+
+@pytest.mark.parametrize(
+    ("sources", "scale", "message"), [(["agiqa-2k"], 1.0, "no stand-in"), (["agiqa-1k"], 0, "scale")]
+)
+def test_wrong_arguments_are_refused(tmp_path, sources, scale, message):
+    with pytest.raises(ValueError, match=message):
+        make_standins(tmp_path, sources, scale=scale)

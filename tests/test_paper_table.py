@@ -1,0 +1,102 @@
+"""benchmarks/paper_table.py end to end (stand-ins, every config of a benchmark through the runner, the table), and
+the random towers of the real shapes it loads by hub id."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from scripts.runs import launch, subprocess_env
+from transformers import CLIPConfig, CLIPModel
+
+from mst_clipiqa.tiny_clip import OPENAI_PATCHES, VIT_B_TEXT, VIT_B_VISION, write_hub_snapshot
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "paper_table.py"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def test_the_table_of_one_benchmark_with_tiny_towers(tmp_path):
+    workdir = tmp_path / "table"
+    # AIGCIQA2023 at its least size: one prompt, 6 generators x 4 images; its three configs, 2 splits of 1 epoch.
+    command = [sys.executable, str(SCRIPT), "--workdir", str(workdir), "--clip", "tiny", "--scale", "0.001",
+               "--benchmarks", "aigciqa2023", "--splits", "2", "--epochs", "1", "--workers", "1",
+               "--trainer.accelerator", "cpu"]  # fmt: skip
+    output = launch(command, subprocess_env(), timeout=300)
+
+    cells = read_csv(workdir / "paper_table.csv")
+    assert [(c["config"], c["target"], c["head"], c["splits"]) for c in cells] == [
+        ("aigciqa2023_template", "quality", "A", "2"),
+        ("aigciqa2023_prompt", "quality", "B", "2"),
+        ("aigciqa2023_prompt_correspondence", "correspondence", "B", "2"),
+    ]
+    for cell in cells:
+        assert -1 <= float(cell["median_srcc"]) <= 1 and -1 <= float(cell["median_plcc"]) <= 1
+        assert float(cell["setup_seconds"]) > 0 and float(cell["train_seconds"]) > 0
+        assert float(cell["wall_seconds"]) >= float(cell["setup_seconds"]) + float(cell["train_seconds"])
+    # One encoder pass for the whole table: the first run decodes and encodes the 24 images, every other run reads
+    # them from the shared cache; the one prompt is encoded once.
+    runs = read_csv(workdir / "paper_table_runs.csv")
+    assert len(runs) == 6
+    assert [int(r["images_encoded"]) for r in runs] == [24, 0, 0, 0, 0, 0]
+    assert [int(r["images_decoded"]) for r in runs] == [24, 0, 0, 0, 0, 0]
+    assert all(int(r["images_cached"]) == 24 for r in runs[1:])
+    assert sum(int(r["prompts_encoded"]) for r in runs) == 1
+    assert float(runs[0]["tower_seconds"]) > 0 and all(float(r["tower_seconds"]) == 0 for r in runs[3:])
+
+    table = (workdir / "paper_table.md").read_text(encoding="utf-8")
+    assert table in output  # printed as well
+    metrics = r"-?\d\.\d{4} / -?\d\.\d{4}"  # median SRCC / PLCC
+    assert re.search(rf"^\| AIGCIQA2023 \| quality \| random, 2 splits \| {metrics} \| {metrics} \|$", table, re.M)
+    assert re.search(rf"^\| AIGCIQA2023 \| correspondence \| random, 2 splits \| – \| {metrics} \|$", table, re.M)
+    assert "draw the stand-ins (24 images" in table and "encode pass: towers (24 images, 1 prompts)" in table
+    assert (workdir / "runs" / "aigciqa2023_template" / "results.csv").is_file()  # the runner's own reports
+
+
+def test_random_towers_have_openais_shapes():
+    # OpenAI's checkpoints hold 151,277,313 and 149,620,737 parameters with their 49,408-token vocabulary.
+    for patch, parameters in ((32, 151_277_313), (16, 149_620_737)):
+        config = CLIPConfig(
+            text_config=dict(VIT_B_TEXT, vocab_size=49408), vision_config=dict(VIT_B_VISION, patch_size=patch)
+        )
+        with torch.device("meta"):  # shapes only, no memory
+            assert sum(p.numel() for p in CLIPModel(config).parameters()) == parameters
+
+
+def test_a_hub_snapshot_loads_by_id_offline(tmp_path):
+    # The real shapes cost a gigabyte and a minute: the layout is checked with tiny towers under the same ids.
+    tiny = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, projection_dim=16)
+    text = dict(tiny, max_position_embeddings=77)
+    snapshots = {
+        repo_id: write_hub_snapshot(tmp_path, repo_id, text, dict(tiny, image_size=224, patch_size=patch), seed=0)
+        for repo_id, patch in OPENAI_PATCHES.items()
+    }
+    first = snapshots["openai/clip-vit-base-patch32"]
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    again = write_hub_snapshot(
+        tmp_path, "openai/clip-vit-base-patch32", text, dict(tiny, image_size=224, patch_size=32), 0
+    )
+    assert again == first and (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
+
+    # The model's defaults name the two ids; the prompt head loads the tokenizer and the text tower too.
+    code = (
+        "import json; from mst_clipiqa.model import MSTCLIPIQA, ModelConfig; "
+        "from mst_clipiqa.data.features import checkpoint_fingerprint; "
+        "net = MSTCLIPIQA(ModelConfig(variant='prompt')); "
+        "print(json.dumps({'patches': [net.encoder.coarse.config.patch_size, net.encoder.fine.config.patch_size], "
+        "'tokens': net.prompt_encoder.tokenize(['a red cube'])[0].shape[1], "
+        "'commits': [checkpoint_fingerprint(i, None)['commit'] for i in "
+        "('openai/clip-vit-base-patch32', 'openai/clip-vit-base-patch16')]}))"
+    )
+    output = launch([sys.executable, "-c", code], subprocess_env(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE="1"))
+    loaded = json.loads(output.strip().splitlines()[-1])
+    assert loaded["patches"] == [32, 16]
+    assert loaded["tokens"] == len("aredcube") + 2  # a token per character (spaces part words), BOS and EOS
+    assert loaded["commits"] == [path.name for path in snapshots.values()]

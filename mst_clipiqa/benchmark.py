@@ -19,7 +19,6 @@ grouped under ``<name>``, and one more W&B run of that group, ``<name>-summary``
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gc
 import importlib
@@ -34,8 +33,9 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from mst_clipiqa.errors import OptionError
 from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
 METRICS = ("srcc", "plcc", "krcc")
@@ -118,7 +118,18 @@ class _RunCLI(MSTCLIPIQACLI):
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # args= is the point
             super().__init__(args=args, run=False)
 
+    def add_arguments_to_parser(self, parser) -> None:
+        """The fit's options, and those of the Trainer's commands, which a run's saved config.yaml also holds: it
+        configures a benchmark as it does any command."""
+        super().add_arguments_to_parser(parser)
+        added: set[str] = set()
+        for command, skip in self.subcommands().items():
+            added.update(parser.add_method_arguments(self.trainer_class, command, skip=skip | added))
+
     def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        if self.config.get("ckpt_path"):
+            rank_zero_warn(f"ckpt_path {self.config.ckpt_path} is ignored: every run of a benchmark starts afresh")
         self.configure(self.config)
 
 
@@ -151,7 +162,6 @@ class Benchmark:
         self.output = Path(output) if output is not None else None
         self.name = name or time.strftime("benchmark-%Y%m%d-%H%M%S")
         self.results: list[RunResult] = []
-        self._check_images = True
         self._run: tuple[str, str, int] = ("", "", 0)  # (variant, target, split) of the run being built
         self._logger_config: Any = None
 
@@ -161,7 +171,7 @@ class Benchmark:
             for target in self.targets:
                 available = self._fit_and_test(variant, target, 0)
                 if self.splits is not None and self.splits > available:
-                    raise ValueError(f"--splits {self.splits}: the protocol makes only {available} splits")
+                    raise OptionError(f"--splits {self.splits}: the protocol makes only {available} splits")
                 for split in range(1, available if self.splits is None else self.splits):
                     self._fit_and_test(variant, target, split)
         self.report()
@@ -172,7 +182,6 @@ class Benchmark:
         options = ["--data.split_index", str(split)]
         options += ["--model.net.variant", variant] if variant else []
         options += ["--data.target", target] if target else []
-        options += [] if self._check_images else ["--data.check_images", "false"]
         cli = _RunCLI([*self.fit_args, *options], self._configure)
         trainer, data = cli.trainer, cli.datamodule
         trainer.fit(cli.model, datamodule=data)
@@ -191,9 +200,6 @@ class Benchmark:
                 cache=asdict(data.features.stats) if data.features is not None else {},
             )
         )
-        # Every image has been decoded once, and any bad one stopped the run: the other runs read the same files.
-        if data.hparams.on_bad == "error":
-            self._check_images = False
         available = len(data.all_splits())
         del cli, trainer, data
         gc.collect()  # the frozen towers of this run (held in reference cycles), before the next run loads its own
@@ -255,32 +261,3 @@ class Benchmark:
                 for name in METRICS:
                     run.summary[f"{row['variant']}/{row['target']}/median_{name}"] = row[f"median_{name}"]
             run.finish()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="mst-clipiqa benchmark",
-        description="Fit and test every split of a protocol, for each head variant and target, and summarise.",
-        epilog="Any other option is passed to every fit, as to `mst-clipiqa fit` (e.g. --trainer.max_epochs 20).",
-    )
-    parser.add_argument("--config", action="append", required=True, help="fit config (YAML); may be repeated")
-    parser.add_argument("--splits", type=int, help="run the protocol's first N splits (default: all of them)")
-    parser.add_argument("--variants", nargs="+", choices=("template", "prompt"), help="default: the config's")
-    parser.add_argument(
-        "--targets",
-        nargs="+",
-        choices=("quality", "alignment", "correspondence", "authenticity"),
-        help="default: the config's",
-    )
-    parser.add_argument("--output", help="folder of the reports (default: <trainer.default_root_dir>/<name>)")
-    parser.add_argument("--name", help="benchmark name: output folder and logger group (default: benchmark-<time>)")
-    args, fit_options = parser.parse_known_args(argv)
-    configs = [item for path in args.config for item in ("--config", path)]
-    Benchmark(
-        [*configs, *fit_options],
-        splits=args.splits,
-        variants=args.variants,
-        targets=args.targets,
-        output=args.output,
-        name=args.name,
-    ).run()

@@ -1,51 +1,473 @@
-"""Command line: `mst-clipiqa {fit,validate,test,predict}` (LightningCLI) plus demo, score, export and benchmark."""
+"""The `mst-clipiqa` command: the Trainer's fit, validate, test and predict (LightningCLI, see `trainer_cli`), and
+benchmark, score, export and demo, declared below as functions whose signature and docstring are their options.
+
+Every command takes jsonargparse's options (`--batch_size 8`, `--compile true`, `--config FILE.yaml`). This module
+imports neither torch nor Lightning: the overview and the help of score and export answer at once, and a command
+imports what it runs once its options parse.
+
+A user's mistake (an option, a path, a damaged file, bad data) ends in one message that names the culprit: exit
+status 2 for a usage error, 1 for the rest. ``--debug`` anywhere on the command line, or ``MST_CLIPIQA_DEBUG=1``,
+shows the full traceback instead.
+"""
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import os
+import re
 import sys
-from collections.abc import Callable
+import typing
+import warnings
+from argparse import ArgumentError
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
+
+from mst_clipiqa.errors import MSTCLIPIQAError, OptionError
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
+
+PROG = "mst-clipiqa"
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "MST_CLIPIQA_DEBUG"
+
+TRAINER_COMMANDS = {
+    "fit": "train on a data set's training split; checkpoints ranked by validation SRCC",
+    "validate": "validation metrics (SRCC, PLCC, KRCC, RMSE) of a checkpoint",
+    "test": "test metrics of a checkpoint on the held-out split",
+    "predict": "a checkpoint's scores for a data set's images, written to predictions.csv",
+}
+"""LightningCLI's commands, with their line of the overview."""
+
+USER_ERRORS = (MSTCLIPIQAError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+"""What a user's input causes: reported in one message, without a traceback. Lightning's MisconfigurationException
+(an impossible Trainer setting) joins them where Lightning is loaded."""
+
+SCORE_FORMATS = (".csv", ".jsonl")
 
 
-def demo_command(argv: list[str]) -> None:
-    from mst_clipiqa.demo import main as demo_main
-
-    demo_main(argv)
+# ---- the commands beyond the Trainer's ---------------------------------------------------------------------------
 
 
-def score_command(argv: list[str]) -> None:
-    from mst_clipiqa.scorer import main as score_main
+def benchmark(
+    fit_args: list[str],
+    splits: int | None = None,
+    variants: list[Literal["template", "prompt"]] | None = None,
+    targets: list[Literal["quality", "alignment", "correspondence", "authenticity"]] | None = None,
+    output: str | None = None,
+    name: str | None = None,
+) -> None:
+    """Fit and test every split of a protocol, per head and target: median and mean SRCC, PLCC, KRCC.
 
-    score_main(argv)
+    Writes results.csv (per run), summary.csv and results.md (median, mean, spread) to the output folder and prints
+    them. Every other option (--config, --trainer.max_epochs, ...) goes to each fit, as in `mst-clipiqa fit`; a run's
+    saved config.yaml works as --config.
+
+    Args:
+        fit_args: options of `mst-clipiqa fit` shared by every run.
+        splits: run the protocol's first N splits (null: all of them)
+        variants: head variants to run, e.g. --variants template prompt (null: the config's)
+        targets: targets to run, e.g. --targets quality alignment (null: the config's)
+        output: folder of the reports (null: <trainer.default_root_dir>/<name>)
+        name: benchmark name: output folder and loggers' run group (null: benchmark-<time>)
+    """
+    from mst_clipiqa.benchmark import Benchmark
+
+    Benchmark(fit_args, splits=splits, variants=variants, targets=targets, output=output, name=name).run()
 
 
-def export_command(argv: list[str]) -> None:
+def score(
+    model: str,
+    inputs: list[str],
+    out: str,
+    image_column: str = "image",
+    prompt_column: str = "prompt",
+    batch_size: int | None = None,
+    device: str | None = None,
+    precision: Literal["32", "bf16", "16"] | None = None,
+    revision: str | None = None,
+    compile: bool = False,
+) -> None:
+    """Score images with a saved model, on the MOS scale of the data it was trained on.
+
+    An image that cannot be read gets an empty score and the reason in the error column; every other image is still
+    scored. An input that does not exist stops the command before the model loads.
+
+    Args:
+        model: saved model folder, Hugging Face Hub repo id, or Lightning .ckpt
+        inputs: image files, folders (searched recursively), .txt lists of paths (one per line), or tables (.csv,
+            .tsv, .jsonl, .parquet, .xlsx) with an image column and, for the prompt head, a prompt column
+        out: output file: .csv or .jsonl
+        image_column: image path column of a table
+        prompt_column: prompt column of a table (read for the prompt head only)
+        batch_size: images per forward pass (null: 8 on a CPU, 256 on a GPU)
+        device: cuda, cpu, ... (null: the GPU when there is one)
+        precision: compute precision of the towers (null: bf16 on a GPU, else 32; on a CPU with AMX, bf16 runs 2-3x
+            faster)
+        revision: branch, tag or commit of a hub model
+        compile: compile the image towers first (torch.compile, tens of seconds): faster towers, which pays on
+            large jobs where decoding keeps up
+    """
+    out_path = Path(out)
+    if out_path.suffix.lower() not in SCORE_FORMATS:
+        raise OptionError(f"--out {out}: the extension picks the format; use .csv or .jsonl")
+    missing = [given for given in inputs if not Path(given).exists()]
+    if missing:
+        raise FileNotFoundError(f"no such image, folder, list or table: {', '.join(missing)}")
+    from mst_clipiqa.scorer import collect_inputs, load_scorer, write_scores
+
+    scorer = load_scorer(model, device, precision, revision=revision, compile=compile)
+    names, sources, prompts = collect_inputs(inputs, image_column, prompt_column if scorer.needs_prompt else None)
+    if not names:
+        raise FileNotFoundError(f"no images in {', '.join(inputs)}")
+    write_scores(scorer, names, sources, prompts, out_path, batch_size)
+
+
+def export(ckpt_path: str, out: str) -> None:
+    """Turn a checkpoint into a shareable model folder: config, weights (no pickle), model card.
+
+    Args:
+        ckpt_path: checkpoint written by `mst-clipiqa fit` (best-epochNN.ckpt or last.ckpt)
+        out: folder to write; `mst-clipiqa score` and `load_scorer` read it
+    """
     from mst_clipiqa.pretrained import export_main
 
-    export_main(argv)
+    export_main(ckpt_path, out)
 
 
-def benchmark_command(argv: list[str]) -> None:
-    from mst_clipiqa.benchmark import main as benchmark_main
+def demo(fit_args: list[str], workdir: str = "demo_run", scenes: int = 40) -> None:
+    """Run the whole pipeline offline in minutes on a CPU: draw a small data set, fit, test.
 
-    benchmark_main(argv)
+    The data set is drawn in AGIQA-3K's layout and the two CLIP encoders are tiny and random: the printed SRCC and
+    PLCC show that every stage runs, not a quality model. Every other option (--trainer.max_epochs, ...) goes to the
+    fit, as in `mst-clipiqa fit`.
+
+    Args:
+        fit_args: options of `mst-clipiqa fit`, after the demo's config.
+        workdir: where the data, encoders and runs go
+        scenes: scenes to draw, each at 5 distortion levels
+    """
+    from mst_clipiqa.demo import run
+
+    results = run(workdir, fit_args, scenes)
+    print(
+        f"demo test: SRCC {results['test/srcc']:.4f}  PLCC {results['test/plcc']:.4f}  "
+        f"(tiny random encoders: a smoke test, not a quality model)"
+    )
 
 
-COMMANDS: dict[str, Callable[[list[str]], None]] = {
-    "demo": demo_command,
-    "score": score_command,
-    "export": export_command,
-    "benchmark": benchmark_command,
-}
+COMMANDS: dict[str, Callable[..., None]] = {"benchmark": benchmark, "score": score, "export": export, "demo": demo}
+"""Commands beyond the Trainer's. A first parameter `fit_args` receives every option the command does not declare."""
+POSITIONAL = {"score": ("model", "inputs")}
+PASSES_ON = "fit_args"
 
 
-def main(args: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in COMMANDS:
-        COMMANDS[argv[0]](argv[1:])
+def overview() -> str:
+    """The top-level help: every command with its line."""
+    lines = [*TRAINER_COMMANDS.items(), *((name, _summary(command)) for name, command in COMMANDS.items())]
+    width = max(len(name) for name, _ in lines)
+    listing = "\n".join(f"  {name.ljust(width)}  {line}" for name, line in lines)
+    return (
+        f"usage: {PROG} COMMAND [options]\n\n"
+        "Train and use MST-CLIPIQA quality models for AI-generated images.\n\n"
+        f"commands:\n{listing}\n\n"
+        f"`{PROG} COMMAND --help` lists a command's options. Options are written --name value (--batch_size 8,\n"
+        "--trainer.max_epochs 10, --compile true); --config FILE.yaml reads them from a file, and a run's saved\n"
+        "config.yaml works as --config for every command.\n\n"
+        f"{DEBUG_FLAG} anywhere on the command line, or {DEBUG_ENV}=1: a full traceback instead of a one-line error.\n"
+    )
+
+
+def _summary(command: Callable) -> str:
+    first = inspect.getdoc(command).split("\n", 1)[0].rstrip(".")
+    return first[0].lower() + first[1:]
+
+
+# ---- parsing -----------------------------------------------------------------------------------------------------
+
+
+class SuggestingErrors:
+    """Mixed into a jsonargparse parser: a misspelled option or key, or a value that is not one of the choices, gets
+    a "did you mean" in the error message."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        parser = getattr(ex, "subcommand_parser", None) or _chosen_subcommand(self) or self
+        super().error(explain(message, parser, getattr(self, "args", ())), ex)
+
+
+def command_parser(name: str) -> ArgumentParser:
+    """The parser of `COMMANDS[name]`: an option per parameter, typed and documented by its signature and docstring
+    (a list is given as values in a row: --variants template prompt)."""
+    from docstring_parser import parse
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    class CommandParser(SuggestingErrors, ArgumentParser):  # here, so that the overview needs no jsonargparse
+        pass
+
+    command = COMMANDS[name]
+    docstring = parse(inspect.getdoc(command))
+    helps = {param.arg_name: param.description for param in docstring.params}
+    hints = typing.get_type_hints(command)
+    parameters = dict(inspect.signature(command).parameters)
+    passes_on = parameters.pop(PASSES_ON, None) is not None
+    parser = CommandParser(
+        prog=f"{PROG} {name}",
+        description=" ".join(filter(None, (docstring.short_description, docstring.long_description))),
+        exit_on_error=False,
+    )
+    if not passes_on:
+        parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+    for key, parameter in parameters.items():
+        hint, options = hints[key], {"help": helps[key]}
+        element = _list_element(hint)
+        if element is None:
+            options["type"] = hint
+        else:
+            options |= {"type": element, "nargs": "+", "metavar": key.upper()}
+        if parameter.default is not inspect.Parameter.empty:
+            options["default"] = parameter.default
+        if key in POSITIONAL.get(name, ()):
+            parser.add_argument(key, **options)
+        else:
+            parser.add_argument(f"--{key}", required=parameter.default is inspect.Parameter.empty, **options)
+    return parser
+
+
+def _list_element(hint: Any) -> Any:
+    """The element type of ``list[X]`` or ``list[X] | None``, else None."""
+    for option in (hint, *typing.get_args(hint)):
+        if typing.get_origin(option) is list:
+            return typing.get_args(option)[0]
+    return None
+
+
+def split_own_options(parser: ArgumentParser, argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`argv` parted into the options `parser` declares, with their values, and all the others, in order."""
+    own: list[str] = []
+    others: list[str] = []
+    side = others
+    for arg in argv:
+        if arg.startswith("-") and not _is_number(arg):
+            side = own if arg.split("=", 1)[0] in parser._option_string_actions else others
+        side.append(arg)
+    return own, others
+
+
+def _is_number(arg: str) -> bool:
+    try:
+        float(arg)
+    except ValueError:
+        return False
+    return True
+
+
+UNKNOWN_KEY = r"(?:Group '([^']+)' does not accept|Subcommand '[^']+' does not accept|Option) (?:option )?'([^']+)'"
+"""jsonargparse's words for a key it does not know (from a config file, or given as --key=value)."""
+
+
+def explain(message: str, parser: ArgumentParser, argv: Sequence[str] = ()) -> str:
+    """A jsonargparse error message (of parsing `argv`) said in the options' terms, with what the user probably
+    meant: the option or key closest to a misspelled one, or the allowed value closest to the one given."""
+    if "did you mean" in message:  # explained already, by the parser of a nested parse
+        return message
+    options = parser._option_string_actions
+    if match := re.match(r"the following arguments are required: (.*)", message):
+        return "missing " + ", ".join(f"--{name}" if f"--{name}" in options else name for name in match[1].split(", "))
+    if match := re.match(r"unrecognized arguments: (.*)", message):
+        given = [arg.split("=", 1)[0] for arg in match[1].split() if arg.startswith("--")]
+        return message + _did_you_mean(given, [option for option in options if option.startswith("--")])
+    if match := re.search(UNKNOWN_KEY, message):
+        key = ".".join(filter(None, match.groups()))
+        return message + _did_you_mean([key], [option.removeprefix("--") for option in options])
+    if message.startswith("Problems parsing config"):
+        return next(filter(None, map(_yaml_error, _config_paths(argv))), message)
+    key = re.match(r'Parser key "([^"]+)"(?: element \d+)?:\s*', message)
+    given = re.search(r"(?:Got|Given) value: (.*)$", message)
+    if key and given:
+        choices = [str(choice) for choice in _choices(options.get(f"--{key[1]}"))]
+        if choices:
+            value = given[1].strip()
+            return f"--{key[1]}: {value!r} is not one of {', '.join(choices)}" + _did_you_mean([value], choices)
+    return f"--{key[1]}: {message[key.end() :]}" if key else message
+
+
+def _did_you_mean(given: Sequence[str], known: Sequence[str]) -> str:
+    """The "; did you mean X?" for the first of `given` that has a close match in `known`, else ""."""
+    for name in given:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean {close[0]}?"
+    return ""
+
+
+def _choices(action: Any) -> list[Any]:
+    """The values an action accepts: its argparse choices, or those of the Literal in its type hint."""
+    if action is None:
+        return []
+    if action.choices:
+        return list(action.choices)
+    return list(_literal_values(getattr(action, "_typehint", None)))
+
+
+def _literal_values(hint: Any) -> Iterator[Any]:
+    if typing.get_origin(hint) is Literal:
+        yield from typing.get_args(hint)
+    else:
+        for argument in typing.get_args(hint):
+            yield from _literal_values(argument)
+
+
+def _chosen_subcommand(parser: ArgumentParser) -> ArgumentParser | None:
+    """The parser of the subcommand named on the command line, where `parser` has subcommands."""
+    subcommands = getattr(parser, "_subcommands_action", None)
+    if subcommands is None:
+        return None
+    chosen = next((arg for arg in getattr(parser, "args", []) if arg in subcommands.choices), None)
+    return subcommands.choices.get(chosen)
+
+
+def _config_paths(argv: Sequence[str]) -> list[Path]:
+    """The files given as --config in `argv`."""
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+    return [Path(path) for path in paths + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]]
+
+
+def _yaml_error(path: Path) -> str | None:
+    """What is wrong with the YAML of `path`, if anything."""
+    import yaml
+
+    try:
+        yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        return f"--config {path}: not a readable YAML file: {err}"
+    return None
+
+
+def refuse_run_config(command: str, argv: Sequence[str]) -> None:
+    """A training run's config.yaml given to score or export: say what the command takes instead, naming that run's
+    checkpoints, rather than fail on its every key."""
+    import yaml
+
+    for path in _config_paths(argv):
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # the parser reports it
+        if isinstance(config, dict) and "trainer" in config:
+            checkpoints = sorted(path.parent.glob("checkpoints/*.ckpt"), key=lambda p: not p.name.startswith("best"))
+            example = str(checkpoints[0]) if checkpoints else "RUN/checkpoints/best-epochNN.ckpt"
+            takes = {
+                "score": f"MODEL, e.g. {PROG} score {example} IMAGES --out scores.csv",
+                "export": f"--ckpt_path and --out, e.g. {PROG} export --ckpt_path {example} --out my-model",
+            }[command]
+            raise OptionError(f"--config {path} configures training (fit, test, ...); {command} takes {takes}")
+
+
+# ---- running -----------------------------------------------------------------------------------------------------
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Run the command line `args` (default: sys.argv[1:]); a user's mistake exits with its one-line report."""
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
+    command = argv[0] if argv and argv[0] in (*TRAINER_COMMANDS, *COMMANDS) else ""
+    try:
+        run(argv)
+    except ArgumentError as err:
+        if debug:
+            raise
+        _report(command, err, hint=f"`{_prog(command)} --help` lists the {'options' if command else 'commands'}")
+        sys.exit(2)
+    except Exception as err:
+        if debug or not _is_user_error(err):
+            raise
+        _report(command, err)
+        sys.exit(2 if isinstance(err, OptionError) else 1)
+
+
+def run(argv: list[str]) -> None:
+    """Run `argv`, the command first."""
+    if not argv:
+        sys.stderr.write(overview())
+        sys.exit(2)
+    if argv[0] in ("-h", "--help"):
+        print(overview(), end="")
         return
+    if argv[0] in COMMANDS:
+        run_command(argv[0], argv[1:])
+        return
+    if not argv[0].startswith("-") and argv[0] not in TRAINER_COMMANDS:
+        known = [*TRAINER_COMMANDS, *COMMANDS]
+        suggestion = _did_you_mean(argv[:1], known)
+        raise ArgumentError(None, f"no command {argv[0]!r}{suggestion} (the commands: {', '.join(known)})")
     from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
-    MSTCLIPIQACLI(args=args)
+    with warnings.catch_warnings():
+        # `argv` is sys.argv's, less --debug: args= is the point
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        MSTCLIPIQACLI(args=argv)
+
+
+def run_command(name: str, argv: list[str]) -> None:
+    """Parse `argv` with the command's parser and call it; options it does not declare go on to its fits."""
+    parser = command_parser(name)
+    if PASSES_ON not in inspect.signature(COMMANDS[name]).parameters:
+        refuse_run_config(name, argv)
+        COMMANDS[name](**_options(parser, argv))
+        return
+    own, others = split_own_options(parser, argv)
+    options = _options(parser, own)
+    try:
+        COMMANDS[name](others, **options)
+    except ArgumentError as err:
+        # An option the fit does not know either: a misspelling of one of the command's own reads better as such.
+        unknown = re.sub(r"; did you mean .*", "", err.message)
+        own_suggestion = explain(unknown, parser)
+        if own_suggestion != unknown:
+            raise ArgumentError(None, own_suggestion) from err
+        raise
+
+
+def _options(parser: ArgumentParser, argv: list[str]) -> dict[str, Any]:
+    options = parser.parse_args(argv).as_dict()
+    options.pop("config", None)
+    return options
+
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, USER_ERRORS):
+        return True
+    lightning_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
+    return lightning_errors is not None and isinstance(err, lightning_errors.MisconfigurationException)
+
+
+def _report(command: str, err: BaseException, hint: str = "") -> None:
+    """Print `err` as "mst-clipiqa COMMAND: error: ...". Under several processes (DDP), rank 0 prints all of it and
+    every other rank its first line, so that an error every rank meets reads once and one rank's own is not lost."""
+    prog = _prog(command)
+    lines = (str(err) if not isinstance(err, ArgumentError) else err.message).strip().splitlines() or [repr(err)]
+    rank = _rank()
+    if rank:
+        print(f"{prog}: error (rank {rank}): {lines[0]}", file=sys.stderr)
+        return
+    print(f"{prog}: error: " + "\n".join(lines), file=sys.stderr)
+    if hint:
+        print(hint, file=sys.stderr)
+
+
+def _prog(command: str) -> str:
+    return f"{PROG} {command}" if command else PROG
+
+
+def _rank() -> int:
+    """This process's global rank, from the variables Lightning reads (torchrun, its own launcher, SLURM, LSF)."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
 
 
 if __name__ == "__main__":

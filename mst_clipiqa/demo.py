@@ -1,4 +1,4 @@
-"""`mst-clipiqa demo`: the whole pipeline offline, in minutes, on a CPU.
+"""`mst-clipiqa demo` (options: `mst_clipiqa.cli.demo`): the whole pipeline offline, in minutes, on a CPU.
 
 Draws a small data set of scenes at several distortion levels (AGIQA-3K's official layout), saves two tiny random
 CLIP checkpoints, then fits and tests MST-CLIPIQA with the packaged `configs/demo.yaml`. The encoders are random, so
@@ -7,7 +7,6 @@ the printed SRCC/PLCC only show that every stage runs and that the head learns; 
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from importlib.resources import files
 from pathlib import Path
@@ -42,15 +41,3 @@ def run(workdir: str | Path = "demo_run", extra: list[str] | None = None, n_scen
         cli = MSTCLIPIQACLI(args=["fit", "--config", str(DEMO_CONFIG), *overrides, *(extra or [])])
     (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     return results
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mst-clipiqa demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="demo_run", help="where the data, encoders and runs go")
-    parser.add_argument("--scenes", type=int, default=40, help="scenes to draw (each at 5 distortion levels)")
-    args, extra = parser.parse_known_args(argv)
-    results = run(args.workdir, extra, args.scenes)
-    print(
-        f"demo test: SRCC {results['test/srcc']:.4f}  PLCC {results['test/plcc']:.4f}  "
-        f"(tiny random encoders: a smoke test, not a quality model)"
-    )

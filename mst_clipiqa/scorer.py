@@ -11,7 +11,6 @@ autocast by default; the template head always computes in float32.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from mst_clipiqa.data.benchmarks import IMAGE_EXTENSIONS, load_table
 from mst_clipiqa.data.features import CPU_BATCH, prefers_bf16
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
-from mst_clipiqa.errors import BadImageError, BadRowError, MSTCLIPIQAError
+from mst_clipiqa.errors import BadImageError, BadRowError
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
 from mst_clipiqa.pretrained import from_pretrained
 
@@ -39,7 +38,6 @@ Precision = Literal["32", "bf16", "16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 TABLE_EXTENSIONS = frozenset({".csv", ".tsv", ".jsonl", ".parquet", ".xlsx"})
 LIST_EXTENSION = ".txt"
-OUTPUT_EXTENSIONS = (".csv", ".jsonl")
 
 ImageInput = Image.Image | str | os.PathLike | bytes | Tensor
 """One image: a PIL image, a file path, encoded bytes, or a preprocessed (3, 224, 224) float tensor."""
@@ -239,7 +237,7 @@ def _describe(item: ImageInput) -> str:
     return getattr(item, "filename", "") or f"<{type(item).__name__}>"
 
 
-# ---- the `mst-clipiqa score` command -----------------------------------------------------------------------------
+# ---- what `mst-clipiqa score` runs (its options: `mst_clipiqa.cli.score`) --------------------------------------------
 
 
 def collect_inputs(
@@ -277,55 +275,23 @@ def collect_inputs(
     return names, sources, prompts
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="mst-clipiqa score",
-        description="Score images with a trained MST-CLIPIQA model. Scores are on the MOS scale of the data the "
-        "model was trained on. An image that cannot be read gets an empty score and the reason in the error column.",
-    )
-    parser.add_argument("model", help="saved model folder, Hugging Face Hub repo id, or Lightning .ckpt")
-    parser.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="image files, folders (searched recursively), a .txt list of paths (one per line), or a table "
-        "(.csv, .tsv, .jsonl, .parquet, .xlsx) with an image column and, for the prompt head, a prompt column",
-    )
-    parser.add_argument("--out", required=True, help="output file: .csv or .jsonl")
-    parser.add_argument("--image-column", default="image", help="image path column of a table (default: image)")
-    parser.add_argument("--prompt-column", default="prompt", help="prompt column of a table (default: prompt)")
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="images per forward pass (default: 8 on a CPU, 256 on a GPU)"
-    )
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: the GPU when there is one)")
-    parser.add_argument(
-        "--precision",
-        choices=("32", "bf16", "16"),
-        default=None,
-        help="default: bf16 on a GPU, else 32; on a CPU with AMX, bf16 runs 2-3x faster",
-    )
-    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub model")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="compile the image towers first (torch.compile, tens of seconds): faster towers, which pays on large "
-        "jobs where decoding keeps up",
-    )
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix.lower() not in OUTPUT_EXTENSIONS:
-        parser.error(f"--out must end in .csv or .jsonl, got {out.name}")
-    scorer = load_scorer(args.model, args.device, args.precision, revision=args.revision, compile=args.compile)
-    try:
-        names, sources, prompts = collect_inputs(
-            args.inputs, args.image_column, args.prompt_column if scorer.needs_prompt else None
-        )
-        if not names:
-            raise FileNotFoundError(f"no images found in {' '.join(args.inputs)}")
-        results = scorer.iter_scores(sources, prompts if scorer.needs_prompt else None, args.batch_size, skip_bad=True)
-    except (MSTCLIPIQAError, FileNotFoundError) as err:
-        parser.error(str(err))
+def write_scores(
+    scorer: Scorer,
+    names: Sequence[str],
+    sources: Sequence[Any],
+    prompts: Sequence[str | None],
+    out: Path,
+    batch_size: int | None = None,
+) -> None:
+    """Score `sources` into `out`, .csv or .jsonl by its extension: one row per image, in order, with its name as
+    given, its prompt (prompt head only), its score and, for an image that cannot be read, the reason instead.
 
+    Prompts are checked before the file is opened; progress and a closing count go to stderr.
+
+    Raises:
+        BadRowError: the prompt head and an image without a prompt; the message names it.
+    """
+    results = scorer.iter_scores(sources, prompts if scorer.needs_prompt else None, batch_size, skip_bad=True)
     columns = ["image", *(["prompt"] if scorer.needs_prompt else []), "score", "error"]
     out.parent.mkdir(parents=True, exist_ok=True)
     failed = 0

@@ -6,19 +6,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mst_clipiqa.callbacks import SaveConfigToWandb, WandbEvaluationLogger
-from mst_clipiqa.checkpoints import ResumingModelCheckpoint, read_checkpoint, resolve_ckpt_path
+from mst_clipiqa.checkpoints import ResumingModelCheckpoint, continue_run, read_checkpoint, resolve_ckpt_path
+from mst_clipiqa.cli import SuggestingErrors
 from mst_clipiqa.data.datamodule import IQADataModule
+from mst_clipiqa.launch import check_world_size, take_launcher_options
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.predictions import PredictionWriter
 
 # Field docstrings of the config dataclasses become each option's --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
+class ArgumentParser(SuggestingErrors, LightningArgumentParser):
+    """LightningCLI's parser, whose errors say which option, key or value was probably meant."""
+
+
 class MSTCLIPIQACLI(LightningCLI):
-    """LightningCLI with the model's choices passed on to the data, and checkpoints ranked by validation SRCC."""
+    """LightningCLI with the model's choices passed on to the data, and checkpoints ranked by validation SRCC.
+
+    A parse error raises `argparse.ArgumentError` (`mst_clipiqa.cli.main` reports it in one message) instead of
+    printing the usage and exiting.
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs):
         super().__init__(
@@ -28,8 +39,9 @@ class MSTCLIPIQACLI(LightningCLI):
             run=run,
             seed_everything_default=0,
             save_config_callback=SaveConfigToWandb,
-            save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_class=ArgumentParser,
+            parser_kwargs={"exit_on_error": False},
             **kwargs,
         )
 
@@ -40,6 +52,13 @@ class MSTCLIPIQACLI(LightningCLI):
         parser.add_lightning_class_args(ResumingModelCheckpoint, "checkpoint")
         # Idle unless the run logs to W&B (see experiments/wandb.yaml).
         parser.add_lightning_class_args(WandbEvaluationLogger, "wandb_eval")
+        parser.add_argument(
+            "--predictions_path",
+            type=str | None,
+            default=None,
+            help="File `predict` writes (.csv, .jsonl or .parquet, by extension): one row per image with its name, "
+            "prompt, score, MOS and coarse share. Default: predictions.csv in the run's log folder.",
+        )
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/srcc",
@@ -47,6 +66,8 @@ class MSTCLIPIQACLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:02d}",
                 "checkpoint.auto_insert_metric_name": False,
+                # One device unless asked (every config says so too); a launcher's LT_DEVICES fills it in.
+                "trainer.devices": 1,
             }
         )
 
@@ -59,12 +80,33 @@ class MSTCLIPIQACLI(LightningCLI):
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)
 
+    def before_instantiate_classes(self) -> None:
+        """Under `fabric run`, the launcher's options fill in the Trainer's left unset (see `mst_clipiqa.launch`)."""
+        defaults = self._parser(self.subcommand).get_defaults()
+        take_launcher_options(self._get(self.config, "trainer"), defaults["trainer"])
+
+    def after_instantiate_classes(self) -> None:
+        """Under any launcher, stop before touching data unless the Trainer's devices and nodes are its processes."""
+        strategy = self._get(self.config, "trainer")["strategy"]
+        check_world_size(self.trainer.num_devices, self.trainer.num_nodes, strategy)
+
     def before_fit(self) -> None:
-        """``--ckpt_path last`` finds this run's newest checkpoint in any earlier version folder (see
-        `mst_clipiqa.checkpoints`), and Lightning loads checkpoints with weights_only=True whatever torch's default."""
+        """``--ckpt_path last`` finds this run's newest checkpoint in any earlier version folder, a fit from a
+        checkpoint goes on in that run's folder and W&B run (see `mst_clipiqa.checkpoints`), and Lightning loads
+        checkpoints with weights_only=True whatever torch's default."""
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), self.trainer, self.model, self.datamodule)
+        if self.subcommand == "fit":
+            continue_run(self.trainer, config["ckpt_path"])
         if config.get("weights_only") is None:
             config["weights_only"] = True
 
-    before_validate = before_test = before_predict = before_fit
+    before_validate = before_test = before_fit
+
+    def before_predict(self) -> None:
+        """As `before_fit`; then the predictions are written to ``--predictions_path`` (see `PredictionWriter`)."""
+        self.before_fit()
+        config = self.config_init[self.subcommand]
+        self.trainer.callbacks.append(PredictionWriter(config.get("predictions_path")))
+        if config.get("return_predictions") is None:
+            config["return_predictions"] = False  # they are in the file: memory stays flat however many images

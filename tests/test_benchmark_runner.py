@@ -7,6 +7,9 @@ import json
 import statistics
 from pathlib import Path
 
+import pytest
+from scripts.runs import cli_args
+
 from mst_clipiqa.cli import main
 
 CONFIG = Path(__file__).parents[1] / "experiments" / "demo.yaml"
@@ -76,3 +79,21 @@ def test_three_splits_and_both_heads_cost_one_encoder_pass(demo_data, tiny_clip,
     assert [row[:3] for row in logged["data"]] == [["template", "quality", 3], ["prompt", "quality", 3]]
     (runs_table,) = summary_run.glob("files/media/table/benchmark/runs_*.table.json")
     assert len(json.loads(runs_table.read_text())["data"]) == 6
+
+
+def test_a_runs_saved_config_configures_a_benchmark_and_score_and_export_say_what_they_take(
+    demo_data, tiny_clip, tmp_path, capsys
+):
+    main(["fit", *cli_args(demo_data, tiny_clip, tmp_path / "run", epochs=1)])
+    (saved,) = (tmp_path / "run").rglob("config.yaml")  # with the fit's own keys: ckpt_path, weights_only, ...
+    main(["benchmark", "--config", str(saved), "--splits", "1", "--output", str(tmp_path / "report"),
+          "--trainer.default_root_dir", str(tmp_path / "bench")])  # fmt: skip
+    (run,) = read_csv(tmp_path / "report" / "results.csv")
+    assert (run["variant"], run["split"]) == ("template", "0") and Path(run["checkpoint"]).is_file()
+
+    (best,) = saved.parent.glob("checkpoints/best*.ckpt")
+    for command, takes in (("export", f"export --ckpt_path {best} --out"), ("score", f"score {best} IMAGES")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--config", str(saved)])
+        assert exit_info.value.code == 2
+        assert takes in capsys.readouterr().err

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mst_clipiqa.cli import command_parser
+
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -26,6 +28,18 @@ def test_quick_start_commands_match_ci():
     assert tests == f"{venv} && {install} && pytest -q"
     assert install in ci and "\npytest -q\n" in ci
     assert demo == f"{venv} && pip install torch==2.13.0 -e . && mst-clipiqa demo"
+
+
+def test_the_commands_take_the_options_the_readme_shows():
+    """What score, export, benchmark and demo declare, or pass on to the fit (--config, dotted keys)."""
+    commands = "\n".join(bash_blocks()).replace("\\\n", " ")  # continued lines joined
+    lines = re.findall(r"mst-clipiqa (score|export|benchmark|demo)\b([^#\n]*)", commands)
+    assert {command for command, _ in lines} == {"score", "export", "benchmark", "demo"}
+    for command, rest in lines:
+        declared = command_parser(command)._option_string_actions
+        passed_on = command in ("benchmark", "demo")
+        for option in re.findall(r"(?<!\S)--[\w.-]+", rest):
+            assert option in declared or (passed_on and (option == "--config" or "." in option)), (command, option)
 
 
 def test_demo_console_script_runs(tmp_path):

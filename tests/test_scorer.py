@@ -95,7 +95,7 @@ def test_command_scores_folders_and_lists_and_reports_each_bad_image(models, ima
     out = tmp_path / "scores.csv"
 
     # On the CPU, in float32 like the scorer it is compared with (the command's default is bf16 on a GPU).
-    main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--batch-size", "2", "--device", "cpu"])
+    main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--batch_size", "2", "--device", "cpu"])
     rows = {Path(row["image"]).name: row for row in read_csv(out)}
     assert list(next(iter(rows.values()))) == ["image", "score", "error"]
     assert sorted(rows) == sorted([Path(p).name for p in good] + ["truncated.jpg", "not-an-image.png"])
@@ -127,7 +127,7 @@ def test_command_reads_prompts_from_a_table_and_names_a_row_without_one(models, 
     out = tmp_path / "scores.jsonl"
 
     main(["score", str(folder), str(tmp_path / "table.parquet"), "--out", str(out),
-          "--image-column", "file", "--prompt-column", "text", "--device", "cpu"])  # fp32, as module_scores
+          "--image_column", "file", "--prompt_column", "text", "--device", "cpu"])  # fp32, as module_scores
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(line["image"], line["prompt"], line["error"]) for line in lines] == [(n, p, None) for n, p in
                                                                                    zip(names, prompts)]
@@ -136,8 +136,8 @@ def test_command_reads_prompts_from_a_table_and_names_a_row_without_one(models, 
     pd.DataFrame({"image": names, "prompt": ["a red cube", "", "a green square"]}).to_csv(tmp_path / "t.csv")
     with pytest.raises(SystemExit) as exit_info:
         main(["score", str(folder), str(tmp_path / "t.csv"), "--out", str(tmp_path / "x.csv")])
-    assert exit_info.value.code == 2
-    assert f"no prompt for {tmp_path / names[1]} (row 2 of 3)" in capsys.readouterr().err
+    assert exit_info.value.code == 1  # bad data, not a bad option
+    assert f"score: error: no prompt for {tmp_path / names[1]} (row 2 of 3)" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
 
 

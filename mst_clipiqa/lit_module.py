@@ -121,11 +121,11 @@ class MSTCLIPIQAModule(L.LightningModule):
         self.mos_range.copy_(torch.tensor([low, high], dtype=torch.float64))
 
     def to_internal(self, mos: Tensor) -> Tensor:
-        low, high = self.mos_range.tolist()
+        low, high = self.mos_range  # tensors, not floats: no wait for the device at every step
         return INTERNAL_LOW + (mos.float() - low) * (INTERNAL_HIGH - INTERNAL_LOW) / (high - low)
 
     def to_mos(self, score: Tensor) -> Tensor:
-        low, high = self.mos_range.tolist()
+        low, high = self.mos_range
         return low + (score.float() - INTERNAL_LOW) * (high - low) / (INTERNAL_HIGH - INTERNAL_LOW)
 
     # ---- forward -----------------------------------------------------------------------------------------------

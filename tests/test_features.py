@@ -137,6 +137,19 @@ def test_prompt_states_are_unpadded_in_the_cache_and_padded_and_masked_per_batch
         torch.testing.assert_close(from_cache, net(pixels, prompts), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["template", "prompt"])
+def test_a_batch_read_at_once_is_the_collated_items(table, tiny_clip, tmp_path, variant):
+    features = table_features(table, tiny_clip, tmp_path)
+    features.prepare(range(len(table)), make_net(tiny_clip, variant=variant))
+    rows = FeatureRows(features, [40, 3, 17, 8, 60], "quality")
+    picked = [4, 0, 2, 1]
+    whole = collate_features(rows.__getitems__(picked))
+    items = collate_features([rows[i] for i in picked])
+    assert whole.keys() == items.keys()
+    for key, value in items.items():
+        assert value.dtype == whole[key].dtype and torch.equal(value, whole[key]), key
+
+
 def test_a_crash_mid_write_leaves_nothing_readable_and_the_rerun_matches_a_clean_run(
     table, net, tiny_clip, tmp_path, monkeypatch
 ):

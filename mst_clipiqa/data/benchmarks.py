@@ -546,7 +546,7 @@ def check_dataset(
     *,
     target: str,
     need_prompt: bool,
-    check_images: bool = True,
+    check_images: bool | Callable[[datasets.Dataset], Iterable[tuple[int, str]]] = True,
     on_bad: OnBad = "error",
     report_path: str | Path | None = None,
     num_threads: int = 8,
@@ -566,7 +566,9 @@ def check_dataset(
         ds: a dataset with the columns of `FEATURES`, as a reader returns it.
         target: the target ("quality", ...) or MOS column whose values must be present.
         need_prompt: whether every row needs a prompt (the prompt-anchored head).
-        check_images: decode every image fully (in `num_threads` threads).
+        check_images: True decodes every image fully (in `num_threads` threads); a function of `ds` checks them
+            its own way and returns (row, reason) for every bad image, e.g. the feature cache's encoding pass, which
+            decodes only the images it lacks (`mst_clipiqa.data.features.TableFeatures.prepare`); False skips them.
         on_bad: "error" raises one error naming the file, the number of bad rows and the first of them with all
             their problems; "drop" removes the bad rows and logs the same as a warning.
         report_path: where to write every problem as CSV (`name,row,reason`, one line per bad row), in both
@@ -614,7 +616,8 @@ def check_dataset(
             problems[row].append("prompt is missing")
     image_only = not problems
     if check_images:
-        for row, problem in _image_problems(ds, num_threads):
+        found = check_images(ds) if callable(check_images) else image_problems(ds, num_threads)
+        for row, problem in found:
             problems[row].append(problem)
     if not problems:
         return ds
@@ -641,18 +644,19 @@ def _row_label(name: str | None, row: int) -> str:
     return f"{name} (row {row + 1})" if name else f"row {row + 1}"
 
 
-def _image_problems(ds: datasets.Dataset, num_threads: int, batch_size: int = 256) -> list[tuple[int, str]]:
-    """(row, reason) for every image that does not decode, in row order."""
+def image_problems(ds: datasets.Dataset, num_threads: int = 8, batch_size: int = 256) -> list[tuple[int, str]]:
+    """(row, reason) for every image of `ds` that does not decode, in row order."""
     found: list[tuple[int, str]] = []
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
         for start, batch in enumerate(ds.select_columns(["image"]).iter(batch_size=batch_size)):
-            for offset, problem in enumerate(pool.map(_image_problem, batch["image"])):
+            for offset, problem in enumerate(pool.map(image_problem, batch["image"])):
                 if problem is not None:
                     found.append((start * batch_size + offset, problem))
     return found
 
 
-def _image_problem(image: dict[str, Any] | None) -> str | None:
+def image_problem(image: dict[str, Any] | None) -> str | None:
+    """Why an `image` cell ({"path", "bytes"}) does not decode in full, or None when it does."""
     if image is None or (image.get("path") is None and image.get("bytes") is None):
         return "no image"
     try:

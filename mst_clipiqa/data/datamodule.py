@@ -15,13 +15,13 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mst_clipiqa import checkpoints
-from mst_clipiqa.data.benchmarks import check_dataset, load_source, target_column
+from mst_clipiqa.data.benchmarks import check_dataset, image_problems, load_source, target_column
 from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_features
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.data.samplers import EvalDistributedSampler
 from mst_clipiqa.data.splits import Split, load_splits, make_splits, predict_indices, save_splits
-from mst_clipiqa.errors import OptionError
-from mst_clipiqa.model import ModelConfig
+from mst_clipiqa.errors import BadImageError, OptionError
+from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ class IQADataModule(L.LightningDataModule):
             Trainer, from its model).
         on_bad: what to do with bad rows or images found at setup: 'error' stops with one message naming them all,
             'drop' removes them; either way every one is listed in dropped_rows.csv in the run folder.
-        check_images: decode every image at setup, so a broken file fails now and not hours into training.
+        check_images: check every image at setup, so a broken file fails now and not hours into training. With
+            `features` (under a Trainer) the encoding pass is the check: it decodes the images the cache lacks, once,
+            and an image the cache holds, encoded from the same file, is not decoded again.
         draft_decode: faster, reduced-size JPEG decoding (Pillow draft mode); set from the model's config (under a
             Trainer, from its model), so training and scoring decode alike.
         batch_size: training batch size (per device).
@@ -126,6 +128,8 @@ class IQADataModule(L.LightningDataModule):
         self.split: Split | None = None
         self.preprocess: ClipPreprocess | None = None
         self.features: TableFeatures | None = None
+        self.images_checked = 0
+        """Images the setup check decoded itself, outside the feature cache's encoding pass."""
 
     # ---- setup ---------------------------------------------------------------------------------------------------
 
@@ -148,11 +152,31 @@ class IQADataModule(L.LightningDataModule):
                 table,
                 target=hp.target,
                 need_prompt=hp.need_prompt,
-                check_images=hp.check_images,
+                check_images=self._image_problems if hp.check_images else False,
                 on_bad=hp.on_bad,
                 report_path=report,
             )
+            if self.features is not None and self.table is not table:
+                # Names of the rows kept are unique (a name listed twice is bad): they find each row's features.
+                position = {name: row for row, name in enumerate(table["name"])}
+                self.features = self.features.select(self.table, [position[name] for name in self.table["name"]])
         return self.table
+
+    def _image_problems(self, table: datasets.Dataset) -> list[tuple[int, str]]:
+        """(row, why) of every bad image of the source's table, for `check_dataset`.
+
+        With `features` under a Trainer, the feature cache's encoding pass over the whole table is the check (on the
+        device the trainer trains on, where the strategy would move the towers next): it decodes only the images the
+        cache lacks, each once, and reports those that fail. The table's rows are prepared before any split is made,
+        so the splits never depend on what the cache held. Otherwise every image is decoded here.
+        """
+        net = self._net()
+        if not self.hparams.features or net is None:
+            self.images_checked += len(table)
+            return image_problems(table)
+        net.to(self.trainer.strategy.root_device)
+        self.features = self._table_features(table)
+        return sorted(self._prepare(range(len(table))).items())
 
     def all_splits(self) -> list[Split]:
         hp = self.hparams
@@ -175,6 +199,7 @@ class IQADataModule(L.LightningDataModule):
             return
         self._follow_model()
         hp = self.hparams
+        self.preprocess = ClipPreprocess.from_pretrained(hp.preprocess_from)
         splits = self.all_splits()
         if not 0 <= hp.split_index < len(splits):
             raise ValueError(f"split_index {hp.split_index} is out of range: the protocol made {len(splits)} splits")
@@ -182,10 +207,14 @@ class IQADataModule(L.LightningDataModule):
         for name in ("val", "test"):
             if stage in ("fit", "validate", "test") and 0 < len(getattr(self.split, name)) < 2:
                 raise ValueError(f"the {name} part of split {self.split.name} has fewer than 2 rows: nothing to rank")
-        self.preprocess = ClipPreprocess.from_pretrained(hp.preprocess_from)
         # Read on every rank: Trainer.log_dir is a broadcast, which rank 0 alone would wait on forever under DDP.
         self._write_splits(splits, self.run_dir)
         log.info("split %s: %d train, %d val, %d test", self.split.name, *map(len, self.parts()))
+
+    def _net(self) -> MSTCLIPIQA | None:
+        """The trainer's network, whose frozen towers encode features; None without one."""
+        net = getattr(self.trainer.lightning_module, "net", None) if self.trainer is not None else None
+        return net if isinstance(net, MSTCLIPIQA) else None
 
     def _follow_model(self) -> None:
         """Take the prompt requirement, preprocessing and decoding from the trainer's model, whose network may come
@@ -233,35 +262,54 @@ class IQADataModule(L.LightningDataModule):
     def feature_rows(self, rows: list[int]) -> FeatureRows:
         """Cached features of `rows`, after encoding what the cache lacks with the trainer's frozen towers.
 
-        The first call prepares the whole split too, so one encoding pass (one progress bar) serves every loader.
-        Under DDP each rank encodes a share and all read the union (see `TableFeatures.prepare`).
+        The first call prepares the whole split too, so one encoding pass (one progress bar) serves every loader;
+        with `check_images` the setup check has prepared every row already. Under DDP each rank encodes a share and
+        all read the union (see `TableFeatures.prepare`).
+
+        Raises:
+            BadImageError: some images do not decode (possible only without `check_images`); it names them all.
         """
-        hp, trainer = self.hparams, self.trainer
-        if trainer is None or trainer.lightning_module is None:
+        if self._net() is None:
             raise RuntimeError(
                 "features=True encodes with the model's frozen towers: use the data module through a Trainer, "
                 "or pass features=False to read pixels"
             )
         if self.features is None:
-            self.features = TableFeatures(
-                self.load_table(),
-                self.preprocess,
-                draft_decode=hp.draft_decode,
-                cache_dir=hp.cache_dir,
-                content_hash=hp.content_hash,
-                batch_size=hp.eval_batch_size,
-                num_workers=default_workers() if hp.num_workers is None else hp.num_workers,
+            self.features = self._table_features(self.load_table())
+        bad = self._prepare([*rows, *self.split.train, *self.split.val, *self.split.test])
+        if bad:
+            names = self.features.table.select_columns(["name"])[sorted(bad)]["name"]
+            lines = "".join(f"\n  {name} (row {row + 1}): {bad[row]}" for name, row in zip(names, sorted(bad)))
+            raise BadImageError(
+                f"{len(bad)} images do not decode; set data.check_images true to find them at setup and "
+                f"data.on_bad drop to leave them out:{lines}"
             )
-        self.features.prepare(
-            [*rows, *self.split.train, *self.split.val, *self.split.test],
-            trainer.lightning_module.net,
+        return FeatureRows(self.features, rows, self.hparams.target)
+
+    def _table_features(self, table: datasets.Dataset) -> TableFeatures:
+        hp = self.hparams
+        return TableFeatures(
+            table,
+            self.preprocess,
+            draft_decode=hp.draft_decode,
+            cache_dir=hp.cache_dir,
+            content_hash=hp.content_hash,
+            batch_size=hp.eval_batch_size,
+            num_workers=default_workers() if hp.num_workers is None else hp.num_workers,
+        )
+
+    def _prepare(self, rows: list[int] | range) -> dict[int, str]:
+        """`TableFeatures.prepare` of `rows` with the trainer's network, ranks and progress bar."""
+        trainer = self.trainer
+        return self.features.prepare(
+            rows,
+            self._net(),
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             broadcast=trainer.strategy.broadcast,
             barrier=trainer.strategy.barrier,
             progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
         )
-        return FeatureRows(self.features, rows, hp.target)
 
     def _loader(self, rows: list[int], train: bool) -> DataLoader:
         hp = self.hparams

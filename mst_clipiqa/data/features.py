@@ -32,6 +32,7 @@ must be on a file system every rank sees.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -55,8 +56,9 @@ from tqdm.auto import tqdm
 from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
-from mst_clipiqa.data.benchmarks import target_column
+from mst_clipiqa.data.benchmarks import image_problem, target_column
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+from mst_clipiqa.errors import BadImageError
 from mst_clipiqa.model import MSTCLIPIQA
 
 CACHE_ENV = "MST_CLIPIQA_FEATURES"
@@ -139,26 +141,36 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if prefers_bf16(device) else nullcontext()
 
 
-def image_keys(images: datasets.Dataset, *, content_hash: bool = False) -> list[str]:
+def image_keys(images: datasets.Dataset, *, content_hash: bool = False) -> list[str | None]:
     """One key per row of an `image` column (a `datasets.Image(decode=False)` feature), as the cache stores them.
 
     Embedded bytes, and with `content_hash` files too, are keyed by a hash of their bytes; otherwise a file is keyed
-    by its absolute path, size and modification time, which changes whenever the file is rewritten.
+    by its absolute path, size and modification time, which changes whenever the file is rewritten. A row without an
+    image, or whose file cannot be read, has no key (None).
     """
-    keys = []
+    keys: list[str | None] = []
     for batch in images.select_columns(["image"]).with_format("arrow").iter(batch_size=256):
         column = batch.column("image").combine_chunks()  # StructArray {bytes, path}
         paths, blobs = column.field("path"), column.field("bytes")
         for path, blob in zip(paths, blobs):
             if blob.is_valid:
                 keys.append("bytes:" + _digest(blob.as_buffer()))
-            elif content_hash:
-                keys.append("bytes:" + _digest(Path(path.as_py()).read_bytes()))
+            elif not path.is_valid:
+                keys.append(None)
             else:
-                file = Path(path.as_py()).resolve()
-                stat = file.stat()
-                keys.append("file:" + _digest(f"{file}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()))
+                keys.append(_file_key(Path(path.as_py()), content_hash))
     return keys
+
+
+def _file_key(path: Path, content_hash: bool) -> str | None:
+    try:
+        if content_hash:
+            return "bytes:" + _digest(path.read_bytes())
+        file = path.resolve()
+        stat = file.stat()
+    except OSError:  # missing or unreadable: the encoding pass names the problem
+        return None
+    return "file:" + _digest(f"{file}\n{stat.st_size}\n{stat.st_mtime_ns}".encode())
 
 
 def prompt_key(prompt: str) -> str:
@@ -274,7 +286,9 @@ class FeatureStats:
     prompts_encoded: int = 0
     """Distinct prompts that went through the text tower, over all ranks."""
     images_decoded: int = 0
-    """Images this process decoded to encode them."""
+    """Images this process decoded to encode them (or, for an image that failed on another rank, to say why)."""
+    images_bad: int = 0
+    """Images that have no file or do not decode, reported by `TableFeatures.prepare` instead of encoded."""
     decode_seconds: float = 0.0
     """Seconds this process's encoding waited for decoded images: the decoding the towers did not hide."""
     tower_seconds: float = 0.0
@@ -282,7 +296,8 @@ class FeatureStats:
 
 
 class _Pixels(Dataset):
-    """Images of a table → pixel_values (3, 224, 224), decoded in the loader's workers."""
+    """Images of a table → (i, pixel_values (3, 224, 224)), or (i, why) for an image that does not decode, decoded
+    in the loader's workers; batch them with `_collate_pixels`."""
 
     def __init__(self, images: datasets.Dataset, preprocess: ClipPreprocess, draft: bool):
         self.images, self.preprocess, self.draft = images, preprocess, draft
@@ -290,8 +305,18 @@ class _Pixels(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> Tensor:
-        return load_pixels(self.images[i]["image"], self.preprocess, draft=self.draft)
+    def __getitem__(self, i: int) -> tuple[int, Tensor | str]:
+        try:
+            return i, load_pixels(self.images[i]["image"], self.preprocess, draft=self.draft)
+        except BadImageError as err:
+            return i, str(err)
+
+
+def _collate_pixels(items: list[tuple[int, Tensor | str]]) -> tuple[list[int], Tensor | None, list[tuple[int, str]]]:
+    """(indices of the decoded images, their pixel_values (B, 3, 224, 224) or None, (index, why) of the others)."""
+    good = [(i, pixels) for i, pixels in items if isinstance(pixels, Tensor)]
+    bad = [(i, why) for i, why in items if isinstance(why, str)]
+    return [i for i, _ in good], torch.stack([pixels for _, pixels in good]) if good else None, bad
 
 
 def _same(obj: T) -> T:
@@ -378,12 +403,26 @@ class TableFeatures:
         self.loaded[:] = False  # rows read for another network
         self._net = net
 
-    def _image_keys(self, rows: list[int]) -> list[str]:
+    def _image_keys(self, rows: list[int]) -> list[str | None]:
         todo = [row for row in rows if self.keys[row] is None]
         if todo:
             for row, key in zip(todo, image_keys(self.table.select(todo), content_hash=self.content_hash)):
                 self.keys[row] = key
         return [self.keys[row] for row in rows]
+
+    def select(self, table: datasets.Dataset, rows: Sequence[int]) -> TableFeatures:
+        """These features for `table`, whose row i is row ``rows[i]`` of this one's table (the rows kept when bad
+        ones are dropped): the keys and embeddings read so far carry over; the cache, namespaces and stats are
+        shared."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        other = copy.copy(self)
+        other.table = table
+        other.prompts = [self.prompts[row] for row in index.tolist()]
+        other.keys = [self.keys[row] for row in index.tolist()]
+        other.loaded = self.loaded[index]
+        if self.coarse is not None:
+            other.coarse, other.fine = self.coarse[index], self.fine[index]
+        return other
 
     # ---- the one entry point -----------------------------------------------------------------------------------------
 
@@ -397,12 +436,16 @@ class TableFeatures:
         broadcast: Callable[[Any], Any] = _same,
         barrier: Callable[[], None] = _nothing,
         progress: bool = False,
-    ) -> None:
+    ) -> dict[int, str]:
         """Make the features of `rows` available, encoding what the cache lacks with `net`'s frozen towers.
 
         Every rank of a distributed run calls it with the same rows: rank 0's list of what is missing is broadcast,
         each rank encodes every `world_size`-th item from its `rank` and writes its own shards, and after the
         barrier every rank reads them all.
+
+        Each image the cache lacks is decoded once, in full, and an image that has no file or does not decode is
+        reported rather than encoded, so this pass doubles as the check of those images; an image the cache holds
+        was checked when it was encoded from the same file (the same key) and is not decoded again.
 
         Args:
             rows: rows of the table.
@@ -413,26 +456,31 @@ class TableFeatures:
             barrier: returns once every rank has called it (`Strategy.barrier`).
             progress: show progress bars while encoding.
 
+        Returns:
+            {row: why} for the rows whose image has no file or does not decode (the same on every rank); their
+            features are not available.
+
         Raises:
             RuntimeError: features are still missing after encoding: the ranks do not share the cache folder.
         """
         self._open_shelves(net)
         rows = sorted({int(row) for row in rows if not self.loaded[row]})
         if not rows:
-            return
+            return {}
         keys = self._image_keys(rows)
+        known = [key for key in keys if key is not None]
         prompts = list(dict.fromkeys(self.prompts[row] for row in rows)) if self.text is not None else []
         prompt_keys = [prompt_key(prompt) for prompt in prompts]
         plan = broadcast(
             {
-                "coarse": self.shelves["coarse"].missing(keys),
-                "fine": self.shelves["fine"].missing(keys),
+                "coarse": self.shelves["coarse"].missing(known),
+                "fine": self.shelves["fine"].missing(known),
                 "prompts": self.text.missing(prompt_keys) if self.text is not None else [],
             }
         )
         images = list(dict.fromkeys(plan["coarse"] + plan["fine"]))  # need at least one tower
         first_row = dict(zip(reversed(keys), reversed(rows)))
-        self._encode_images(
+        failed = self._encode_images(
             net, [(key, first_row[key]) for key in images[rank::world_size]], plan["coarse"], plan["fine"], progress
         )
         missing = set(plan["prompts"])
@@ -440,36 +488,62 @@ class TableFeatures:
         self._encode_prompts(net, todo[rank::world_size], progress)
         barrier()
 
-        shelves = [(self.shelves["coarse"], keys), (self.shelves["fine"], keys)]
-        if self.text is not None:
-            shelves.append((self.text, prompt_keys))
-        for shelf, _ in shelves:
-            shelf.refresh()
-        lost = sum(len(shelf.missing(wanted)) for shelf, wanted in shelves)
+        for shelf in (self.shelves["coarse"], self.shelves["fine"], self.text):
+            if shelf is not None:
+                shelf.refresh()
+        bad, lost = self._bad_images(rows, keys, failed)
+        lost += len(self.text.missing(prompt_keys)) if self.text is not None else 0
         if lost:
             raise RuntimeError(
                 f"{lost} features are missing from {self.root} after encoding; under DDP every rank must see the "
                 "same cache folder (set cache_dir to a shared file system)"
             )
-        self._fill(rows, keys)
+        good = [(row, key) for row, key in zip(rows, keys) if row not in bad]
+        self._fill([row for row, _ in good], [key for _, key in good])
 
-        distinct = len(set(keys))
+        distinct = len(set(known))
         self.stats.images_cached += distinct - len(images)
-        self.stats.images_encoded += len(images)
+        self.stats.images_encoded += len(set(images) - {key for row, key in zip(rows, keys) if row in bad})
+        self.stats.images_bad += len(bad)
         self.stats.prompts_cached += len(prompts) - len(todo)
         self.stats.prompts_encoded += len(todo)
         text = f", {len(prompts)} prompts ({len(prompts) - len(todo)} from the cache, {len(todo)} encoded)"
         rank_zero_info(
-            f"Features of {distinct} images ({distinct - len(images)} from the cache, {len(images)} encoded)"
-            f"{text if self.text is not None else ''}; cache: {self.root}"
+            f"Features of {distinct} images ({distinct - len(images)} from the cache, {len(images)} encoded"
+            f"{f', {len(bad)} unreadable' if bad else ''}){text if self.text is not None else ''}; cache: {self.root}"
         )
+        return bad
+
+    def _bad_images(
+        self, rows: list[int], keys: list[str | None], failed: dict[str, str]
+    ) -> tuple[dict[int, str], int]:
+        """({row: why} of the images without features after the encoding pass, the count of the others).
+
+        Why comes from this process's pass, else (an image another rank failed on, or a file without a key) from
+        decoding it here; an image that decodes is not bad but lost: the ranks do not share the cache.
+        """
+        bad, lost = {}, 0
+        for row, key in zip(rows, keys):
+            if key is not None and key in self.shelves["coarse"].index and key in self.shelves["fine"].index:
+                continue
+            why = failed.get(key) if key is not None else None
+            if why is None:
+                self.stats.images_decoded += 1
+                why = image_problem(self.table[row]["image"])
+                if why is None:
+                    lost += 1
+                    continue
+            bad[row] = why
+        return bad, lost
 
     def _encode_images(
         self, net: MSTCLIPIQA, items: list[tuple[str, int]], coarse: list[str], fine: list[str], progress: bool
-    ) -> None:
-        """Decode each (key, row) image once and run the towers whose embedding of it is missing."""
+    ) -> dict[str, str]:
+        """Decode each (key, row) image once and run the towers whose embedding of it is missing; returns
+        {key: why} of the images that do not decode."""
+        failed: dict[str, str] = {}
         if not items:
-            return
+            return failed
         device = next(net.encoder.parameters()).device
         towers = [
             (net.encoder.coarse, set(coarse), _ShardWriter(self.shelves["coarse"])),
@@ -480,16 +554,17 @@ class TableFeatures:
             images,
             batch_size=min(self.batch_size, CPU_BATCH) if device.type == "cpu" else self.batch_size,
             num_workers=self.num_workers,
+            collate_fn=_collate_pixels,
             pin_memory=device.type == "cuda",
         )
-        done = 0
         waiting = time.perf_counter()
         with tqdm(total=len(items), desc="Encoding images", unit="img", disable=not progress) as bar:
-            for pixels in loader:  # (B, 3, 224, 224)
+            for decoded, pixels, errors in loader:  # pixels (B, 3, 224, 224)
                 self.stats.decode_seconds += time.perf_counter() - waiting
-                batch = [key for key, _ in items[done : done + len(pixels)]]
-                done += len(batch)
-                pixels = pixels.to(device, non_blocking=True)
+                failed.update((items[i][0], why) for i, why in errors)
+                batch = [items[i][0] for i in decoded]
+                if pixels is not None:
+                    pixels = pixels.to(device, non_blocking=True)
                 for tower, todo, writer in towers:
                     chosen = [i for i, key in enumerate(batch) if key in todo]
                     if not chosen:
@@ -500,11 +575,12 @@ class TableFeatures:
                     values = embeds.image_embeds.float().cpu().numpy()  # (b, D)
                     self.stats.tower_seconds += time.perf_counter() - began
                     writer.add([batch[i] for i in chosen], [row[None] for row in values])
-                self.stats.images_decoded += len(batch)
-                bar.update(len(batch))
+                self.stats.images_decoded += len(decoded) + len(errors)
+                bar.update(len(decoded) + len(errors))
                 waiting = time.perf_counter()
         for _, _, writer in towers:
             writer.close()
+        return failed
 
     def _encode_prompts(self, net: MSTCLIPIQA, prompts: list[str], progress: bool) -> None:
         """Token states of each prompt, stored without padding."""
@@ -576,17 +652,42 @@ class FeatureRows(Dataset):
             item["prompt_states"] = self.features.prompt_states(row)  # (L, Dt)
         return item
 
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        """The batch of items `indices`, as `collate_features` would make it from them, read by indexing the tensors
+        in memory at once: a data loader calls this instead of one `__getitem__` per item, then passes the batch
+        through `collate_features` unchanged."""
+        positions = torch.tensor(indices, dtype=torch.long)
+        rows = torch.tensor([self.rows[i] for i in indices], dtype=torch.long)
+        batch = {
+            "coarse_embeds": self.features.coarse[rows],  # (B, D)
+            "fine_embeds": self.features.fine[rows],  # (B, D)
+            "mos": self.mos[positions],  # (B,)
+            "index": rows,  # (B,)
+        }
+        if self.features.text is not None:
+            batch.update(_pad_prompts([self.features.prompt_states(row) for row in rows.tolist()]))
+        return batch
 
-def collate_features(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """`default_collate`, with each batch's prompt states padded to its longest prompt.
+
+def collate_features(items: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+    """`default_collate`, with each batch's prompt states padded to its longest prompt; a batch that
+    `FeatureRows.__getitems__` read whole passes as it is.
 
     Returns prompt_states (B, L, Dt), zero on padding, and prompt_mask (B, L), True on real tokens, as the prompt
     head reads them.
     """
+    if isinstance(items, dict):
+        return items
     states = [item.pop("prompt_states") for item in items] if "prompt_states" in items[0] else None
     batch = default_collate(items)
     if states is not None:
-        lengths = torch.tensor([len(s) for s in states])  # (B,)
-        batch["prompt_states"] = pad_sequence(states, batch_first=True)  # (B, L, Dt)
-        batch["prompt_mask"] = torch.arange(int(lengths.max()))[None] < lengths[:, None]  # (B, L)
+        batch.update(_pad_prompts(states))
     return batch
+
+
+def _pad_prompts(states: list[Tensor]) -> dict[str, Tensor]:
+    lengths = torch.tensor([len(s) for s in states])  # (B,)
+    return {
+        "prompt_states": pad_sequence(states, batch_first=True),  # (B, L, Dt)
+        "prompt_mask": torch.arange(int(lengths.max()))[None] < lengths[:, None],  # (B, L)
+    }

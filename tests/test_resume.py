@@ -23,7 +23,20 @@ EPOCHS = 3
 
 
 def fit_and_test(args: list[str]) -> dict:
-    """`fit` with the CLI in this process, then test its best checkpoint; returns what a comparison needs."""
+    """`fit` with the CLI in this process, then test its best checkpoint; returns what a comparison needs.
+
+    It computes on one thread, as the killed runs do (`subprocess_env`): float sums taken over another number of
+    threads differ in the last bits, which a resumed run would carry on from.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_and_test(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_and_test(args: list[str]) -> dict:
     cli = in_process("fit", args)
     trainer = cli.trainer
     val = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}

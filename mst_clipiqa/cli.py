@@ -45,7 +45,7 @@ USER_ERRORS = (MSTCLIPIQAError, FileNotFoundError, NotADirectoryError, IsADirect
 """What a user's input causes: reported in one message, without a traceback. Lightning's MisconfigurationException
 (an impossible Trainer setting) joins them where Lightning is loaded."""
 
-SCORE_FORMATS = (".csv", ".jsonl")
+SCORE_FORMATS = (".csv", ".jsonl", ".parquet")
 
 
 # ---- the commands beyond the Trainer's ---------------------------------------------------------------------------
@@ -85,44 +85,66 @@ def score(
     image_column: str = "image",
     prompt_column: str = "prompt",
     batch_size: int | None = None,
-    device: str | None = None,
+    num_workers: int | None = None,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    num_nodes: int = 1,
     precision: Literal["32", "bf16", "16"] | None = None,
+    resume: bool = False,
     revision: str | None = None,
     compile: bool = False,
 ) -> None:
     """Score images with a saved model, on the MOS scale of the data it was trained on.
 
-    An image that cannot be read gets an empty score and the reason in the error column; every other image is still
-    scored. An input that does not exist stops the command before the model loads.
+    Rows go to the file in input order: image, prompt (prompt head), score, error. An image that cannot be read gets
+    an empty score and the reason in the error column; every other image is still scored. An input that does not
+    exist stops the command before the model loads. Under torchrun, srun or fabric run, give --devices and
+    --num_nodes as launched.
 
     Args:
         model: saved model folder, Hugging Face Hub repo id, or Lightning .ckpt
         inputs: image files, folders (searched recursively), .txt lists of paths (one per line), or tables (.csv,
             .tsv, .jsonl, .parquet, .xlsx) with an image column and, for the prompt head, a prompt column
-        out: output file: .csv or .jsonl
+        out: output file: .csv, .jsonl or .parquet
         image_column: image path column of a table
         prompt_column: prompt column of a table (read for the prompt head only)
-        batch_size: images per forward pass (null: 8 on a CPU, 256 on a GPU)
-        device: cuda, cpu, ... (null: the GPU when there is one)
+        batch_size: images per forward pass and device (null: 8 on a CPU, 256 on a GPU)
+        num_workers: processes decoding images, per device (null: 1 on a CPU, else the CPU cores per device, at
+            most 8)
+        accelerator: cpu, gpu, ... (auto: the GPU when there is one)
+        devices: devices per node; each scores its share of the images
+        num_nodes: machines; the output file must be on a file system every node sees
         precision: compute precision of the towers (null: bf16 on a GPU, else 32; on a CPU with AMX, bf16 runs 2-3x
             faster)
+        resume: go on with a job that was stopped (killed, out of time): score only the images its partial output
+            lacks, then write the whole file; run the same command with --resume true
         revision: branch, tag or commit of a hub model
         compile: compile the image towers first (torch.compile, tens of seconds): faster towers, which pays on
             large jobs where decoding keeps up
     """
-    out_path = Path(out)
-    if out_path.suffix.lower() not in SCORE_FORMATS:
-        raise OptionError(f"--out {out}: the extension picks the format; use .csv or .jsonl")
+    if Path(out).suffix.lower() not in SCORE_FORMATS:
+        raise OptionError(f"--out {out}: the extension picks the format; use {', '.join(SCORE_FORMATS)}")
     missing = [given for given in inputs if not Path(given).exists()]
     if missing:
         raise FileNotFoundError(f"no such image, folder, list or table: {', '.join(missing)}")
-    from mst_clipiqa.scorer import collect_inputs, load_scorer, write_scores
+    from mst_clipiqa.scorer import score_files
 
-    scorer = load_scorer(model, device, precision, revision=revision, compile=compile)
-    names, sources, prompts = collect_inputs(inputs, image_column, prompt_column if scorer.needs_prompt else None)
-    if not names:
-        raise FileNotFoundError(f"no images in {', '.join(inputs)}")
-    write_scores(scorer, names, sources, prompts, out_path, batch_size)
+    score_files(
+        model,
+        inputs,
+        out,
+        image_column=image_column,
+        prompt_column=prompt_column,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        precision=precision,
+        resume=resume,
+        revision=revision,
+        compile=compile,
+    )
 
 
 def export(ckpt_path: str, out: str) -> None:

@@ -4,8 +4,11 @@
     AttnGAN_normal_000.jpg,a red cube on a table,2.81,3.05,0.497
 
 `PredictionWriter` is a Lightning `BasePredictionWriter`. As batches finish, every rank appends its rows to its own
-shard (JSON lines in ``<file>.parts/``), so memory stays flat however many images are scored; when the loop ends,
-rank 0 merges the shards by row index into the file, CSV, JSON lines or Parquet by its extension, and removes them.
+shard (JSON lines in ``<file>.parts/``, flushed per batch), so memory stays flat however many images are scored;
+when the loop ends, rank 0 merges the shards by row index into the file, CSV, JSON lines or Parquet by its
+extension, and removes them. A loop killed half-way leaves its shards: with ``resume``, the next loop keeps them,
+writes new shards beside them for the rows they lack (`done_rows`; a line torn by the kill does not count), and the
+merge takes them all.
 The evaluation sampler deals each row to exactly one rank without padding, so every image appears once. Shards and
 file must be on a file system every rank sees, as checkpoints must. The file appears whole or not at all: it is
 written under a temporary name and renamed.
@@ -27,6 +30,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
+from io import TextIOWrapper
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any
@@ -71,24 +75,42 @@ class PredictionWriter(BasePredictionWriter):
             (`mst_clipiqa.checkpoints.run_dir`), ``predictions-v1.csv`` ... where an earlier run left one there.
         columns: the file's columns, in order; None for the data module's ``prediction_columns``, else every
             output of the predict step.
+        resume: keep the shards an interrupted loop left for this file and add to them (the data must then leave
+            out their rows: `done_rows`); otherwise they are removed first.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, columns: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike | None = None, columns: Sequence[str] | None = None, resume: bool = False
+    ) -> None:
         super().__init__(write_interval="batch")
         self.path = None if path is None else checked_path(path)
         self.columns = None if columns is None else tuple(columns)
+        self.resume = resume
         self.written: Path | None = None
         """The file the last prediction loop wrote."""
         self._out: Path | None = None
-        self._shard = None
+        self._shard: TextIOWrapper | None = None
+        self._generation = 0
 
     # ---- every rank ----------------------------------------------------------------------------------------------
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Here rather than at on_predict_start, which a rank with no rows to predict never reaches: the collectives
+        # below must run on every rank.
+        if stage != "predict":
+            return
+        self.written = None
         self._out = self.path or self._default_path(trainer)
-        parts = _parts_folder(self._out)
+        parts = parts_folder(self._out)
+        generation = 0
+        if trainer.is_global_zero:
+            if not self.resume:
+                shutil.rmtree(parts, ignore_errors=True)
+            generation = max((_generation(shard) + 1 for shard in _shards(parts)), default=0)
+        generation = trainer.strategy.broadcast(generation)
         parts.mkdir(parents=True, exist_ok=True)
-        self._shard = open(parts / _shard_name(trainer.global_rank), "w", encoding="utf-8")
+        self._generation = generation
+        self._shard = open(parts / _shard_name(trainer.global_rank, generation), "w", encoding="utf-8")
 
     @staticmethod
     def _default_path(trainer: L.Trainer) -> Path:
@@ -115,15 +137,27 @@ class PredictionWriter(BasePredictionWriter):
         for i, about in enumerate(described):
             row = {**about, **{key: values[i] for key, values in outputs.items()}}
             self._shard.write(json.dumps({key: row.get(key) for key in keep}, ensure_ascii=False) + "\n")
+        # To the OS at every batch: a killed loop's rows survive it, for a resumed one to skip.
+        self._shard.flush()
 
     def _declared_columns(self, trainer: L.Trainer) -> Sequence[str] | None:
         return self.columns or getattr(trainer.datamodule, "prediction_columns", None)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.finish(trainer)
+
+    def finish(self, trainer: L.Trainer) -> None:
+        """Close this rank's shard and, once every rank has, merge them all into the file on rank 0.
+
+        Runs at the end of the prediction loop. A rank that had no rows to predict skips the loop (Lightning's
+        predict returns at once): call it on that rank after `Trainer.predict`, so that it meets the others.
+        """
+        if self.written is not None:
+            return
         self._shard.close()
         trainer.strategy.barrier("prediction-shards-written")
         if trainer.is_global_zero:
-            count = merge_shards(self._out, trainer.world_size, self._declared_columns(trainer))
+            count = merge_shards(self._out, trainer.world_size, self._declared_columns(trainer), self._generation)
             rank_zero_info(f"Predictions of {count} images written to {self._out}")
         # The file exists on every rank once predict returns.
         trainer.strategy.barrier("prediction-file-written")
@@ -137,35 +171,53 @@ class PredictionWriter(BasePredictionWriter):
 # ---- rank 0: merge ---------------------------------------------------------------------------------------------
 
 
-def _parts_folder(out: Path) -> Path:
+def parts_folder(out: Path) -> Path:
+    """Where the ranks' shards of the file `out` are, until they are merged into it."""
     return out.with_name(out.name + ".parts")
 
 
-def _shard_name(rank: int) -> str:
-    return f"rank{rank:05d}.jsonl"
+def _shard_name(rank: int, generation: int = 0) -> str:
+    """Generation 0 is a loop's first; each resumed loop writes the next."""
+    return f"rank{rank:05d}.jsonl" if generation == 0 else f"rank{rank:05d}-resumed{generation:03d}.jsonl"
 
 
-def merge_shards(out: Path, world_size: int, columns: Sequence[str] | None = None) -> int:
+def _shards(parts: Path) -> list[Path]:
+    return sorted(parts.glob("rank*.jsonl"))
+
+
+def _generation(shard: Path) -> int:
+    _, _, resumed = shard.stem.partition("-resumed")
+    return int(resumed or 0)
+
+
+def done_rows(out: str | os.PathLike) -> set[int]:
+    """The row indices whose predictions the shards of `out` hold: what an interrupted loop finished."""
+    return {row["index"] for shard in _shards(parts_folder(Path(out))) for row in _read_shard(shard)}
+
+
+def merge_shards(out: Path, world_size: int, columns: Sequence[str] | None = None, generation: int = 0) -> int:
     """Merge the ranks' shards of `out` by row index into `out`, remove them, and return the number of rows.
 
     Args:
         out: the file to write (its shards are in ``<out>.parts/``).
-        world_size: the number of ranks, one shard each.
+        world_size: the number of ranks of the last loop, one shard each.
         columns: the file's columns; None for every key of the rows but ``index``.
+        generation: the last loop's generation (0 unless it resumed others); the shards of earlier ones, whatever
+            their number of ranks, are merged too.
 
     Raises:
         FileNotFoundError: a rank's shard is missing: the ranks do not share the file system the file is on.
         RuntimeError: a row appears twice, or a rank's rows are out of order.
     """
-    parts = _parts_folder(out)
-    shards = [parts / _shard_name(rank) for rank in range(world_size)]
+    parts = parts_folder(out)
+    shards = [parts / _shard_name(rank, generation) for rank in range(world_size)]
     missing = [str(shard) for shard in shards if not shard.is_file()]
     if missing:
         raise FileNotFoundError(
             f"the predictions of some ranks are missing ({', '.join(missing)}): put the predictions file on a file "
             "system every node sees"
         )
-    rows = _unique(heapq.merge(*(_read_shard(shard) for shard in shards), key=lambda row: row["index"]))
+    rows = _unique(heapq.merge(*(_read_shard(shard) for shard in _shards(parts)), key=lambda row: row["index"]))
     count = write_rows(out, rows, columns)
     shutil.rmtree(parts)
     return count
@@ -175,6 +227,8 @@ def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
     last = None
     with path.open(encoding="utf-8") as lines:
         for line in lines:
+            if not line.endswith("\n"):
+                break  # the last line, torn by a killed loop: its row was not done
             row = json.loads(line)
             if last is not None and row["index"] < last:
                 raise RuntimeError(f"{path}: rows are not in increasing index order ({last} before {row['index']})")

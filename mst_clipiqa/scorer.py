@@ -5,16 +5,20 @@
     scorer.score(images, prompts=["a red cube", ...])   # the prompt head (variant B) needs each image's prompt
 
 Each image is decoded and preprocessed once (CLIP preprocessing of the coarse encoder), and both streams read the
-same tensor. Decoding runs in a thread pool, one batch ahead of the model. On a GPU the encoders run under bf16
-autocast by default; the template head always computes in float32.
+same tensor. On a GPU the encoders run under bf16 autocast by default; the template head always computes in float32.
+
+`Scorer` is the in-memory API for small jobs: images in, scores out, decoding in a thread pool one batch ahead of
+the model. `score_files` is the command's engine for collections of any size: `Trainer.predict` of the trained
+module's predict step over a loader whose worker processes decode (`ImageRows`), on as many devices and nodes as
+given, with `PredictionWriter` streaming each rank's rows to disk and merging them in input order; a killed job
+resumes where its shards end.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,16 +26,23 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import torch
+from lightning.pytorch.accelerators import CPUAccelerator as CPU
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mst_clipiqa.data.benchmarks import IMAGE_EXTENSIONS, load_table
 from mst_clipiqa.data.features import CPU_BATCH, prefers_bf16
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+from mst_clipiqa.data.samplers import EvalDistributedSampler
 from mst_clipiqa.errors import BadImageError, BadRowError
+from mst_clipiqa.launch import check_world_size, take_launcher_options
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.predictions import PredictionWriter, checked_path, done_rows, parts_folder
 from mst_clipiqa.pretrained import from_pretrained
 
 Precision = Literal["32", "bf16", "16"]
@@ -132,21 +143,7 @@ class Scorer:
             if prompts is not None:
                 warnings.warn("the template head (variant A) does not read prompts; they are ignored", stacklevel=3)
             return None
-        if prompts is None:
-            raise BadRowError(
-                "this model's prompt head (variant B) scores each image against its generation prompt: "
-                "pass one prompt per image"
-            )
-        prompts = list(prompts)
-        if len(prompts) != len(items):
-            raise ValueError(f"{len(items)} images but {len(prompts)} prompts")
-        for row, prompt in enumerate(prompts):
-            if prompt is None or not str(prompt).strip():
-                raise BadRowError(
-                    f"no prompt for {_describe(items[row])} (row {row + 1} of {len(items)}): the prompt head "
-                    "(variant B) needs the generation prompt of every image"
-                )
-        return [str(prompt) for prompt in prompts]
+        return checked_prompts(items, prompts)
 
     def _scores(
         self, items: list[ImageInput], prompts: list[str] | None, batch_size: int, skip_bad: bool
@@ -179,18 +176,7 @@ class Scorer:
             yield start, [future.result() for future in current]
 
     def _pixels_or_error(self, item: ImageInput) -> Tensor | BadImageError:
-        if isinstance(item, Tensor):
-            expected = (3, *self.preprocess.crop_size)
-            if tuple(item.shape) != expected or not item.is_floating_point():
-                raise ValueError(
-                    f"a tensor image must be preprocessed, floating point of shape {expected}; "
-                    f"got {item.dtype} of shape {tuple(item.shape)}"
-                )
-            return item
-        try:
-            return load_pixels(item, self.preprocess, draft=self.draft_decode)
-        except BadImageError as err:
-            return err
+        return pixels_or_error(item, self.preprocess, self.draft_decode)
 
     def _score_pixels(self, pixel_values: Tensor, prompts: list[str] | None) -> list[float]:
         """pixel_values (B, 3, 224, 224) → B scores on the MOS scale."""
@@ -217,6 +203,50 @@ def load_scorer(
     """
     module = from_pretrained(path_or_hub_id, revision=revision)
     return Scorer(module, device=device, precision=precision, compile=compile)
+
+
+def pixels_or_error(item: ImageInput, preprocess: ClipPreprocess, draft: bool) -> Tensor | BadImageError:
+    """The (3, 224, 224) tensor of one image, or why it cannot be read.
+
+    Raises:
+        ValueError: a tensor that is not a preprocessed image: a mistake in the calling code, not a bad image.
+    """
+    if isinstance(item, Tensor):
+        expected = (3, *preprocess.crop_size)
+        if tuple(item.shape) != expected or not item.is_floating_point():
+            raise ValueError(
+                f"a tensor image must be preprocessed, floating point of shape {expected}; "
+                f"got {item.dtype} of shape {tuple(item.shape)}"
+            )
+        return item
+    try:
+        return load_pixels(item, preprocess, draft=draft)
+    except BadImageError as err:
+        return err
+
+
+def checked_prompts(items: Sequence[ImageInput], prompts: Sequence[str | None] | None) -> list[str]:
+    """The prompt head's prompts, one per image, as strings.
+
+    Raises:
+        BadRowError: no prompts, or an image without one; the message names it and its row.
+        ValueError: not one prompt per image.
+    """
+    if prompts is None:
+        raise BadRowError(
+            "this model's prompt head (variant B) scores each image against its generation prompt: "
+            "pass one prompt per image"
+        )
+    prompts = list(prompts)
+    if len(prompts) != len(items):
+        raise ValueError(f"{len(items)} images but {len(prompts)} prompts")
+    for row, prompt in enumerate(prompts):
+        if prompt is None or not str(prompt).strip():
+            raise BadRowError(
+                f"no prompt for {_describe(items[row])} (row {row + 1} of {len(items)}): the prompt head "
+                "(variant B) needs the generation prompt of every image"
+            )
+    return [str(prompt) for prompt in prompts]
 
 
 def _as_items(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -275,39 +305,254 @@ def collect_inputs(
     return names, sources, prompts
 
 
-def write_scores(
-    scorer: Scorer,
-    names: Sequence[str],
-    sources: Sequence[Any],
-    prompts: Sequence[str | None],
-    out: Path,
-    batch_size: int | None = None,
-) -> None:
-    """Score `sources` into `out`, .csv or .jsonl by its extension: one row per image, in order, with its name as
-    given, its prompt (prompt head only), its score and, for an image that cannot be read, the reason instead.
+class ImageRows(Dataset):
+    """The images of some input rows, decoded and preprocessed where the loader's worker processes run.
 
-    Prompts are checked before the file is opened; progress and a closing count go to stderr.
+    Item i is ``(row, pixels or None, error or None, prompt)`` for input row ``rows[i]``: an image that cannot be
+    read becomes its error, so one bad file never stops a job.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[int],
+        sources: Sequence[Any],
+        prompts: Sequence[str | None],
+        preprocess: ClipPreprocess,
+        draft: bool,
+    ):
+        self.rows, self.sources, self.prompts = list(rows), sources, prompts
+        self.preprocess, self.draft = preprocess, draft
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None, str | None]:
+        row = self.rows[i]
+        pixels = pixels_or_error(self.sources[row], self.preprocess, self.draft)
+        if isinstance(pixels, BadImageError):
+            return row, None, str(pixels), self.prompts[row]
+        return row, pixels, None, self.prompts[row]
+
+
+def collate_rows(items: list[tuple[int, Tensor | None, str | None, str | None]]) -> dict[str, Any]:
+    """A batch of `ImageRows` items: every row's index and error, the good rows' pixels and prompts, and which
+    rows are good."""
+    good = [item for item in items if item[1] is not None]
+    return {
+        "index": torch.tensor([item[0] for item in items]),
+        "good": torch.tensor([item[1] is not None for item in items]),
+        "pixel_values": torch.stack([item[1] for item in good]) if good else None,
+        "prompt": [item[3] for item in good],
+        "error": [item[2] for item in items],
+    }
+
+
+class ScoreData(L.LightningDataModule):
+    """The input rows of `score_files` for `Trainer.predict`, with what `PredictionWriter` writes of each row.
+
+    Args:
+        names: each image as the user gave it (the file's image column).
+        sources: what to decode for each row (a path).
+        prompts: each row's prompt (the prompt head's), or None.
+        preprocess: CLIP preprocessing of the coarse encoder.
+        draft: decode JPEGs in Pillow's draft mode (the model's `draft_decode`).
+        needs_prompt: the model has the prompt head: the file gets a prompt column.
+        batch_size: images per forward pass.
+        num_workers: loader processes decoding images, per rank.
+        resume_from: leave out the rows the shards of this file already hold (`done_rows`); None scores all.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        sources: Sequence[Any],
+        prompts: Sequence[str | None],
+        preprocess: ClipPreprocess,
+        draft: bool,
+        needs_prompt: bool,
+        batch_size: int,
+        num_workers: int,
+        resume_from: Path | None = None,
+    ):
+        super().__init__()
+        self.names, self.sources, self.prompts = names, sources, prompts
+        self.preprocess, self.draft, self.needs_prompt = preprocess, draft, needs_prompt
+        self.batch_size, self.num_workers, self.resume_from = batch_size, num_workers, resume_from
+        self.todo = len(names)
+        """Rows left to score, over all ranks: all of them unless resuming."""
+
+    @property
+    def prediction_columns(self) -> tuple[str, ...]:
+        return "image", *(("prompt",) if self.needs_prompt else ()), "score", "error"
+
+    def describe_rows(self, index: Sequence[int]) -> list[dict[str, Any]]:
+        return [{"image": self.names[row], "prompt": self.prompts[row]} for row in index]
+
+    def predict_dataloader(self) -> DataLoader:
+        done = done_rows(self.resume_from) if self.resume_from is not None else set()
+        # Every rank must read the same rows done before any rank starts writing more.
+        self.trainer.strategy.barrier("scores-done-read")
+        rows = [row for row in range(len(self.names)) if row not in done]
+        self.todo = len(rows)
+        dataset = ImageRows(rows, self.sources, self.prompts, self.preprocess, self.draft)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EvalDistributedSampler(dataset),  # each row on one rank, none repeated
+            num_workers=self.num_workers,
+            collate_fn=collate_rows,
+            pin_memory=not isinstance(self.trainer.accelerator, CPU),
+        )
+
+
+class ScoreStep(L.LightningModule):
+    """The trained module's predict step on the good rows of each `ScoreData` batch; the others keep their error.
+
+    Counts the rows it scored and failed, on this rank.
+    """
+
+    def __init__(self, module: MSTCLIPIQAModule):
+        super().__init__()
+        self.module = module
+        self.scored = self.failed = 0
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        good, index = batch["good"], batch["index"]
+        scores: list[float | None] = [None] * len(index)
+        positions = good.nonzero().flatten().tolist()
+        if positions:
+            rows = {"index": index[good], "pixel_values": batch["pixel_values"], "prompt": batch["prompt"]}
+            for position, score in zip(positions, self.module.predict_step(rows, batch_idx)["score"].tolist()):
+                scores[position] = score
+        self.scored += len(positions)
+        self.failed += len(index) - len(positions)
+        return {"index": index, "score": scores, "error": batch["error"]}
+
+
+class ImagesProgress(Callback):
+    """A progress bar in images (all ranks' together) with images/s and the time left, on rank 0."""
+
+    def __init__(self) -> None:
+        self._bar: tqdm | None = None
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._bar = tqdm(total=trainer.datamodule.todo, unit="img", dynamic_ncols=True)
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        if self._bar is not None:
+            # The other ranks run batches of the same size in step.
+            self._bar.update(min(len(outputs["index"]) * trainer.world_size, self._bar.total - self._bar.n))
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
+def score_files(
+    model: str | Path,
+    inputs: Sequence[str],
+    out: str | Path,
+    *,
+    image_column: str = "image",
+    prompt_column: str | None = "prompt",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    accelerator: str = "auto",
+    precision: Precision | None = None,
+    resume: bool = False,
+    revision: str | None = None,
+    compile: bool = False,
+) -> dict[str, float]:
+    """What `mst-clipiqa score` runs (see its options in `mst_clipiqa.cli.score`): `Trainer.predict` of the
+    model over the images of `inputs`, into `out`, one row per image in input order.
+
+    Returns:
+        On every rank: ``scored`` and ``failed`` (images, all ranks, this run), ``done_before`` (rows a resumed
+        run found done) and ``images_per_s``.
 
     Raises:
         BadRowError: the prompt head and an image without a prompt; the message names it.
+        OptionError: the devices and nodes disagree with the processes a launcher started.
+        FileNotFoundError: no images in `inputs`.
     """
-    results = scorer.iter_scores(sources, prompts if scorer.needs_prompt else None, batch_size, skip_bad=True)
-    columns = ["image", *(["prompt"] if scorer.needs_prompt else []), "score", "error"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    with open(out, "w", newline="", encoding="utf-8") as stream, tqdm(total=len(names), unit="img") as progress:
-        writer = csv.DictWriter(stream, columns) if out.suffix.lower() == ".csv" else None
-        if writer is not None:
-            writer.writeheader()
-        for name, prompt, (score, error) in zip(names, prompts, results):
-            row = {"image": name, "prompt": prompt, "score": score, "error": error}
-            row = {column: row[column] for column in columns}
-            if writer is not None:
-                writer.writerow({k: "" if v is None else v for k, v in row.items()})
-            else:
-                stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-            failed += error is not None
-            progress.update()
-    print(f"scored {len(names) - failed} of {len(names)} images into {out}", file=sys.stderr)
-    if failed:
-        print(f"{failed} could not be read: see the error column", file=sys.stderr)
+    out = checked_path(out)
+    module = from_pretrained(model, revision=revision)
+    needs_prompt = module.net.needs_prompt
+    names, sources, prompts = collect_inputs(inputs, image_column, prompt_column if needs_prompt else None)
+    if not names:
+        raise FileNotFoundError(f"no images in {', '.join(map(str, inputs))}")
+    if needs_prompt:
+        checked_prompts(sources, prompts)
+    if resume and out.is_file() and not parts_folder(out).exists():
+        print(f"nothing to resume: {out} was completed, every image is in it", file=sys.stderr)
+        return {"scored": 0, "failed": 0, "done_before": len(names), "images_per_s": 0.0}
+    options: dict[str, Any] = {
+        "accelerator": accelerator,
+        "strategy": "auto",
+        "devices": devices,
+        "num_nodes": num_nodes,
+        "precision": precision,
+    }
+    take_launcher_options(options, {"accelerator": "auto", "devices": 1, "num_nodes": 1, "precision": None})
+    precision = options["precision"]
+    if precision is None:
+        on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        precision = "bf16" if on_gpu and prefers_bf16(torch.device("cuda")) else "32"
+    options["precision"] = LIGHTNING_PRECISION.get(precision, precision)
+    writer = PredictionWriter(out, resume=resume)
+    trainer = L.Trainer(
+        **options,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[writer, ImagesProgress()],
+        default_root_dir=out.parent,
+    )
+    check_world_size(trainer.num_devices, trainer.num_nodes, options["strategy"])
+    on_cpu = isinstance(trainer.accelerator, CPU)
+    config = module.net_config
+    if num_workers is None:
+        # On a CPU the towers need every core: a second decoding process on 2 cores cut the rate from 79% of the
+        # towers' to 54% (docs/PERFORMANCE.md).
+        num_workers = 1 if on_cpu else min(8, max(1, (os.cpu_count() or 1) // trainer.num_devices))
+    data = ScoreData(
+        names,
+        sources,
+        prompts,
+        ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision),
+        config.draft_decode,
+        needs_prompt,
+        batch_size or (CPU_BATCH if on_cpu else 256),  # fastest measured, PERFORMANCE.md
+        num_workers,
+        resume_from=out if resume else None,
+    )
+    if compile:
+        module.net.encoder.compile_towers()
+    step = ScoreStep(module)
+    started = time.perf_counter()
+    trainer.predict(step, datamodule=data, return_predictions=False)
+    writer.finish(trainer)  # a rank left without rows skipped the loop; the others wait for it here
+    seconds = time.perf_counter() - started
+    counts = trainer.strategy.reduce(torch.tensor([step.scored, step.failed], dtype=torch.float64), reduce_op="sum")
+    scored, failed = (int(count) for count in counts.tolist())
+    report = {
+        "scored": scored,
+        "failed": failed,
+        "done_before": len(names) - data.todo,
+        "images_per_s": (scored + failed) / seconds,
+    }
+    if trainer.is_global_zero:
+        resumed = f" ({report['done_before']} done before)" if resume else ""
+        print(
+            f"scored {scored}, failed {failed}{resumed}, {report['images_per_s']:.1f} images/s: {out}"
+            + ("; see the error column" if failed else ""),
+            file=sys.stderr,
+        )
+    return report

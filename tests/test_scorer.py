@@ -95,7 +95,8 @@ def test_command_scores_folders_and_lists_and_reports_each_bad_image(models, ima
     out = tmp_path / "scores.csv"
 
     # On the CPU, in float32 like the scorer it is compared with (the command's default is bf16 on a GPU).
-    main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--batch_size", "2", "--device", "cpu"])
+    main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--batch_size", "2",
+          "--accelerator", "cpu"])
     rows = {Path(row["image"]).name: row for row in read_csv(out)}
     assert list(next(iter(rows.values()))) == ["image", "score", "error"]
     assert sorted(rows) == sorted([Path(p).name for p in good] + ["truncated.jpg", "not-an-image.png"])
@@ -110,7 +111,8 @@ def test_command_scores_folders_and_lists_and_reports_each_bad_image(models, ima
     listing = tmp_path / "list.txt"
     listing.write_text(f"# two images\nin/{Path(good[0]).name}\n\nin/gone.png\n")
     listed = tmp_path / "s.jsonl"
-    main(["score", str(models["template"][1]), str(listing), str(good[2]), "--out", str(listed), "--device", "cpu"])
+    main(["score", str(models["template"][1]), str(listing), str(good[2]), "--out", str(listed),
+          "--accelerator", "cpu"])
     lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [line["image"] for line in lines] == [f"in/{Path(good[0]).name}", "in/gone.png", str(good[2])]
     assert_close(lines[0]["score"], float(rows[Path(good[0]).name]["score"]))
@@ -127,7 +129,7 @@ def test_command_reads_prompts_from_a_table_and_names_a_row_without_one(models, 
     out = tmp_path / "scores.jsonl"
 
     main(["score", str(folder), str(tmp_path / "table.parquet"), "--out", str(out),
-          "--image_column", "file", "--prompt_column", "text", "--device", "cpu"])  # fp32, as module_scores
+          "--image_column", "file", "--prompt_column", "text", "--accelerator", "cpu"])  # fp32, as module_scores
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(line["image"], line["prompt"], line["error"]) for line in lines] == [(n, p, None) for n, p in
                                                                                    zip(names, prompts)]

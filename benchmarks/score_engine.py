@@ -1,0 +1,80 @@
+"""`mst-clipiqa score` end to end (files, loader worker processes, Lightning's predict loop, the file written) against
+the towers alone on already-decoded tensors, in one run, on the CPU.
+
+    python benchmarks/score_engine.py WORKDIR --scenes 200 --towers tiny      # 1,000 demo images, tiny towers
+    python benchmarks/score_engine.py WORKDIR --scenes 8 --towers real        # 40 images, ViT-B/32 + B/16 shapes
+
+`--towers real` builds random-weight towers of the real shapes as an offline hub cache in WORKDIR/hub (about 1 GB;
+speed is the real models', scores mean nothing); `--towers tiny` builds `tiny_clip.build_tiny_pair`. Images come
+from the demo generator (5 per scene, 256-320 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--scenes", type=int, default=200, help="demo scenes, 5 images each")
+    parser.add_argument("--towers", choices=("tiny", "real"), default="tiny")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32")
+    parser.add_argument("--num_workers", type=int, default=1)
+    args = parser.parse_args()
+    work = args.workdir
+    os.environ.setdefault("HF_HUB_CACHE", str(work / "hub"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+    import torch
+
+    from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+    from mst_clipiqa.data.synthetic import make_demo_dataset
+    from mst_clipiqa.lit_module import MSTCLIPIQAModule
+    from mst_clipiqa.model import ModelConfig
+    from mst_clipiqa.pretrained import from_pretrained, save_pretrained
+    from mst_clipiqa.scorer import score_files
+    from mst_clipiqa.tiny_clip import build_random_hub_cache, build_tiny_pair
+
+    if args.towers == "real":
+        if not (work / "hub").exists():
+            build_random_hub_cache(work / "hub")
+        net = ModelConfig()
+    else:
+        coarse, fine = build_tiny_pair(work / "tiny")
+        net = ModelConfig(coarse_encoder=str(coarse), fine_encoder=str(fine))
+    model = work / f"model-{args.towers}"
+    if not model.exists():
+        module = MSTCLIPIQAModule(net=net)
+        module.set_mos_range(0.0, 5.0)
+        save_pretrained(module, model)
+    images = sorted((make_demo_dataset(work / "demo", n_scenes=args.scenes) / "images").iterdir())
+    print(f"{len(images)} images, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
+
+    module = from_pretrained(model).eval()
+    pixels = torch.stack([load_pixels(p, ClipPreprocess.from_pretrained(net.coarse_encoder)) for p in images])
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    start = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        for i in range(0, len(pixels), 8):  # the command's CPU batch
+            module.to_mos(module({"pixel_values": pixels[i : i + 8]}))
+    towers = len(pixels) / (time.perf_counter() - start)
+    print(f"towers alone on decoded tensors: {towers:.2f} images/s")
+    del module, pixels
+
+    start = time.perf_counter()
+    report = score_files(model, [str(images[0].parent)], work / "scores.csv", accelerator="cpu",
+                         precision=args.precision, num_workers=args.num_workers)  # fmt: skip
+    wall = time.perf_counter() - start
+    print(f"score, files to file: {report['images_per_s']:.2f} images/s in the predict loop "
+          f"({len(images) / wall:.2f} counting the model's loading): {report['images_per_s'] / towers:.1%} "
+          f"of the towers alone")  # fmt: skip
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

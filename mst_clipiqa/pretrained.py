@@ -39,7 +39,7 @@ from torch import Tensor
 from mst_clipiqa import __version__
 from mst_clipiqa.checkpoints import read_checkpoint
 from mst_clipiqa.data.features import TOKENIZER_FILES, checkpoint_fingerprint
-from mst_clipiqa.errors import BadCheckpointError, BadModelError
+from mst_clipiqa.errors import BadCheckpointError, BadModelError, OptionError
 from mst_clipiqa.lit_module import INTERNAL_HIGH, INTERNAL_LOW, MSTCLIPIQAModule
 from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
 
@@ -297,9 +297,9 @@ class SavedModel:
         differ = [name for name in names if not _same_setting(name, getattr(net, name), getattr(self.net, name))]
         if differ:
             lines = "; ".join(f"{n}: saved {getattr(self.net, n)!r}, configured {getattr(net, n)!r}" for n in differ)
-            raise ValueError(
+            raise OptionError(
                 f"cannot start from {self.source or 'the saved model'}: the network differs in {lines}. "
-                f"Set the configuration to the saved values (e.g. --model.net.{differ[0]})"
+                f"Set the configuration to the saved values, or leave it unset to take them (--model.net.{differ[0]})"
             )
 
     def load_into(self, module: MSTCLIPIQAModule) -> MSTCLIPIQAModule:

@@ -62,7 +62,9 @@ def mistakes(tiny_clip: tuple[str, str], demo_data: str, tmp: Path) -> dict[str,
         # These load Lightning and the model.
         "missing config file": Mistake(["fit", "--config", str(tmp / "experiment.yaml")], 2, ("experiment.yaml",)),
         "missing data root": Mistake(
-            ["fit", *cli_args(demo_data, tiny_clip, runs, "--data.root", str(tmp / "AGIQA-3K"))], 1, ("AGIQA-3K",)
+            ["fit", *cli_args(demo_data, tiny_clip, runs, "--data.root", str(tmp / "AGIQA-3K"))],
+            1,
+            ("data.root", "AGIQA-3K", "--data.root"),
         ),
         "wrong column": Mistake(
             ["fit", "--config", inhouse, "--data.root", table, *tiny, "--trainer.default_root_dir", str(runs)],

@@ -31,7 +31,7 @@ import pandas as pd
 import scipy.io
 
 from mst_clipiqa.data.preprocess import open_image
-from mst_clipiqa.errors import BadImageError, BadRowError
+from mst_clipiqa.errors import BadImageError, BadRowError, OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -532,7 +532,7 @@ def load_source(kind: str, root: str | Path, **options: Any) -> datasets.Dataset
         ValueError: an unknown kind; the message lists the known ones.
     """
     if kind not in SOURCES:
-        raise ValueError(f"unknown data source {kind!r}; expected one of {', '.join(SOURCES)}")
+        raise OptionError(f"data.source {kind!r} is unknown; expected one of {', '.join(SOURCES)}")
     return SOURCES[kind](root, **options)
 
 

@@ -146,6 +146,9 @@ class IQADataModule(L.LightningDataModule):
         """The checked table of the whole source (read and validated once per process)."""
         if self.table is None:
             hp = self.hparams
+            if hp.source != "hf" and not Path(hp.root).expanduser().exists():  # an hf root may be a hub id
+                what = "table file" if hp.source == "table" else f"{hp.source} release's folder"
+                raise FileNotFoundError(f"data.root {hp.root}: no such file or folder; set --data.root to the {what}")
             table = load_source(hp.source, hp.root, **(hp.source_options or {}))
             report = self.run_dir / "dropped_rows.csv" if self.run_dir is not None else None
             self.table = check_dataset(

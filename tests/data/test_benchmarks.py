@@ -362,7 +362,7 @@ def test_hf_reader_takes_path_columns_relative_to_the_saved_folder(tmp_path):
 def test_load_source_dispatches_and_lists_the_known_kinds(tmp_path):
     make_agiqa3k(tmp_path)
     assert load_source("agiqa-3k", tmp_path)["name"] == load_agiqa3k(tmp_path)["name"]
-    with pytest.raises(ValueError, match="unknown data source 'agiqa-5k'; expected one of agiqa-1k, agiqa-3k"):
+    with pytest.raises(ValueError, match="data.source 'agiqa-5k' is unknown; expected one of agiqa-1k, agiqa-3k"):
         load_source("agiqa-5k", tmp_path)
     assert set(SOURCES) == {"agiqa-1k", "agiqa-3k", "aigciqa2023", "aigiqa-20k", "table", "hf"}
 

@@ -58,11 +58,7 @@ def clip_pixel_values(images: Tensor, preprocess: ClipPreprocess) -> Tensor:
     if mode is None:
         raise ValueError(f"cannot preprocess tensors with Pillow resampling filter {preprocess.resample}")
     height, width = images.shape[-2:]
-    # The arithmetic of ClipPreprocess: the long side is truncated, not rounded.
-    if width <= height:
-        new_width, new_height = preprocess.shortest_edge, int(preprocess.shortest_edge * height / width)
-    else:
-        new_width, new_height = int(preprocess.shortest_edge * width / height), preprocess.shortest_edge
+    new_width, new_height = preprocess.resized_size(width, height)
     pixels = images
     if new_width != width:
         pixels = F.interpolate(pixels, size=(height, new_width), mode=mode, antialias=True).clamp(0, 1)

@@ -145,7 +145,7 @@ def test_under_several_processes_rank_0_reports_all_and_the_others_their_first_l
     with pytest.raises(SystemExit):
         main(bad_extension)
     assert capsys.readouterr().err.splitlines() == [
-        "mst-clipiqa score: error: --out s.txt: the extension picks the format; use .csv or .jsonl"
+        "mst-clipiqa score: error: --out s.txt: the extension picks the format; use .csv, .jsonl, .parquet"
     ]
 
 

@@ -139,15 +139,17 @@ class ClipPreprocess:
             resample=config.get("resample", Image.Resampling.BICUBIC),
         )
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize: the short side to `shortest_edge`, the long one truncated, not rounded."""
+        if width <= height:
+            return self.shortest_edge, int(self.shortest_edge * height / width)
+        return int(self.shortest_edge * width / height), self.shortest_edge
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Preprocess one image of any mode into `pixel_values` of shape (3, crop height, crop width), float32."""
         if image.mode != "RGB":
             image = to_rgb(image)
-        width, height = image.size
-        if width <= height:
-            new_width, new_height = self.shortest_edge, int(self.shortest_edge * height / width)
-        else:
-            new_width, new_height = int(self.shortest_edge * width / height), self.shortest_edge
+        new_width, new_height = self.resized_size(*image.size)
         crop_h, crop_w = self.crop_size
         top, left = (new_height - crop_h) // 2, (new_width - crop_w) // 2
         # Pillow fills a crop box reaching outside the image with zeros, at the offsets transformers' padding uses.

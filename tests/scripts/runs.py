@@ -53,8 +53,10 @@ def cli_args(demo_data: str, clip: tuple[str, str], run_dir: Path, *extra: str, 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a child run: offline, one thread per process (two ranks share two cores), and
-    `scripts.runs` importable as in the tests."""
+    `scripts.runs` importable as in the tests. It starts its own W&B service, as a command in a new shell does: the
+    test process's (WANDB_SERVICE, set by an earlier in-process run) would still hold a killed child's run id."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
+    env.pop("WANDB_SERVICE", None)
     path = os.pathsep.join(filter(None, [str(SCRIPTS.parent), env.get("PYTHONPATH")]))
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 

@@ -1,7 +1,7 @@
 """Where the time of one frozen CLIP image tower goes on this machine: speed against the GEMM rate per batch size,
 page faults per image, and the operators that take the time.
 
-    python benchmarks/tower_profile.py HUB_CACHE [--tower openai/clip-vit-base-patch16] [--batches 1 8 16 32]
+    python perf/tower_profile.py HUB_CACHE [--tower openai/clip-vit-base-patch16] [--batches 1 8 16 32]
         [--tuned-malloc] [--compile]
 
 `--tuned-malloc` fixes glibc's mmap threshold at its largest (32 MB) and its trim threshold at 1 GB before anything

@@ -3,7 +3,7 @@
 Two measurements per image size: preprocessing a decoded RGB image, and decoding a JPEG plus preprocessing it
 (with and without draft decoding). Prints a markdown table; `--output FILE` also writes it, with the machine named.
 
-    python benchmarks/preprocess_speed.py [--repeats 50] [--output docs/preprocess_speed.md]
+    python perf/preprocess_speed.py [--repeats 50] [--output docs/preprocess_speed.md]
 """
 
 from __future__ import annotations

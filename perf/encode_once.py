@@ -5,7 +5,7 @@ weights, built by `python ../shared/tools/offline_clip_cache.py HUB_CACHE`: spee
 models, scores mean nothing. The data is the demo generator's (5 images per scene), split scene-disjoint as in
 experiments/demo.yaml.
 
-    python benchmarks/encode_once.py HUB_CACHE [--scenes 20] [--epochs 10] [--device cpu|cuda] [--workdir DIR]
+    python perf/encode_once.py HUB_CACHE [--scenes 20] [--epochs 10] [--device cpu|cuda] [--workdir DIR]
 
 Each measurement runs in its own process (so its peak RSS is its own) and prints one JSON line; this process
 prints a markdown report with the machine. Measurements:

@@ -1,8 +1,8 @@
 """`mst-clipiqa score` end to end (files, loader worker processes, Lightning's predict loop, the file written) against
 the towers alone on already-decoded tensors, in one run, on the CPU.
 
-    python benchmarks/score_engine.py WORKDIR --scenes 200 --towers tiny      # 1,000 demo images, tiny towers
-    python benchmarks/score_engine.py WORKDIR --scenes 8 --towers real        # 40 images, ViT-B/32 + B/16 shapes
+    python perf/score_engine.py WORKDIR --scenes 200 --towers tiny      # 1,000 demo images, tiny towers
+    python perf/score_engine.py WORKDIR --scenes 8 --towers real        # 40 images, ViT-B/32 + B/16 shapes
 
 `--towers real` builds random-weight towers of the real shapes as an offline hub cache in WORKDIR/hub (about 1 GB;
 speed is the real models', scores mean nothing); `--towers tiny` builds `tiny_clip.build_tiny_pair`. Images come

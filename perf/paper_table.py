@@ -1,6 +1,6 @@
 """The paper's whole table on stand-ins of the four benchmarks, and where its time goes.
 
-    python benchmarks/paper_table.py --scale 0.05 --workdir DIR [--clip random|tiny|hub] [--splits N] [--epochs N]
+    python perf/paper_table.py --scale 0.05 --workdir DIR [--clip random|tiny|hub] [--splits N] [--epochs N]
         [--benchmarks agiqa-1k agiqa-3k aigciqa2023 aigiqa-20k] [--workers N] [any fit option]
 
 1. Towers. ``--clip random`` (the default) writes CLIPs of the exact openai/clip-vit-base-patch32 and -patch16 shapes
@@ -20,12 +20,12 @@
    are in DIR/runs/<config>/.
 
 Phases. Every run's Trainer gets a profiler that sums three of Lightning's own timed actions: the data module's setup
-(reading the release and checking every image, which decodes each one in full: in the first run of each config, and in
-every run of a config that drops bad rows), its dataloader hooks (the encoding pass over whatever the cache lacks, and
-reading the cache), and the training epochs (steps, validation, checkpoints). The feature cache counts the images it
-decoded and encoded, the seconds it waited for decoded images and the seconds in the towers. The rest of each config's
-wall time is the runs' start-up (loading the towers, the template embeddings) and their tests. The last column
-projects each phase linearly to the benchmarks' real size (see `PROJECTION`).
+and its dataloader hooks (reading the release, hashing the files for the cache keys, and the encoding pass over
+whatever the cache lacks, which is also the image check: an image is decoded once, for both towers), and the training
+epochs (steps, validation, checkpoints). The feature cache counts the images it decoded and encoded, the seconds it
+waited for decoded images and the seconds in the towers; the rest of the data phase is reading the release and the
+cache. The rest of each config's wall time is the runs' start-up (loading the towers, the template embeddings) and
+their tests. The last column projects each phase linearly to the benchmarks' real size (see `PROJECTION`).
 
 Run the same command twice: the second run draws nothing and finds every feature in the cache, so its encode pass
 shows what a warm cache still costs.
@@ -100,7 +100,7 @@ from mst_clipiqa.tiny_clip import build_random_hub_cache, build_tiny_pair  # noq
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 HEADS = {"template": "A", "prompt": "B"}
-PHASES = ("setup_seconds", "features_seconds", "train_seconds")
+PHASES = ("data_seconds", "train_seconds")
 """What `PhaseProfiler` sums per run."""
 PROJECTION = (
     "Real size, linearly: each phase that grows with the data times its benchmark's real image count over its "
@@ -161,7 +161,7 @@ def table_configs(benchmarks: list[str]) -> list[Cell]:
 
 
 class PhaseProfiler(Profiler):
-    """Sums the seconds of the data module's setup, of its dataloader hooks and of the training epochs of one run.
+    """Sums the seconds of the data module's setup and dataloader hooks, and of the training epochs, of one run.
 
     Each run's Trainer builds its own from the class path in the run's config (an object there could not be written
     to the run's config.yaml), so every instance keeps its sums in `PhaseProfiler.runs`, in the order runs start.
@@ -183,10 +183,8 @@ class PhaseProfiler(Profiler):
         hook = action_name.startswith("[LightningDataModule]")
         if action_name == "run_training_epoch":
             phase = "train_seconds"
-        elif hook and action_name.endswith(".setup"):
-            phase = "setup_seconds"
-        elif hook and action_name.endswith("_dataloader"):
-            phase = "features_seconds"
+        elif hook and (action_name.endswith(".setup") or action_name.endswith("_dataloader")):
+            phase = "data_seconds"
         else:
             return
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
@@ -333,17 +331,17 @@ def phase_table(cells: list[Cell], prepared: Prepared) -> str:
     def count(key: str) -> int:
         return sum(row[key] for row in rows)
 
-    features, wait, towers = total("features_seconds"), total("decode_wait_seconds"), total("tower_seconds")
+    data, wait, towers = total("data_seconds"), total("decode_wait_seconds"), total("tower_seconds")
     drawn, drawing = prepared.standins.drawn, prepared.standins_seconds
     real = sum(RELEASE_IMAGES[source] for source in images) / sum(images.values())
     phases = [
         ("build the towers", (prepared.towers_seconds,) * 2),
         (f"draw the stand-ins ({drawn} images, {drawn / drawing:.1f} images/s)" if drawn else "stand-ins: reused",
          (drawing, drawing * real)),
-        ("setup: read each release, check (decode) its images", total("setup_seconds")),
-        (f"encode pass: waiting for decoded images ({count('images_decoded')} decoded)", wait),
-        (f"encode pass: towers ({count('images_encoded')} images, {count('prompts_encoded')} prompts)", towers),
-        ("encode pass: cache keys, reads and writes", tuple(f - w - t for f, w, t in zip(features, wait, towers))),
+        ("data: read each release, hash its files, read and write the cache",
+         tuple(d - w - t for d, w, t in zip(data, wait, towers))),
+        (f"encode: waiting for decoded images ({count('images_decoded')} decoded)", wait),
+        (f"encode: towers ({count('images_encoded')} images, {count('prompts_encoded')} prompts)", towers),
         ("train: epochs with validation and checkpoints", total("train_seconds")),
         ("other: start-up of each run (loading the towers), tests", (total("other_seconds")[0],) * 2),
     ]  # fmt: skip

@@ -93,6 +93,8 @@ def score(
     resume: bool = False,
     revision: str | None = None,
     compile: bool = False,
+    features: bool = False,
+    cache_dir: str | None = None,
 ) -> None:
     """Score images with a saved model, on the MOS scale of the data it was trained on.
 
@@ -121,6 +123,10 @@ def score(
         revision: branch, tag or commit of a hub model
         compile: compile the image towers first (torch.compile, tens of seconds): faster towers, which pays on
             large jobs where decoding keeps up
+        features: use the feature cache, as training does: images whose two embeddings it holds (same towers,
+            preprocessing, precision and file) are neither decoded nor encoded again, and the embeddings computed
+            are stored for later jobs and fits
+        cache_dir: the feature cache folder (null: $MST_CLIPIQA_FEATURES, else ~/.cache/mst_clipiqa/features)
     """
     if Path(out).suffix.lower() not in SCORE_FORMATS:
         raise OptionError(f"--out {out}: the extension picks the format; use {', '.join(SCORE_FORMATS)}")
@@ -144,6 +150,8 @@ def score(
         resume=resume,
         revision=revision,
         compile=compile,
+        features=features,
+        cache_dir=cache_dir,
     )
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator as CPU
 from lightning.pytorch.callbacks import Callback
@@ -36,7 +37,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mst_clipiqa.data.benchmarks import IMAGE_EXTENSIONS, load_table
-from mst_clipiqa.data.features import CPU_BATCH, prefers_bf16
+from mst_clipiqa.data.features import (
+    CPU_BATCH,
+    ShardWriter,
+    Shelf,
+    compute_name,
+    default_cache_dir,
+    file_key,
+    image_shelves,
+    prefers_bf16,
+)
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.data.samplers import EvalDistributedSampler
 from mst_clipiqa.errors import BadImageError, BadRowError
@@ -309,7 +319,8 @@ class ImageRows(Dataset):
     """The images of some input rows, decoded and preprocessed where the loader's worker processes run.
 
     Item i is ``(row, pixels or None, error or None, prompt)`` for input row ``rows[i]``: an image that cannot be
-    read becomes its error, so one bad file never stops a job.
+    read becomes its error, so one bad file never stops a job. A row in `held` (its embeddings are in the feature
+    cache) is not decoded: its item has neither pixels nor error.
     """
 
     def __init__(
@@ -319,15 +330,18 @@ class ImageRows(Dataset):
         prompts: Sequence[str | None],
         preprocess: ClipPreprocess,
         draft: bool,
+        held: frozenset[int] = frozenset(),
     ):
         self.rows, self.sources, self.prompts = list(rows), sources, prompts
-        self.preprocess, self.draft = preprocess, draft
+        self.preprocess, self.draft, self.held = preprocess, draft, held
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None, str | None]:
         row = self.rows[i]
+        if row in self.held:
+            return row, None, None, self.prompts[row]
         pixels = pixels_or_error(self.sources[row], self.preprocess, self.draft)
         if isinstance(pixels, BadImageError):
             return row, None, str(pixels), self.prompts[row]
@@ -335,16 +349,62 @@ class ImageRows(Dataset):
 
 
 def collate_rows(items: list[tuple[int, Tensor | None, str | None, str | None]]) -> dict[str, Any]:
-    """A batch of `ImageRows` items: every row's index and error, the good rows' pixels and prompts, and which
-    rows are good."""
-    good = [item for item in items if item[1] is not None]
+    """A batch of `ImageRows` items: every row's index and error, which rows were decoded and which are held in the
+    feature cache, the decoded rows' pixels, and the prompts of both (the good rows), in row order."""
+    decoded = [item for item in items if item[1] is not None]
     return {
         "index": torch.tensor([item[0] for item in items]),
-        "good": torch.tensor([item[1] is not None for item in items]),
-        "pixel_values": torch.stack([item[1] for item in good]) if good else None,
-        "prompt": [item[3] for item in good],
+        "decoded": torch.tensor([item[1] is not None for item in items]),
+        "held": torch.tensor([item[1] is None and item[2] is None for item in items]),
+        "pixel_values": torch.stack([item[1] for item in decoded]) if decoded else None,
+        "prompt": [item[3] for item in items if item[2] is None],
         "error": [item[2] for item in items],
     }
+
+
+class CachedEmbeddings:
+    """The feature cache as a scoring job uses it: the two image embeddings of the input files it already holds,
+    read instead of decoding and encoding those files again, and the embeddings the job computes, stored for later
+    jobs and fits.
+
+    Files are keyed as the training data's (`mst_clipiqa.data.features.image_keys`: path, size and modification
+    time) in the namespaces of the model's towers, preprocessing, draft decoding and compute precision, so a file
+    encoded by a fit of this model on this kind of device is found here, and the other way round.
+
+    Args:
+        shelves: the towers' namespaces ("coarse", "fine"), from `image_shelves`.
+        sources: every input row's file.
+    """
+
+    def __init__(self, shelves: dict[str, Shelf], sources: Sequence[Any]):
+        self.shelves = shelves
+        self.keys = [file_key(Path(source)) if isinstance(source, (str, os.PathLike)) else None for source in sources]
+        coarse, fine = shelves["coarse"].index, shelves["fine"].index
+        self.held = frozenset(row for row, key in enumerate(self.keys) if key in coarse and key in fine)
+        self.writers = {stream: ShardWriter(shelf) for stream, shelf in shelves.items()}
+        self.read = 0
+        """Rows this process read from the cache."""
+
+    def get(self, rows: list[int]) -> tuple[Tensor, Tensor]:
+        """The (n, D) coarse and fine embeddings of held rows."""
+        self.read += len(rows)
+        return tuple(
+            torch.from_numpy(np.stack([self.shelves[stream].get(self.keys[row])[0] for row in rows]))
+            for stream in ("coarse", "fine")
+        )
+
+    def add(self, rows: list[int], coarse: Tensor, fine: Tensor) -> None:
+        """Store the embeddings a batch computed for these rows (those whose file has a key)."""
+        keep = [i for i, row in enumerate(rows) if self.keys[row] is not None]
+        if keep:
+            keys = [self.keys[rows[i]] for i in keep]
+            for stream, values in (("coarse", coarse), ("fine", fine)):
+                self.writers[stream].add(keys, [row[None] for row in values[keep].cpu().numpy()])
+
+    def close(self) -> None:
+        """Write what is left to store."""
+        for writer in self.writers.values():
+            writer.close()
 
 
 class ScoreData(L.LightningDataModule):
@@ -360,6 +420,7 @@ class ScoreData(L.LightningDataModule):
         batch_size: images per forward pass.
         num_workers: loader processes decoding images, per rank.
         resume_from: leave out the rows the shards of this file already hold (`done_rows`); None scores all.
+        cache: the feature cache's embeddings of the inputs; None decodes and encodes every image.
     """
 
     def __init__(
@@ -373,8 +434,10 @@ class ScoreData(L.LightningDataModule):
         batch_size: int,
         num_workers: int,
         resume_from: Path | None = None,
+        cache: CachedEmbeddings | None = None,
     ):
         super().__init__()
+        self.cache = cache
         self.names, self.sources, self.prompts = names, sources, prompts
         self.preprocess, self.draft, self.needs_prompt = preprocess, draft, needs_prompt
         self.batch_size, self.num_workers, self.resume_from = batch_size, num_workers, resume_from
@@ -394,7 +457,8 @@ class ScoreData(L.LightningDataModule):
         self.trainer.strategy.barrier("scores-done-read")
         rows = [row for row in range(len(self.names)) if row not in done]
         self.todo = len(rows)
-        dataset = ImageRows(rows, self.sources, self.prompts, self.preprocess, self.draft)
+        held = self.cache.held if self.cache is not None else frozenset()
+        dataset = ImageRows(rows, self.sources, self.prompts, self.preprocess, self.draft, held)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -408,25 +472,50 @@ class ScoreData(L.LightningDataModule):
 class ScoreStep(L.LightningModule):
     """The trained module's predict step on the good rows of each `ScoreData` batch; the others keep their error.
 
-    Counts the rows it scored and failed, on this rank.
+    With the feature cache (`cache`), the towers encode only the decoded rows, whose embeddings it stores, and the
+    held rows' embeddings come from it; the head scores both alike. Counts the rows it scored and failed, on this
+    rank.
     """
 
-    def __init__(self, module: MSTCLIPIQAModule):
+    def __init__(self, module: MSTCLIPIQAModule, cache: CachedEmbeddings | None = None):
         super().__init__()
-        self.module = module
+        self.module, self.cache = module, cache
         self.scored = self.failed = 0
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        good, index = batch["good"], batch["index"]
+        index, decoded, held = batch["index"], batch["decoded"], batch["held"]
+        good = decoded | held
         scores: list[float | None] = [None] * len(index)
         positions = good.nonzero().flatten().tolist()
         if positions:
-            rows = {"index": index[good], "pixel_values": batch["pixel_values"], "prompt": batch["prompt"]}
+            rows = {"index": index[good], "prompt": batch["prompt"]}
+            if self.cache is None:
+                rows["pixel_values"] = batch["pixel_values"]
+            else:
+                rows["coarse_embeds"], rows["fine_embeds"] = self._embeddings(batch, good)
             for position, score in zip(positions, self.module.predict_step(rows, batch_idx)["score"].tolist()):
                 scores[position] = score
         self.scored += len(positions)
         self.failed += len(index) - len(positions)
         return {"index": index, "score": scores, "error": batch["error"]}
+
+    def _embeddings(self, batch: dict[str, Any], good: Tensor) -> tuple[Tensor, Tensor]:
+        """The (n, D) float32 coarse and fine embeddings of the good rows, in row order: the towers' for the decoded
+        rows (stored in the cache), the cache's for the held ones."""
+        index, decoded, held = batch["index"], batch["decoded"], batch["held"]
+        parts = []
+        if batch["pixel_values"] is not None:
+            encoded = tuple(e.float() for e in self.module.net.encoder(batch["pixel_values"]))
+            self.cache.add(index[decoded].tolist(), *encoded)
+            parts.append((decoded[good], encoded))
+        if held.any():
+            parts.append((held[good], tuple(e.to(self.device) for e in self.cache.get(index[held].tolist()))))
+        n, dim = int(good.sum()), parts[0][1][0].shape[1]
+        coarse, fine = (torch.empty(n, dim, device=self.device) for _ in range(2))
+        for where, (c, f) in parts:
+            where = where.to(self.device)
+            coarse[where], fine[where] = c, f
+        return coarse, fine
 
 
 class ImagesProgress(Callback):
@@ -468,13 +557,15 @@ def score_files(
     resume: bool = False,
     revision: str | None = None,
     compile: bool = False,
+    features: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, float]:
     """What `mst-clipiqa score` runs (see its options in `mst_clipiqa.cli.score`): `Trainer.predict` of the
     model over the images of `inputs`, into `out`, one row per image in input order.
 
     Returns:
-        On every rank: ``scored`` and ``failed`` (images, all ranks, this run), ``done_before`` (rows a resumed
-        run found done) and ``images_per_s``.
+        On every rank: ``scored`` and ``failed`` (images, all ranks, this run), ``cached`` (of those scored, the
+        images read from the feature cache), ``done_before`` (rows a resumed run found done) and ``images_per_s``.
 
     Raises:
         BadRowError: the prompt head and an image without a prompt; the message names it.
@@ -491,7 +582,7 @@ def score_files(
         checked_prompts(sources, prompts)
     if resume and out.is_file() and not parts_folder(out).exists():
         print(f"nothing to resume: {out} was completed, every image is in it", file=sys.stderr)
-        return {"scored": 0, "failed": 0, "done_before": len(names), "images_per_s": 0.0}
+        return {"scored": 0, "failed": 0, "cached": 0, "done_before": len(names), "images_per_s": 0.0}
     options: dict[str, Any] = {
         "accelerator": accelerator,
         "strategy": "auto",
@@ -522,36 +613,50 @@ def score_files(
         # On a CPU the towers need every core: a second decoding process on 2 cores cut the rate from 79% of the
         # towers' to 54% (docs/PERFORMANCE.md).
         num_workers = 1 if on_cpu else min(8, max(1, (os.cpu_count() or 1) // trainer.num_devices))
+    preprocess = ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision)
+    cache = None
+    if features:
+        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        compute = compute_name(trainer.strategy.root_device, options["precision"])
+        cache = CachedEmbeddings(image_shelves(root, module.net, preprocess, config.draft_decode, compute), sources)
     data = ScoreData(
         names,
         sources,
         prompts,
-        ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision),
+        preprocess,
         config.draft_decode,
         needs_prompt,
         batch_size or (CPU_BATCH if on_cpu else 256),  # fastest measured, PERFORMANCE.md
         num_workers,
         resume_from=out if resume else None,
+        cache=cache,
     )
     if compile:
         module.net.encoder.compile_towers()
-    step = ScoreStep(module)
+    step = ScoreStep(module, cache)
     started = time.perf_counter()
     trainer.predict(step, datamodule=data, return_predictions=False)
+    if cache is not None:
+        cache.close()
     writer.finish(trainer)  # a rank left without rows skipped the loop; the others wait for it here
     seconds = time.perf_counter() - started
-    counts = trainer.strategy.reduce(torch.tensor([step.scored, step.failed], dtype=torch.float64), reduce_op="sum")
-    scored, failed = (int(count) for count in counts.tolist())
+    read = cache.read if cache is not None else 0
+    counts = trainer.strategy.reduce(
+        torch.tensor([step.scored, step.failed, read], dtype=torch.float64), reduce_op="sum"
+    )
+    scored, failed, cached = (int(count) for count in counts.tolist())
     report = {
         "scored": scored,
         "failed": failed,
+        "cached": cached,
         "done_before": len(names) - data.todo,
         "images_per_s": (scored + failed) / seconds,
     }
     if trainer.is_global_zero:
         resumed = f" ({report['done_before']} done before)" if resume else ""
         print(
-            f"scored {scored}, failed {failed}{resumed}, {report['images_per_s']:.1f} images/s: {out}"
+            f"scored {scored}{f' ({cached} from the feature cache)' if features else ''}, failed {failed}{resumed}, "
+            f"{report['images_per_s']:.1f} images/s: {out}"
             + ("; see the error column" if failed else ""),
             file=sys.stderr,
         )

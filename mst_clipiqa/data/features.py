@@ -137,6 +137,16 @@ def _compute_dtype(device: torch.device) -> str:
     return "bfloat16-autocast" if prefers_bf16(device) else "float32"
 
 
+def compute_name(device: torch.device, precision: str) -> str:
+    """How a Lightning `precision` runs the towers on `device`, as the cache's namespaces name it: features the
+    encoding pass stores (float32, or bf16 autocast on CUDA) are found by a scoring job that computes them alike."""
+    if precision == "32-true":
+        return "float32"
+    if precision == "bf16-mixed" and device.type == "cuda":
+        return "bfloat16-autocast"
+    return f"{precision}-{device.type}"
+
+
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if prefers_bf16(device) else nullcontext()
 
@@ -158,11 +168,12 @@ def image_keys(images: datasets.Dataset, *, content_hash: bool = False) -> list[
             elif not path.is_valid:
                 keys.append(None)
             else:
-                keys.append(_file_key(Path(path.as_py()), content_hash))
+                keys.append(file_key(Path(path.as_py()), content_hash))
     return keys
 
 
-def _file_key(path: Path, content_hash: bool) -> str | None:
+def file_key(path: Path, content_hash: bool = False) -> str | None:
+    """The cache key of an image file (see `image_keys`); None where it cannot be read."""
     try:
         if content_hash:
             return "bytes:" + _digest(path.read_bytes())
@@ -252,7 +263,29 @@ class Shelf:
         os.rename(temporary, self.folder / f"shard-{uuid.uuid4().hex}")
 
 
-class _ShardWriter:
+def image_shelves(
+    root: Path, net: MSTCLIPIQA, preprocess: ClipPreprocess, draft: bool, compute: str
+) -> dict[str, Shelf]:
+    """The namespaces of `net`'s two image towers ("coarse", "fine") in the cache folder `root`, for images
+    preprocessed by `preprocess` (decoded in draft mode where `draft`) and encoded in the `compute` dtype
+    (`compute_name`)."""
+    image = {"preprocess": _preprocess_spec(preprocess), "draft_decode": draft, "compute": compute}
+    return {
+        stream: Shelf(
+            root,
+            {
+                "feature": "image_embeds",
+                "checkpoint": checkpoint_fingerprint(getattr(net.config, f"{stream}_encoder"), net.config.revision),
+                "weights_dtype": str(next(tower.parameters()).dtype),
+                **image,
+            },
+            "image",
+        )
+        for stream, tower in (("coarse", net.encoder.coarse), ("fine", net.encoder.fine))
+    }
+
+
+class ShardWriter:
     """Collects encoded items and writes them to a shelf every `SHARD_SIZE` items, and the rest at `close`."""
 
     def __init__(self, shelf: Shelf):
@@ -369,24 +402,7 @@ class TableFeatures:
             return
         config = net.config
         device = next(net.encoder.parameters()).device
-        image = {
-            "preprocess": _preprocess_spec(self.preprocess),
-            "draft_decode": self.draft,
-            "compute": _compute_dtype(device),
-        }
-        self.shelves = {
-            stream: Shelf(
-                self.root,
-                {
-                    "feature": "image_embeds",
-                    "checkpoint": checkpoint_fingerprint(getattr(config, f"{stream}_encoder"), config.revision),
-                    "weights_dtype": str(next(tower.parameters()).dtype),
-                    **image,
-                },
-                "image",
-            )
-            for stream, tower in (("coarse", net.encoder.coarse), ("fine", net.encoder.fine))
-        }
+        self.shelves = image_shelves(self.root, net, self.preprocess, self.draft, _compute_dtype(device))
         self.text = None
         if net.needs_prompt:
             text = net.prompt_encoder
@@ -546,8 +562,8 @@ class TableFeatures:
             return failed
         device = next(net.encoder.parameters()).device
         towers = [
-            (net.encoder.coarse, set(coarse), _ShardWriter(self.shelves["coarse"])),
-            (net.encoder.fine, set(fine), _ShardWriter(self.shelves["fine"])),
+            (net.encoder.coarse, set(coarse), ShardWriter(self.shelves["coarse"])),
+            (net.encoder.fine, set(fine), ShardWriter(self.shelves["fine"])),
         ]
         images = _Pixels(self.table.select([row for _, row in items]), self.preprocess, self.draft)
         loader = DataLoader(
@@ -587,7 +603,7 @@ class TableFeatures:
         if not prompts:
             return
         device = next(net.prompt_encoder.parameters()).device
-        writer = _ShardWriter(self.text)
+        writer = ShardWriter(self.text)
         with tqdm(total=len(prompts), desc="Encoding prompts", unit="prompt", disable=not progress) as bar:
             for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start : start + self.batch_size]

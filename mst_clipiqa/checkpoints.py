@@ -24,6 +24,7 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from mst_clipiqa.data.tables import Columns
 from mst_clipiqa.errors import BadCheckpointError
 
 SPLIT_KEYS = (
@@ -52,12 +54,11 @@ SPLIT_KEYS = (
 """Data module settings that decide which rows train and which test: a run resumes only a checkpoint that agrees."""
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True``.
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Lightning checkpoint with ``weights_only=True``, its tensors on the CPU.
 
     Args:
         path: the checkpoint file.
-        map_location: where tensors go, as in `torch.load`.
 
     Returns:
         The checkpoint's dict.
@@ -68,7 +69,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
             object other than tensors and plain data (which is never unpickled).
     """
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except pickle.UnpicklingError as err:
@@ -112,7 +113,21 @@ def _differences(checkpoint: dict[str, Any], net: dict[str, Any], data: dict[str
     saved_net = checkpoint.get("hyper_parameters", {}).get("net")
     saved_data = checkpoint.get("datamodule_hyper_parameters", {})
     differ = ["model.net"] if saved_net != net else []
-    return differ + [f"data.{key}" for key in SPLIT_KEYS if key in data and saved_data.get(key) != data[key]]
+    return differ + [
+        f"data.{key}" for key in SPLIT_KEYS if key in data and not _same(key, saved_data.get(key), data[key])
+    ]
+
+
+def _same(key: str, saved: Any, current: Any) -> bool:
+    """Whether a data setting saved in a checkpoint equals the run's. A column mapping is compared with every field
+    filled in: checkpoints of earlier versions stored only the fields a user gave."""
+    if key == "source_options" and isinstance(saved, dict) and current is not None:
+        current = asdict(current) if is_dataclass(current) else dict(current)
+        try:
+            return asdict(Columns(**saved)) == asdict(Columns(**current))
+        except TypeError:  # a field this version does not know
+            return False
+    return saved == current
 
 
 def find_last_checkpoint(trainer: L.Trainer, net: dict[str, Any], data: dict[str, Any]) -> Path | None:

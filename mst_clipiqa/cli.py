@@ -12,7 +12,6 @@ shows the full traceback instead.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 import re
@@ -20,11 +19,12 @@ import sys
 import typing
 import warnings
 from argparse import ArgumentError
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal
 
 from mst_clipiqa.errors import MSTCLIPIQAError, OptionError
+from mst_clipiqa.parse_errors import SuggestingErrors, config_paths, did_you_mean, explain
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -116,13 +116,13 @@ def score(
         accelerator: cpu, gpu, ... (auto: the GPU when there is one)
         devices: devices per node; each scores its share of the images
         num_nodes: machines; the output file must be on a file system every node sees
-        precision: compute precision of the towers (null: bf16 on a GPU, else 32; on a CPU with AMX, bf16 runs 2-3x
-            faster)
+        precision: compute precision of the towers (null: bf16 on a GPU, else 32; on a CPU with bf16 matrix units
+            (AMX), bf16 is much faster, with scores slightly off float32's: see docs/PERFORMANCE.md)
         resume: go on with a job that was stopped (killed, out of time): score only the images its partial output
             lacks, then write the whole file; run the same command with --resume true
         revision: branch, tag or commit of a hub model
-        compile: compile the image towers first (torch.compile, tens of seconds): faster towers, which pays on
-            large jobs where decoding keeps up
+        compile: compile the image towers first (torch.compile, which takes a while before the first batch): faster
+            towers, which pays on large jobs where decoding keeps up (docs/PERFORMANCE.md)
         features: use the feature cache, as training does: images whose two embeddings it holds (same towers,
             preprocessing, precision and file) are neither decoded nor encoded again, and the embeddings computed
             are stored for later jobs and fits
@@ -218,15 +218,6 @@ def _summary(command: Callable) -> str:
 # ---- parsing -----------------------------------------------------------------------------------------------------
 
 
-class SuggestingErrors:
-    """Mixed into a jsonargparse parser: a misspelled option or key, or a value that is not one of the choices, gets
-    a "did you mean" in the error message."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        parser = getattr(ex, "subcommand_parser", None) or _chosen_subcommand(self) or self
-        super().error(explain(message, parser, getattr(self, "args", ())), ex)
-
-
 def command_parser(name: str) -> ArgumentParser:
     """The parser of `COMMANDS[name]`: an option per parameter, typed and documented by its signature and docstring
     (a list is given as values in a row: --variants template prompt)."""
@@ -293,94 +284,12 @@ def _is_number(arg: str) -> bool:
     return True
 
 
-UNKNOWN_KEY = r"(?:Group '([^']+)' does not accept|Subcommand '[^']+' does not accept|Option) (?:option )?'([^']+)'"
-"""jsonargparse's words for a key it does not know (from a config file, or given as --key=value)."""
-
-
-def explain(message: str, parser: ArgumentParser, argv: Sequence[str] = ()) -> str:
-    """A jsonargparse error message (of parsing `argv`) said in the options' terms, with what the user probably
-    meant: the option or key closest to a misspelled one, or the allowed value closest to the one given."""
-    if "did you mean" in message:  # explained already, by the parser of a nested parse
-        return message
-    options = parser._option_string_actions
-    if match := re.match(r"the following arguments are required: (.*)", message):
-        return "missing " + ", ".join(f"--{name}" if f"--{name}" in options else name for name in match[1].split(", "))
-    if match := re.match(r"unrecognized arguments: (.*)", message):
-        given = [arg.split("=", 1)[0] for arg in match[1].split() if arg.startswith("--")]
-        return message + _did_you_mean(given, [option for option in options if option.startswith("--")])
-    if match := re.search(UNKNOWN_KEY, message):
-        key = ".".join(filter(None, match.groups()))
-        return message + _did_you_mean([key], [option.removeprefix("--") for option in options])
-    if message.startswith("Problems parsing config"):
-        return next(filter(None, map(_yaml_error, _config_paths(argv))), message)
-    key = re.match(r'Parser key "([^"]+)"(?: element \d+)?:\s*', message)
-    given = re.search(r"(?:Got|Given) value: (.*)$", message)
-    if key and given:
-        choices = [str(choice) for choice in _choices(options.get(f"--{key[1]}"))]
-        if choices:
-            value = given[1].strip()
-            return f"--{key[1]}: {value!r} is not one of {', '.join(choices)}" + _did_you_mean([value], choices)
-    return f"--{key[1]}: {message[key.end() :]}" if key else message
-
-
-def _did_you_mean(given: Sequence[str], known: Sequence[str]) -> str:
-    """The "; did you mean X?" for the first of `given` that has a close match in `known`, else ""."""
-    for name in given:
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-        if close:
-            return f"; did you mean {close[0]}?"
-    return ""
-
-
-def _choices(action: Any) -> list[Any]:
-    """The values an action accepts: its argparse choices, or those of the Literal in its type hint."""
-    if action is None:
-        return []
-    if action.choices:
-        return list(action.choices)
-    return list(_literal_values(getattr(action, "_typehint", None)))
-
-
-def _literal_values(hint: Any) -> Iterator[Any]:
-    if typing.get_origin(hint) is Literal:
-        yield from typing.get_args(hint)
-    else:
-        for argument in typing.get_args(hint):
-            yield from _literal_values(argument)
-
-
-def _chosen_subcommand(parser: ArgumentParser) -> ArgumentParser | None:
-    """The parser of the subcommand named on the command line, where `parser` has subcommands."""
-    subcommands = getattr(parser, "_subcommands_action", None)
-    if subcommands is None:
-        return None
-    chosen = next((arg for arg in getattr(parser, "args", []) if arg in subcommands.choices), None)
-    return subcommands.choices.get(chosen)
-
-
-def _config_paths(argv: Sequence[str]) -> list[Path]:
-    """The files given as --config in `argv`."""
-    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
-    return [Path(path) for path in paths + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]]
-
-
-def _yaml_error(path: Path) -> str | None:
-    """What is wrong with the YAML of `path`, if anything."""
-    import yaml
-
-    try:
-        yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        return f"--config {path}: not a readable YAML file: {err}"
-    return None
-
-
 def refuse_run_config(command: str, argv: Sequence[str]) -> None:
     """A training run's config.yaml given to score or export: say what the command takes instead, naming that run's
     checkpoints, rather than fail on its every key."""
     import yaml
 
-    for path in _config_paths(argv):
+    for path in config_paths(argv):
         try:
             config = yaml.safe_load(path.read_text())
         except (OSError, yaml.YAMLError):
@@ -431,7 +340,7 @@ def run(argv: list[str]) -> None:
         return
     if not argv[0].startswith("-") and argv[0] not in TRAINER_COMMANDS:
         known = [*TRAINER_COMMANDS, *COMMANDS]
-        suggestion = _did_you_mean(argv[:1], known)
+        suggestion = did_you_mean(argv[:1], known)
         raise ArgumentError(None, f"no command {argv[0]!r}{suggestion} (the commands: {', '.join(known)})")
     from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 

@@ -112,7 +112,7 @@ class MSTCLIPIQAScore(Metric):
             raise TypeError(
                 f"model must be a saved model's path or hub id, or an MSTCLIPIQAModule; got {type(model).__name__}"
             )
-        if not model.has_mos_range:
+        if not model.net.has_mos_range:
             raise BadModelError("the model has no MOS range to score on: train it first or load a trained model")
         # Set around nn.Module's registration: a submodule would put the towers into the metric's (and its owner's)
         # state_dict and parameters, and follow its train(); `_apply` still moves it with the metric.
@@ -129,7 +129,7 @@ class MSTCLIPIQAScore(Metric):
     @property
     def mos_range(self) -> tuple[float, float]:
         """(low, high) of the MOS scale scores are on."""
-        low, high = self.model.mos_range.tolist()
+        low, high = self.model.net.mos_range.tolist()
         return low, high
 
     def update(self, images: Tensor, prompts: Sequence[str] | None = None) -> None:
@@ -147,15 +147,18 @@ class MSTCLIPIQAScore(Metric):
         _check_images(images)
         if not len(images):
             return
-        batch: dict[str, Any] = {"prompt": self._checked_prompts(len(images), prompts)}
-        encoder = self.model.net.encoder
+        prompts = self._checked_prompts(len(images), prompts)
+        net = self.model.net
         # Autograd only when someone can use it; without it the towers compute their activations in place.
         with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
-            pixel_values = clip_pixel_values(images, self.preprocess).to(encoder.coarse.dtype)
+            pixel_values = clip_pixel_values(images, self.preprocess).to(net.encoder.coarse.dtype)
             # The towers themselves: TwoStreamEncoder.forward runs without autograd.
-            batch["coarse_embeds"] = encoder.coarse(pixel_values=pixel_values).image_embeds  # (B, D)
-            batch["fine_embeds"] = encoder.fine(pixel_values=pixel_values).image_embeds  # (B, D)
-            self.scores.append(self.model.to_mos(self.model(batch)))  # (B,)
+            output = net(
+                prompts=prompts,
+                coarse_embeds=net.encoder.coarse(pixel_values=pixel_values).image_embeds,  # (B, D)
+                fine_embeds=net.encoder.fine(pixel_values=pixel_values).image_embeds,  # (B, D)
+            )
+            self.scores.append(net.to_mos(output.score))  # (B,)
 
     def forward(self, images: Tensor, prompts: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Add the batch to the state and return its own result, differentiable as described above."""

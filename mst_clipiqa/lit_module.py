@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
@@ -12,20 +11,19 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from transformers import get_cosine_schedule_with_warmup
 
 from mst_clipiqa.checkpoints import read_checkpoint
 from mst_clipiqa.losses import LossConfig, iqa_loss
 from mst_clipiqa.metrics import make_metrics
-from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
+from mst_clipiqa.model import MSTCLIPIQA, ModelConfig, QualityOutput
+from mst_clipiqa.saved_model import LEGACY_MOS_RANGE_KEY, MOS_RANGE_KEY, SavedModel
 
 # The frozen towers are in eval mode on purpose; Lightning's generic notice about it would only alarm users.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 # Under DDP every rank computes the evaluation metrics from all ranks' gathered pairs, so they are already the same
 # everywhere; Lightning's advice to log them with sync_dist=True would only average identical values.
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/(srcc|plcc|krcc|rmse)")
-
-# The head's own scale: the template head's expected level lies in [1, 5]; head B trains on the same scale.
-INTERNAL_LOW, INTERNAL_HIGH = 1.0, 5.0
 
 
 @dataclass
@@ -39,7 +37,8 @@ class OptimConfig:
     weight_decay: float = 1e-3
     """Weight decay."""
     scheduler: Literal["cosine", "constant"] = "cosine"
-    """'cosine': linear warm-up then cosine decay to zero over the run; 'constant': no schedule."""
+    """'cosine': linear warm-up from zero, then cosine decay to zero over the run (transformers'
+    `get_cosine_schedule_with_warmup`); 'constant': no schedule."""
     warmup_fraction: float = 0.05
     """Fraction of the training steps spent warming up (cosine only)."""
 
@@ -90,8 +89,6 @@ class MSTCLIPIQAModule(L.LightningModule):
         self.net_config = _as(ModelConfig, net)
         saved = None
         if init_from is not None:
-            from mst_clipiqa.pretrained import SavedModel  # imported here: pretrained builds on this module
-
             saved = SavedModel.read(init_from)
             self.net_config = _settings_from(saved.net, self.net_config, init_from)
         self.loss_config = _as(LossConfig, loss)
@@ -100,66 +97,44 @@ class MSTCLIPIQAModule(L.LightningModule):
             {"net": asdict(self.net_config), "loss": asdict(self.loss_config), "optim": asdict(self.optim_config)}
         )
         self.net = MSTCLIPIQA(self.net_config)
-        # The data's MOS scale (low, high), mapped linearly onto the head's 1..5: set from the data module at every
-        # fit (its mos_range option, else the training split's min and max) and stored in checkpoints, so scores
-        # come back on the data's own scale.
-        self.register_buffer("mos_range", torch.tensor([math.nan, math.nan], dtype=torch.float64))
         if saved is not None:
-            saved.load_into(self)
+            saved.load_into(self.net)
         self.val_metrics = make_metrics("val/")
         self.test_metrics = make_metrics("test/", logistic=True)
 
-    # ---- scale -------------------------------------------------------------------------------------------------
-
-    @property
-    def has_mos_range(self) -> bool:
-        return not bool(torch.isnan(self.mos_range).any())
-
-    def set_mos_range(self, low: float, high: float) -> None:
-        if not high > low:
-            raise ValueError(f"the training MOS must not all be equal (low={low}, high={high})")
-        self.mos_range.copy_(torch.tensor([low, high], dtype=torch.float64))
-
-    def to_internal(self, mos: Tensor) -> Tensor:
-        low, high = self.mos_range  # tensors, not floats: no wait for the device at every step
-        return INTERNAL_LOW + (mos.float() - low) * (INTERNAL_HIGH - INTERNAL_LOW) / (high - low)
-
-    def to_mos(self, score: Tensor) -> Tensor:
-        low, high = self.mos_range
-        return low + (score.float() - INTERNAL_LOW) * (high - low) / (INTERNAL_HIGH - INTERNAL_LOW)
-
     # ---- forward -----------------------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, Any], return_gate: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Internal-scale scores (B,) for a batch of pixels or of cached embeddings."""
-        if "coarse_embeds" in batch:
-            f_c, f_f = batch["coarse_embeds"], batch["fine_embeds"]
-        else:
-            f_c, f_f = self.net.encoder(batch["pixel_values"])
-        states = mask = None
-        if self.net.needs_prompt:
-            if "prompt_states" in batch:
-                states, mask = batch["prompt_states"], batch["prompt_mask"]
-            else:
-                states, mask = self.net.prompt_encoder(batch["prompt"])
-        return self.net.score_embeddings(f_c, f_f, states, mask, return_gate=return_gate)
+    def forward(self, batch: dict[str, Any]) -> QualityOutput:
+        """The network on a batch of pixels ("pixel_values") or of cached embeddings ("coarse_embeds",
+        "fine_embeds"), with, for the prompt head, its prompts ("prompt") or their cached states ("prompt_states",
+        "prompt_mask")."""
+        return self.net(
+            batch.get("pixel_values"),
+            batch.get("prompt"),
+            coarse_embeds=batch.get("coarse_embeds"),
+            fine_embeds=batch.get("fine_embeds"),
+            prompt_states=batch.get("prompt_states"),
+            prompt_mask=batch.get("prompt_mask"),
+        )
 
     # ---- steps -------------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Training maps the training data's MOS scale onto the head, also when the weights it starts from were
-        trained on another scale; evaluating and predicting keep the scale the model was trained on (restored from
-        a checkpoint after this hook), or take the data's when it has none."""
+        """Training maps the training data's MOS scale (the data module's mos_range option, else the training
+        split's min and max) onto the head, also when the weights it starts from were trained on another scale;
+        evaluating and predicting keep the scale the model was trained on (restored from a checkpoint after this
+        hook), or take the data's when it has none."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_range = getattr(datamodule, "mos_range", None)
-        if data_range is not None and (stage == "fit" or not self.has_mos_range):
-            if self.has_mos_range and tuple(self.mos_range.tolist()) != tuple(data_range):
+        net = self.net
+        if data_range is not None and (stage == "fit" or not net.has_mos_range):
+            if net.has_mos_range and tuple(net.mos_range.tolist()) != tuple(data_range):
                 rank_zero_info(
                     "scores map onto the training data's MOS range [{:g}, {:g}] (the weights it starts from were "
-                    "trained on [{:g}, {:g}])".format(*data_range, *self.mos_range.tolist())
+                    "trained on [{:g}, {:g}])".format(*data_range, *net.mos_range.tolist())
                 )
-            self.set_mos_range(*data_range)
-        if not self.has_mos_range:
+            net.set_mos_range(*data_range)
+        if not net.has_mos_range:
             raise RuntimeError("the model has no MOS range: train it first or load a trained checkpoint")
 
     def on_fit_start(self) -> None:
@@ -170,24 +145,25 @@ class MSTCLIPIQAModule(L.LightningModule):
             logger.log_hyperparams({"trainable_params": trainable, "frozen_params": frozen})
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        score = self(batch)
-        loss = iqa_loss(score, self.to_internal(batch["mos"]), self.loss_config)
+        score = self(batch).score
+        loss = iqa_loss(score, self.net.to_internal(batch["mos"]), self.loss_config)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(score))
         return loss
 
     def _evaluate(self, batch: dict[str, Any], metrics) -> dict[str, Tensor]:
-        score, gate = self(batch, return_gate=True)
-        loss = iqa_loss(score, self.to_internal(batch["mos"]), self.loss_config)
+        output = self(batch)
+        loss = iqa_loss(output.score, self.net.to_internal(batch["mos"]), self.loss_config)
         stage = "val" if metrics is self.val_metrics else "test"
-        self.log(f"{stage}/loss", loss, batch_size=len(score), sync_dist=True)
-        outputs = self._per_sample(batch, score, gate)
+        self.log(f"{stage}/loss", loss, batch_size=len(output.score), sync_dist=True)
+        outputs = self._per_sample(batch, output)
         metrics.update(outputs["score"], batch["mos"].float())
         # Returned for callbacks that look at single samples (the W&B evaluation logger).
         return {**outputs, "mos": batch["mos"].float()}
 
-    def _per_sample(self, batch: dict[str, Any], score: Tensor, gate: Tensor) -> dict[str, Tensor]:
+    def _per_sample(self, batch: dict[str, Any], output: QualityOutput) -> dict[str, Tensor]:
         """Row index, score on the MOS scale and the gate's mean (the coarse stream's share of z) of each sample."""
-        return {"index": batch["index"], "score": self.to_mos(score).float(), "coarse_share": gate.float().mean(-1)}
+        score, coarse_share = self.net.to_mos(output.score).float(), output.gate.float().mean(-1)
+        return {"index": batch["index"], "score": score, "coarse_share": coarse_share}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         return self._evaluate(batch, self.val_metrics)
@@ -207,7 +183,7 @@ class MSTCLIPIQAModule(L.LightningModule):
         self._log_metrics(self.test_metrics)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
-        return self._per_sample(batch, *self(batch, return_gate=True))
+        return self._per_sample(batch, self(batch))
 
     # ---- optimisation ------------------------------------------------------------------------------------------
 
@@ -219,14 +195,7 @@ class MSTCLIPIQAModule(L.LightningModule):
         if config.scheduler == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(config.warmup_fraction * total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints without the frozen towers -----------------------------------------------------------------
@@ -254,9 +223,14 @@ class MSTCLIPIQAModule(L.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put back the frozen towers this module loaded from its config, so strict loading still checks the rest."""
+        """Put back the frozen towers this module loaded from its config, so strict loading still checks the rest.
+
+        Checkpoints written before the network held the MOS scale keep it at the top, as ``mos_range``.
+        """
         prefixes = self._frozen_prefixes()
         state = checkpoint["state_dict"]
+        if LEGACY_MOS_RANGE_KEY in state:
+            state[MOS_RANGE_KEY] = state.pop(LEGACY_MOS_RANGE_KEY)
         for key, value in self.state_dict().items():
             if key.startswith(prefixes):
                 state.setdefault(key, value)

@@ -1,21 +1,24 @@
 """MST-CLIPIQA, top to bottom in the order data flows.
 
     image ─ CLIP preprocessing (data/preprocess.py), one tensor shared by both streams
-      ├─ coarse stream: frozen CLIP image tower, patch 32 → f_c = image_embeds   (semantics)
-      └─ fine stream:   frozen CLIP image tower, patch 16 → f_f = image_embeds   (texture, artifacts)
-    GatedFusion(f_c, f_f) → z
+      ├─ coarse stream: frozen CLIP image tower, patch 32 → coarse_embeds = image_embeds   (semantics)
+      └─ fine stream:   frozen CLIP image tower, patch 16 → fine_embeds = image_embeds     (texture, artifacts)
+    GatedFusion(coarse_embeds, fine_embeds) → z
     TemplateHead(z)            → score    variant A: "a photo with {bad..perfect} quality"
     PromptHead(z, prompt)      → score    variant B: cross-attention over the generation prompt's tokens
+    score on the head's internal 1..5 scale ↔ the MOS scale of the training data (linear)
 
-Scores live on the head's internal scale (1..5); the LightningModule maps them to and from each data set's
-own MOS scale. Everything here is a plain `nn.Module` and runs without Lightning.
+`MSTCLIPIQA` holds the whole path, including the MOS scale its scores map onto, and takes either pixels or the
+frozen towers' outputs computed earlier (the feature cache). Everything here is a plain `nn.Module` and runs
+without Lightning.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +30,8 @@ from transformers.activations import QuickGELUActivation
 from transformers.utils import logging as hf_logging
 
 QUALITY_LEVELS = ("bad", "poor", "fair", "good", "perfect")
+INTERNAL_LOW, INTERNAL_HIGH = 1.0, 5.0
+"""The head's own scale: the template head's expected level lies in [1, 5]; head B trains on the same scale."""
 
 
 @dataclass
@@ -76,9 +81,9 @@ class InPlaceQuickGELU(nn.Module):
     """CLIP's QuickGELU, x * sigmoid(1.702 x), rewritten as silu(1.702 x) / 1.702 and computed in place.
 
     The MLP activations are the largest tensors of a tower (tokens x 3072). The stock version makes three new ones
-    per layer; this one writes over its input, which nothing else reads. Same function up to float rounding; on the
-    CPU both towers together score 4-7% more images per second (docs/PERFORMANCE.md). With gradients on, the input
-    must stay intact for backward, so the stock formula runs.
+    per layer; this one writes over its input, which nothing else reads: same function up to float rounding, less
+    memory traffic, so the towers run faster, on a CPU most of all (docs/PERFORMANCE.md). With gradients on, the
+    input must stay intact for backward, so the stock formula runs.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,6 +111,26 @@ def freeze(module: nn.Module) -> nn.Module:
     """Turn off gradients and put in eval mode: frozen towers never train and never use dropout."""
     module.requires_grad_(False)
     return module.eval()
+
+
+CPU_BATCH = 8
+"""Largest batch the frozen image towers run at on a CPU. The MLP activations of 8 ViT-B/16 images (8 x 197 x 3072
+floats) stay under glibc's largest mmap threshold (32 MB), so freed buffers are reused instead of mapped and
+page-faulted afresh at every call; larger batches run further from the matmul bound (docs/PERFORMANCE.md)."""
+GPU_BATCH = 256
+"""Images per batch when scoring on a GPU: large enough to keep the towers busy, small enough for any GPU's memory
+(docs/PERFORMANCE.md)."""
+
+
+def prefers_bf16(device: torch.device) -> bool:
+    """The frozen towers run under bf16 autocast on a GPU that supports it, in float32 elsewhere: the feature cache
+    encodes so, and scoring does so by default."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def tower_autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast where `prefers_bf16`, else nothing."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if prefers_bf16(device) else nullcontext()
 
 
 class TwoStreamEncoder(nn.Module):
@@ -138,15 +163,17 @@ class TwoStreamEncoder(nn.Module):
             self.compiled_batch = self.compiled_batch or len(pixel_values)
             if len(pixel_values) != self.compiled_batch:
                 coarse, fine = coarse.forward, fine.forward  # eager: skips the compiled call
-        f_c = coarse(pixel_values=pixel_values).image_embeds  # (B, D)
-        f_f = fine(pixel_values=pixel_values).image_embeds  # (B, D)
-        return f_c, f_f
+        coarse_embeds = coarse(pixel_values=pixel_values).image_embeds  # (B, D)
+        fine_embeds = fine(pixel_values=pixel_values).image_embeds  # (B, D)
+        return coarse_embeds, fine_embeds
 
 
 class GatedFusion(nn.Module):
     """GFF: a per-dimension gate decides how much of each stream enters the fused feature.
 
     h = ReLU(W_h [f_c; f_f] + b_h);  g = sigmoid(W_g h + b_g);  z = g * (W_c f_c + b_c) + (1 - g) * (W_f f_f + b_f)
+
+    with the paper's f_c = `coarse_embeds` and f_f = `fine_embeds`.
     """
 
     def __init__(self, dim: int, hidden: int):
@@ -156,11 +183,11 @@ class GatedFusion(nn.Module):
         self.proj_coarse = nn.Linear(dim, dim)
         self.proj_fine = nn.Linear(dim, dim)
 
-    def forward(self, f_c: Tensor, f_f: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, coarse_embeds: Tensor, fine_embeds: Tensor) -> tuple[Tensor, Tensor]:
         """Returns the fused feature z (B, D) and the gate g (B, D): g = 1 means all coarse."""
-        h = F.relu(self.hidden(torch.cat([f_c, f_f], dim=-1)))  # (B, 2D) → (B, hidden)
+        h = F.relu(self.hidden(torch.cat([coarse_embeds, fine_embeds], dim=-1)))  # (B, 2D) → (B, hidden)
         g = torch.sigmoid(self.gate(h))  # (B, D)
-        z = g * self.proj_coarse(f_c) + (1 - g) * self.proj_fine(f_f)  # (B, D)
+        z = g * self.proj_coarse(coarse_embeds) + (1 - g) * self.proj_fine(fine_embeds)  # (B, D)
         return z, g
 
 
@@ -215,26 +242,28 @@ class PromptEncoder(nn.Module):
         self.dim = self.text.config.hidden_size
         self.max_tokens = min(config.max_prompt_tokens, self.text.config.max_position_embeddings)
 
-    def tokenize(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """Token ids (B, L) and attention mask (B, L); over-long prompts keep their first tokens and the EOS."""
-        with quiet_transformers():  # over-long prompts are reported below, once per batch
-            ids = self.tokenizer(list(prompts), truncation=False, padding=False)["input_ids"]
-        too_long = [i for i, seq in enumerate(ids) if len(seq) > self.max_tokens]
-        if too_long:
-            warnings.warn(
-                f"{len(too_long)} prompt(s) exceed {self.max_tokens} tokens and were truncated, "
-                f"e.g. {prompts[too_long[0]][:80]!r}",
-                stacklevel=2,
-            )
-            ids = [seq[: self.max_tokens - 1] + seq[-1:] if len(seq) > self.max_tokens else seq for seq in ids]
-        length = max(len(seq) for seq in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([seq + [pad] * (length - len(seq)) for seq in ids])  # (B, L)
-        mask = torch.tensor([[1] * len(seq) + [0] * (length - len(seq)) for seq in ids])  # (B, L)
-        return input_ids, mask
+    def tokenize(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Token ids (B, L) and attention mask (B, L), padded to the longest prompt; over-long prompts keep their
+        first tokens and the EOS, with a warning."""
+        prompts = list(prompts)
+        tokens = self.tokenizer(
+            prompts, padding="longest", truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        # Only a prompt that fills the limit may have been cut: tokenize those again, whole, to know.
+        full = [prompt for prompt, n in zip(prompts, tokens["attention_mask"].sum(1).tolist()) if n == self.max_tokens]
+        if full:
+            with quiet_transformers():  # the tokenizer's own over-length notice, reported below instead
+                too_long = [p for p, ids in zip(full, self.tokenizer(full)["input_ids"]) if len(ids) > self.max_tokens]
+            if too_long:
+                warnings.warn(
+                    f"{len(too_long)} prompt(s) exceed {self.max_tokens} tokens and were truncated, "
+                    f"e.g. {too_long[0][:80]!r}",
+                    stacklevel=2,
+                )
+        return tokens["input_ids"], tokens["attention_mask"]
 
     @torch.no_grad()
-    def forward(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def forward(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Returns last_hidden_state (B, L, Dt) and a bool mask (B, L), True on real tokens."""
         input_ids, mask = self.tokenize(prompts)
         device = next(self.text.parameters()).device
@@ -251,11 +280,21 @@ def template_embeddings(config: ModelConfig) -> Tensor:
     return text(**inputs).text_embeds  # (K, D)
 
 
-class MSTCLIPIQA(nn.Module):
-    """Image (and prompt) → quality score on the internal 1..5 scale.
+@dataclass
+class QualityOutput:
+    """What `MSTCLIPIQA` computes for a batch."""
 
-    `forward` runs the whole path from pixels. Training from cached embeddings calls `score_embeddings` directly:
-    the frozen towers' outputs never change, so they need computing only once per image.
+    score: Tensor
+    """(B,) quality on the head's internal 1..5 scale; `MSTCLIPIQA.to_mos` puts it on the MOS scale."""
+    gate: Tensor
+    """(B, D) the fusion's gate: 1 takes a dimension from the coarse stream alone, 0 from the fine stream alone."""
+
+
+class MSTCLIPIQA(nn.Module):
+    """Image (and prompt) → quality score, on the head's internal 1..5 scale and on the MOS scale it maps onto.
+
+    `forward` takes pixels, or the frozen towers' outputs computed earlier: they never change, so training reads
+    them from the feature cache instead of running the towers at every step.
     """
 
     def __init__(self, config: ModelConfig):
@@ -271,6 +310,9 @@ class MSTCLIPIQA(nn.Module):
             self.head = PromptHead(self.encoder.dim, self.prompt_encoder.dim, config.num_heads, config.head_hidden)
         else:
             raise ValueError(f"unknown variant {config.variant!r}: choose 'template' or 'prompt'")
+        # The data's MOS scale (low, high), mapped linearly onto the internal 1..5: NaN until training sets it from
+        # its data, then kept with the trainable weights, so scores come back on the data's own scale.
+        self.register_buffer("mos_range", torch.tensor([math.nan, math.nan], dtype=torch.float64))
 
     @property
     def needs_prompt(self) -> bool:
@@ -285,30 +327,58 @@ class MSTCLIPIQA(nn.Module):
             module.eval()  # frozen towers stay in eval mode whatever the trainer asks
         return self
 
-    def score_embeddings(
+    def forward(
         self,
-        f_c: Tensor,
-        f_f: Tensor,
+        pixel_values: Tensor | None = None,
+        prompts: Sequence[str] | None = None,
+        *,
+        coarse_embeds: Tensor | None = None,
+        fine_embeds: Tensor | None = None,
         prompt_states: Tensor | None = None,
         prompt_mask: Tensor | None = None,
-        return_gate: bool = False,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """Fusion and head on the two streams' embeddings (B, D): returns scores (B,) [and the gate (B, D)]."""
-        z, gate = self.fusion(f_c, f_f)
-        if self.needs_prompt:
-            if prompt_states is None or prompt_mask is None:
-                raise ValueError("the prompt head needs prompt_states and prompt_mask")
-            score = self.head(z, prompt_states.to(z.dtype), prompt_mask)
-        else:
-            score = self.head(z)
-        return (score, gate) if return_gate else score
+    ) -> QualityOutput:
+        """Scores of a batch of images, from their pixels or from their two embeddings.
 
-    def forward(self, pixel_values: Tensor, prompts: list[str] | None = None) -> Tensor:
-        """pixel_values (B, 3, 224, 224), prompts (B strings, variant B only) → scores (B,)."""
-        f_c, f_f = self.encoder(pixel_values)
-        states = mask = None
-        if self.needs_prompt:
+        Args:
+            pixel_values: (B, 3, 224, 224) preprocessed images; not read when both embeddings are given.
+            prompts: the B generation prompts, for the prompt head (variant B); not read when their states are given.
+            coarse_embeds: (B, D) the coarse tower's image_embeds of the images, with fine_embeds (B, D) the fine
+                tower's, instead of pixel_values.
+            prompt_states: (B, L, Dt) the text tower's last_hidden_state of the prompts, with prompt_mask (B, L),
+                True on real tokens, instead of prompts.
+        """
+        if coarse_embeds is None or fine_embeds is None:
+            if pixel_values is None:
+                raise ValueError("MSTCLIPIQA needs pixel_values, or both coarse_embeds and fine_embeds")
+            coarse_embeds, fine_embeds = self.encoder(pixel_values)  # (B, D) each
+        z, gate = self.fusion(coarse_embeds, fine_embeds)  # (B, D) each
+        if not self.needs_prompt:
+            return QualityOutput(score=self.head(z), gate=gate)
+        if prompt_states is None or prompt_mask is None:
             if prompts is None:
                 raise ValueError("the prompt head (variant 'prompt') needs the generation prompt of every image")
-            states, mask = self.prompt_encoder(prompts)
-        return self.score_embeddings(f_c, f_f, states, mask)
+            prompt_states, prompt_mask = self.prompt_encoder(prompts)  # (B, L, Dt), (B, L)
+        return QualityOutput(score=self.head(z, prompt_states.to(z.dtype), prompt_mask), gate=gate)
+
+    # ---- the MOS scale ---------------------------------------------------------------------------------------------
+
+    @property
+    def has_mos_range(self) -> bool:
+        """Whether the MOS scale is set: by training, or loaded with the weights."""
+        return not bool(torch.isnan(self.mos_range).any())
+
+    def set_mos_range(self, low: float, high: float) -> None:
+        """Map the internal 1..5 onto the MOS scale (low, high)."""
+        if not high > low:
+            raise ValueError(f"the training MOS must not all be equal (low={low}, high={high})")
+        self.mos_range.copy_(torch.tensor([low, high], dtype=torch.float64))
+
+    def to_internal(self, mos: Tensor) -> Tensor:
+        """MOS → the internal scale, as training targets."""
+        low, high = self.mos_range  # tensors, not floats: no wait for the device at every step
+        return INTERNAL_LOW + (mos.float() - low) * (INTERNAL_HIGH - INTERNAL_LOW) / (high - low)
+
+    def to_mos(self, score: Tensor) -> Tensor:
+        """Scores on the internal scale → the MOS scale."""
+        low, high = self.mos_range
+        return low + (score.float() - INTERNAL_LOW) * (high - low) / (INTERNAL_HIGH - INTERNAL_LOW)

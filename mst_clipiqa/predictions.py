@@ -73,18 +73,13 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         path: the file, .csv, .jsonl or .parquet; None for predictions.csv in the run's own folder
             (`mst_clipiqa.checkpoints.run_dir`), ``predictions-v1.csv`` ... where an earlier run left one there.
-        columns: the file's columns, in order; None for the data module's ``prediction_columns``, else every
-            output of the predict step.
         resume: keep the shards an interrupted loop left for this file and add to them (the data must then leave
             out their rows: `done_rows`); otherwise they are removed first.
     """
 
-    def __init__(
-        self, path: str | os.PathLike | None = None, columns: Sequence[str] | None = None, resume: bool = False
-    ) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, resume: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.path = None if path is None else checked_path(path)
-        self.columns = None if columns is None else tuple(columns)
         self.resume = resume
         self.written: Path | None = None
         """The file the last prediction loop wrote."""
@@ -140,8 +135,10 @@ class PredictionWriter(BasePredictionWriter):
         # To the OS at every batch: a killed loop's rows survive it, for a resumed one to skip.
         self._shard.flush()
 
-    def _declared_columns(self, trainer: L.Trainer) -> Sequence[str] | None:
-        return self.columns or getattr(trainer.datamodule, "prediction_columns", None)
+    @staticmethod
+    def _declared_columns(trainer: L.Trainer) -> Sequence[str] | None:
+        """The data module's ``prediction_columns``, if it declares them."""
+        return getattr(trainer.datamodule, "prediction_columns", None)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.finish(trainer)

@@ -36,22 +36,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mst_clipiqa.data.benchmarks import IMAGE_EXTENSIONS, load_table
-from mst_clipiqa.data.features import (
-    CPU_BATCH,
-    ShardWriter,
-    Shelf,
-    compute_name,
-    default_cache_dir,
-    file_key,
-    image_shelves,
-    prefers_bf16,
-)
+from mst_clipiqa.data.features import ShardWriter, Shelf, compute_name, default_cache_dir, file_key, image_shelves
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.data.samplers import EvalDistributedSampler
+from mst_clipiqa.data.schema import IMAGE_EXTENSIONS
+from mst_clipiqa.data.tables import Columns, load_table
 from mst_clipiqa.errors import BadImageError, BadRowError
 from mst_clipiqa.launch import check_world_size, take_launcher_options
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.model import CPU_BATCH, GPU_BATCH, prefers_bf16
 from mst_clipiqa.predictions import PredictionWriter, checked_path, done_rows, parts_folder
 from mst_clipiqa.pretrained import from_pretrained
 
@@ -73,8 +66,8 @@ class Scorer:
         precision: "32", "bf16" or "16" (autocast); None takes bf16 on a GPU that supports it, else 32.
         num_workers: threads decoding images; None picks from the CPU count.
         compile: compile the two image towers (`TwoStreamEncoder.compile_towers`) for the first batch's size.
-            Seconds of compilation for faster towers: +47% on an H100, +0-14% on a 2-core CPU; it pays when the
-            towers, not decoding, set the pace (docs/PERFORMANCE.md).
+            Compiling takes a while before the first batch and fuses the towers' elementwise work, which gains most
+            on a GPU; it pays when the towers, not decoding, set the pace (docs/PERFORMANCE.md).
     """
 
     def __init__(
@@ -96,7 +89,8 @@ class Scorer:
         self.preprocess = ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision)
         self.draft_decode = config.draft_decode
         self.num_workers = num_workers or min(8, os.cpu_count() or 1)
-        self.default_batch_size = CPU_BATCH if self.device.type == "cpu" else 256  # fastest measured, PERFORMANCE.md
+        # The towers' best batch on each (docs/PERFORMANCE.md).
+        self.default_batch_size = CPU_BATCH if self.device.type == "cpu" else GPU_BATCH
         if compile:
             self.module.net.encoder.compile_towers()
 
@@ -108,7 +102,7 @@ class Scorer:
     @property
     def mos_range(self) -> tuple[float, float]:
         """(low, high) of the MOS scale scores are reported on."""
-        low, high = self.module.mos_range.tolist()
+        low, high = self.module.net.mos_range.tolist()
         return low, high
 
     def score(
@@ -196,7 +190,7 @@ class Scorer:
         dtype = AUTOCAST_DTYPES.get(self.precision)
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         with torch.inference_mode(), autocast:
-            return self.module.to_mos(self.module(batch)).tolist()
+            return self.module.net.to_mos(self.module(batch).score).tolist()
 
 
 def load_scorer(
@@ -300,7 +294,7 @@ def collect_inputs(
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
             rows = [(str(p), str(p), None) for p in found]
         elif suffix in TABLE_EXTENSIONS:
-            table = load_table(path, image_column=image_column, mos_columns={}, prompt_column=prompt_column)
+            table = load_table(path, Columns(image_column=image_column, mos_columns={}, prompt_column=prompt_column))
             rows = list(zip(table["name"], [image["path"] for image in table["image"]], table["prompt"]))
         elif suffix == LIST_EXTENSION:
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -379,8 +373,9 @@ class CachedEmbeddings:
     def __init__(self, shelves: dict[str, Shelf], sources: Sequence[Any]):
         self.shelves = shelves
         self.keys = [file_key(Path(source)) if isinstance(source, (str, os.PathLike)) else None for source in sources]
-        coarse, fine = shelves["coarse"].index, shelves["fine"].index
-        self.held = frozenset(row for row, key in enumerate(self.keys) if key in coarse and key in fine)
+        self.held = frozenset(
+            row for row, key in enumerate(self.keys) if all(key in shelf.index for shelf in shelves.values())
+        )
         self.writers = {stream: ShardWriter(shelf) for stream, shelf in shelves.items()}
         self.read = 0
         """Rows this process read from the cache."""
@@ -393,12 +388,12 @@ class CachedEmbeddings:
             for stream in ("coarse", "fine")
         )
 
-    def add(self, rows: list[int], coarse: Tensor, fine: Tensor) -> None:
+    def add(self, rows: list[int], coarse_embeds: Tensor, fine_embeds: Tensor) -> None:
         """Store the embeddings a batch computed for these rows (those whose file has a key)."""
         keep = [i for i, row in enumerate(rows) if self.keys[row] is not None]
         if keep:
             keys = [self.keys[rows[i]] for i in keep]
-            for stream, values in (("coarse", coarse), ("fine", fine)):
+            for stream, values in (("coarse", coarse_embeds), ("fine", fine_embeds)):
                 self.writers[stream].add(keys, [row[None] for row in values[keep].cpu().numpy()])
 
     def close(self) -> None:
@@ -511,11 +506,11 @@ class ScoreStep(L.LightningModule):
         if held.any():
             parts.append((held[good], tuple(e.to(self.device) for e in self.cache.get(index[held].tolist()))))
         n, dim = int(good.sum()), parts[0][1][0].shape[1]
-        coarse, fine = (torch.empty(n, dim, device=self.device) for _ in range(2))
-        for where, (c, f) in parts:
+        coarse_embeds, fine_embeds = (torch.empty(n, dim, device=self.device) for _ in range(2))
+        for where, (coarse, fine) in parts:
             where = where.to(self.device)
-            coarse[where], fine[where] = c, f
-        return coarse, fine
+            coarse_embeds[where], fine_embeds[where] = coarse, fine
+        return coarse_embeds, fine_embeds
 
 
 class ImagesProgress(Callback):
@@ -610,8 +605,8 @@ def score_files(
     on_cpu = isinstance(trainer.accelerator, CPU)
     config = module.net_config
     if num_workers is None:
-        # On a CPU the towers need every core: a second decoding process on 2 cores cut the rate from 79% of the
-        # towers' to 54% (docs/PERFORMANCE.md).
+        # On a CPU the towers need every core: a second decoding process takes cores from them and slows scoring
+        # more than it speeds decoding (docs/PERFORMANCE.md).
         num_workers = 1 if on_cpu else min(8, max(1, (os.cpu_count() or 1) // trainer.num_devices))
     preprocess = ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision)
     cache = None
@@ -626,7 +621,7 @@ def score_files(
         preprocess,
         config.draft_decode,
         needs_prompt,
-        batch_size or (CPU_BATCH if on_cpu else 256),  # fastest measured, PERFORMANCE.md
+        batch_size or (CPU_BATCH if on_cpu else GPU_BATCH),
         num_workers,
         resume_from=out if resume else None,
         cache=cache,

@@ -10,10 +10,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mst_clipiqa.callbacks import SaveConfigToWandb, WandbEvaluationLogger
 from mst_clipiqa.checkpoints import ResumingModelCheckpoint, continue_run, read_checkpoint, resolve_ckpt_path
-from mst_clipiqa.cli import SuggestingErrors
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.launch import check_world_size, take_launcher_options
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.parse_errors import SuggestingErrors
 from mst_clipiqa.predictions import PredictionWriter
 
 # Field docstrings of the config dataclasses become each option's --help text.

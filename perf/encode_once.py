@@ -1,11 +1,12 @@
 """Fit time, speed-up of the feature cache, scoring speed against the machine's matmul bound, and peak memory.
 
-Runs the real architectures (openai/clip-vit-base-patch32 and -patch16) from an offline hub cache with random
-weights, built by `python ../shared/tools/offline_clip_cache.py HUB_CACHE`: speed and memory are those of the real
-models, scores mean nothing. The data is the demo generator's (5 images per scene), split scene-disjoint as in
-experiments/demo.yaml.
+Runs the real architectures (openai/clip-vit-base-patch32 and -patch16) with random weights, from an offline hub
+cache: speed and memory are those of the real models, scores mean nothing. The cache is ``--hub DIR``, by default
+WORKDIR/hub; where it does not exist, `mst_clipiqa.tiny_clip.build_random_hub_cache` builds it there (about a minute
+and 1 GB; with the default temporary work folder, at every run). The data is the demo generator's (5 images per
+scene), split scene-disjoint as in experiments/demo.yaml.
 
-    python perf/encode_once.py HUB_CACHE [--scenes 20] [--epochs 10] [--device cpu|cuda] [--workdir DIR]
+    python perf/encode_once.py [--workdir DIR] [--hub DIR] [--scenes 20] [--epochs 10] [--device cpu|cuda]
 
 Each measurement runs in its own process (so its peak RSS is its own) and prints one JSON line; this process
 prints a markdown report with the machine. Measurements:
@@ -90,7 +91,8 @@ def fit(args: argparse.Namespace) -> dict:
         cli = MSTCLIPIQACLI(args=options, run=False)
     seconds, cpu_seconds = timed(lambda: cli.trainer.fit(cli.model, datamodule=cli.datamodule), repeats=1, warm_up=0)
     stats = cli.datamodule.features.stats.__dict__ if cli.datamodule.features is not None else {}
-    parts = [len(part) for part in cli.datamodule.parts()]
+    split = cli.datamodule.split
+    parts = [len(split.train), len(split.val), len(split.test)]
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
@@ -134,7 +136,7 @@ def score(args: argparse.Namespace) -> dict:
 
     def load() -> MSTCLIPIQAModule:
         module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=COARSE, fine_encoder=FINE))
-        module.set_mos_range(0.0, 5.0)
+        module.net.set_mos_range(0.0, 5.0)
         return module.to(device).eval()
 
     module = load()
@@ -218,13 +220,30 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def use_hub_cache(hub: Path | None, workdir: Path) -> Path:
+    """Point this process at the offline hub cache the towers load from (HF_HUB_CACHE, HF_HUB_OFFLINE) and return it:
+    `hub` as it is where that folder exists, else random-weight towers of the real shapes built there; None for
+    WORKDIR/hub, whose towers are built or completed as needed.
+
+    Call it before transformers or Lightning is imported: huggingface_hub reads both variables once, when imported.
+    """
+    folder = (workdir / "hub" if hub is None else hub).resolve()
+    os.environ.update(HF_HUB_CACHE=str(folder), HF_HUB_OFFLINE="1")
+    if hub is None or not folder.exists():
+        from mst_clipiqa.tiny_clip import build_random_hub_cache
+
+        print(f"Building random-weight towers of the real shapes in {folder}", file=sys.stderr, flush=True)
+        build_random_hub_cache(folder)  # keeps the towers already there
+    return folder
+
+
 def run_worker(kind: str, args: argparse.Namespace, **options) -> dict:
-    command = [sys.executable, __file__, str(args.hub_cache), "--worker", kind, "--workdir", str(args.workdir)]
+    command = [sys.executable, __file__, "--hub", str(args.hub), "--worker", kind, "--workdir", str(args.workdir)]
     command += ["--device", args.device, "--batch", str(args.batch), "--images", str(args.images)]
     command += ["--rounds", str(args.rounds)]
     for name, value in options.items():
         command += [f"--{name}", str(value)]
-    env = {**os.environ, "HF_HUB_CACHE": str(args.hub_cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_CACHE": str(args.hub), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, env=env, check=True, stdout=subprocess.PIPE, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print(kind, options, json.dumps(result), file=sys.stderr, flush=True)
@@ -320,8 +339,13 @@ def report(args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("hub_cache", type=Path, help="HF_HUB_CACHE folder from offline_clip_cache.py")
     parser.add_argument("--workdir", type=Path, help="data, caches and runs (default: a temporary folder)")
+    parser.add_argument(
+        "--hub",
+        type=Path,
+        help="offline Hugging Face hub cache of the two towers (default: WORKDIR/hub); where it does not exist, "
+        "random-weight towers of the real shapes are built there",
+    )
     parser.add_argument("--scenes", type=int, default=20, help="demo scenes, 5 images each")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -341,6 +365,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as folder:
         args.workdir = (args.workdir or Path(folder)).resolve()
+        args.hub = use_hub_cache(args.hub, args.workdir)
         print(report(args))
 
 

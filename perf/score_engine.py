@@ -50,7 +50,7 @@ def main() -> None:
     model = work / f"model-{args.towers}"
     if not model.exists():
         module = MSTCLIPIQAModule(net=net)
-        module.set_mos_range(0.0, 5.0)
+        module.net.set_mos_range(0.0, 5.0)
         save_pretrained(module, model)
     images = sorted((make_demo_dataset(work / "demo", n_scenes=args.scenes) / "images").iterdir())
     print(f"{len(images)} images, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
@@ -61,7 +61,7 @@ def main() -> None:
     start = time.perf_counter()
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         for i in range(0, len(pixels), 8):  # the command's CPU batch
-            module.to_mos(module({"pixel_values": pixels[i : i + 8]}))
+            module.net.to_mos(module({"pixel_values": pixels[i : i + 8]}).score)
     towers = len(pixels) / (time.perf_counter() - start)
     print(f"towers alone on decoded tensors: {towers:.2f} images/s")
     del module, pixels

@@ -60,13 +60,14 @@ def main() -> None:
     model = work / f"model-{args.towers}"
     if not model.exists():
         module = MSTCLIPIQAModule(net=net)
-        module.set_mos_range(0.0, 5.0)
+        module.net.set_mos_range(0.0, 5.0)
         save_pretrained(module, model)
     began = time.perf_counter()
     images = sorted((make_demo_dataset(work / "demo", n_scenes=-(-max(args.images) // 5)) / "images").iterdir())
     print(f"{len(images)} demo images ready in {time.perf_counter() - began:.0f} s", flush=True)
 
-    print("| images | seconds | images/s | peak RSS, score process and workers (MiB) | peak RSS, largest process (MiB) |")
+    print("| images | seconds | images/s | peak RSS, score process and workers (MiB) | peak RSS, largest process "
+          "(MiB) |")
     print("|---|---|---|---|---|")
     for count in args.images:
         listing = work / f"images-{count}.txt"

@@ -1,34 +1,42 @@
 """Where the time of one frozen CLIP image tower goes on this machine: speed against the GEMM rate per batch size,
 page faults per image, and the operators that take the time.
 
-    python perf/tower_profile.py HUB_CACHE [--tower openai/clip-vit-base-patch16] [--batches 1 8 16 32]
-        [--tuned-malloc] [--compile]
+    python perf/tower_profile.py [--workdir DIR] [--hub DIR] [--tower openai/clip-vit-base-patch16]
+        [--batches 1 8 16 32] [--tuned-malloc] [--compile]
 
 `--tuned-malloc` fixes glibc's mmap threshold at its largest (32 MB) and its trim threshold at 1 GB before anything
 is allocated, so freed buffers under 32 MB are reused instead of returned to the system and faulted in again.
 `--compile` also times ``torch.compile`` of the tower (compile time excluded). Last, the tower's linear layers
 alone (their matrix products at the tower's shapes, one after another, into preallocated outputs) against the same
-GEMM rate: the ceiling of any version that keeps these products. Runs on the CPU with fp32, with
-the offline hub cache of `python ../shared/tools/offline_clip_cache.py HUB_CACHE` (random weights, real shapes).
+GEMM rate: the ceiling of any version that keeps these products. Runs on the CPU with fp32, on random weights of the
+real shapes from the offline hub cache ``--hub DIR``, by default WORKDIR/hub, built where it does not exist (as in
+encode_once.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import resource
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-from encode_once import timed, tower_flops
+from encode_once import timed, tower_flops, use_hub_cache
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("hub_cache", help="HF_HUB_CACHE folder from offline_clip_cache.py")
+    parser.add_argument("--workdir", type=Path, help="where the default hub cache goes (default: a temporary folder)")
+    parser.add_argument(
+        "--hub",
+        type=Path,
+        help="offline Hugging Face hub cache of the tower (default: WORKDIR/hub); where it does not exist, "
+        "random-weight towers of the real shapes are built there",
+    )
     parser.add_argument("--tower", default="openai/clip-vit-base-patch16")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument("--repeats", type=int, default=3)
@@ -39,8 +47,13 @@ def main() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    os.environ.update(HF_HUB_CACHE=args.hub_cache, HF_HUB_OFFLINE="1")
+    with tempfile.TemporaryDirectory() as folder:
+        use_hub_cache(args.hub, (args.workdir or Path(folder)).resolve())
+        profile_tower(args)
 
+
+def profile_tower(args: argparse.Namespace) -> None:
+    """Print the tables of the module's docstring for `args.tower`, from the hub cache of `use_hub_cache`."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import CLIPVisionModelWithProjection

@@ -10,9 +10,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from mst_clipiqa.data import benchmarks, preprocess
-from mst_clipiqa.data.benchmarks import check_dataset, load_source
+from mst_clipiqa.data import checks, preprocess
+from mst_clipiqa.data.checks import check_dataset
 from mst_clipiqa.data.datamodule import IQADataModule
+from mst_clipiqa.data.tables import load_source
 from mst_clipiqa.errors import BadImageError
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
 from mst_clipiqa.model import ModelConfig
@@ -29,7 +30,7 @@ def decoded(monkeypatch) -> list[str]:
         return real(source, **kwargs)
 
     monkeypatch.setattr(preprocess, "open_image", counting)
-    monkeypatch.setattr(benchmarks, "open_image", counting)
+    monkeypatch.setattr(checks, "open_image", counting)
     return names
 
 

@@ -39,7 +39,7 @@ def test_training_learns_on_the_demo_training_set(tiny_clip, demo_data, tmp_path
     trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     data.setup("fit")
-    module.set_mos_range(*data.mos_range)
+    module.net.set_mos_range(*data.mos_range)
     before = train_srcc(trainer, module, data)
     trainer.fit(module, datamodule=data)
     after = train_srcc(trainer, module, data)

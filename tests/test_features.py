@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from mst_clipiqa.data import features as features_module
-from mst_clipiqa.data.benchmarks import load_source
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_features
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+from mst_clipiqa.data.tables import load_source
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
 from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
 from mst_clipiqa.tiny_clip import build_tiny_clip
@@ -69,9 +69,9 @@ def test_features_are_the_encoders_outputs_and_a_second_run_reads_them_all(table
 
     preprocess = ClipPreprocess.from_pretrained(tiny_clip[0])
     pixels = torch.stack([load_pixels(image, preprocess) for image in table["image"]])  # (N, 3, 224, 224)
-    coarse, fine = net.encoder(pixels)
-    torch.testing.assert_close(first.coarse, coarse, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(first.fine, fine, atol=1e-5, rtol=1e-5)
+    coarse_embeds, fine_embeds = net.encoder(pixels)
+    torch.testing.assert_close(first.coarse_embeds, coarse_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first.fine_embeds, fine_embeds, atol=1e-5, rtol=1e-5)
 
     second_net = make_net(tiny_clip)  # a new process would load the same towers
     seen = count_images(second_net)
@@ -80,7 +80,7 @@ def test_features_are_the_encoders_outputs_and_a_second_run_reads_them_all(table
         second.prepare(rows, second_net)
     assert seen == {"coarse": 0, "fine": 0, "text": 0}
     assert (second.stats.images_cached, second.stats.images_encoded) == (len(table), 0)
-    assert torch.equal(second.coarse, first.coarse) and torch.equal(second.fine, first.fine)
+    assert torch.equal(second.coarse_embeds, first.coarse_embeds) and torch.equal(second.fine_embeds, first.fine_embeds)
     assert f"{len(table)} from the cache, 0 encoded" in caplog.text
 
 
@@ -132,9 +132,10 @@ def test_prompt_states_are_unpadded_in_the_cache_and_padded_and_masked_per_batch
 
     preprocess = ClipPreprocess.from_pretrained(tiny_clip[0])
     pixels = torch.stack([load_pixels(table[row]["image"], preprocess) for row in rows])
-    from_cache = net.score_embeddings(batch["coarse_embeds"], batch["fine_embeds"], batch["prompt_states"], mask)
+    cached = {key: batch[key] for key in ("coarse_embeds", "fine_embeds", "prompt_states")}
+    from_cache = net(**cached, prompt_mask=mask).score
     with torch.no_grad():
-        torch.testing.assert_close(from_cache, net(pixels, prompts), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(from_cache, net(pixels, prompts).score, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["template", "prompt"])
@@ -175,8 +176,8 @@ def test_a_crash_mid_write_leaves_nothing_readable_and_the_rerun_matches_a_clean
     assert rerun.stats.images_cached == 16 and rerun.stats.images_encoded == len(table) - 16
     clean = table_features(table, tiny_clip, tmp_path / "clean")
     clean.prepare(rows, net)
-    torch.testing.assert_close(rerun.coarse, clean.coarse, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(rerun.fine, clean.fine, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rerun.coarse_embeds, clean.coarse_embeds, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rerun.fine_embeds, clean.fine_embeds, atol=1e-6, rtol=1e-6)
 
 
 def test_ranks_share_the_encoding_and_all_read_the_union(table, tiny_clip, tmp_path):
@@ -209,7 +210,8 @@ def test_ranks_share_the_encoding_and_all_read_the_union(table, tiny_clip, tmp_p
     assert seen == {"coarse": len(table), "fine": len(table), "text": len(set(table["prompt"]))}
     for namespace in tmp_path.glob("*-*"):
         assert len(list(namespace.glob("shard-*"))) == 2, namespace  # one per rank
-    assert torch.equal(ranks[0].coarse, ranks[1].coarse) and torch.equal(ranks[0].fine, ranks[1].fine)
+    assert torch.equal(ranks[0].coarse_embeds, ranks[1].coarse_embeds)
+    assert torch.equal(ranks[0].fine_embeds, ranks[1].fine_embeds)
     assert all(torch.equal(ranks[0].prompt_states(r), ranks[1].prompt_states(r)) for r in range(len(table)))
 
 
@@ -240,7 +242,7 @@ def test_the_feature_path_gives_the_pixel_paths_validation_metrics(demo_data, ti
         )
 
     module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], variant=variant))
-    module.set_mos_range(0.0, 5.0)
+    module.net.set_mos_range(0.0, 5.0)
     with torch.no_grad():  # a head that is not constant, so the correlations mean something
         for parameter in module.net.fusion.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))

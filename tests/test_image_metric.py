@@ -41,7 +41,7 @@ def trained_like(clip: tuple[str, str], variant: str) -> MSTCLIPIQAModule:
         for part in (module.net.fusion, module.net.head):
             for param in part.parameters():
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    module.set_mos_range(20.0, 80.0)
+    module.net.set_mos_range(20.0, 80.0)
     return module.eval()
 
 

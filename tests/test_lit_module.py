@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, replace
 
 import lightning as L
 import pytest
 import torch
+from scripts.runs import embedding_rows
 from torch.utils.data import DataLoader
 
 from mst_clipiqa.data.datamodule import IQADataModule
@@ -35,7 +37,7 @@ def make_module(clip, variant="template", **optim) -> MSTCLIPIQAModule:
         net=ModelConfig(coarse_encoder=clip[0], fine_encoder=clip[1], variant=variant),
         optim=OptimConfig(**optim),
     )
-    module.set_mos_range(0.0, 5.0)
+    module.net.set_mos_range(0.0, 5.0)
     return module
 
 
@@ -58,19 +60,19 @@ def test_checkpoint_holds_no_frozen_tower_and_reloads_bit_identical(tiny_clip_51
 
     state = torch.load(path, weights_only=True)["state_dict"]
     assert state and not [k for k in state if k.startswith(("net.encoder.", "net.prompt_encoder."))]
-    assert all(k.startswith(("net.fusion.", "net.head.", "mos_range")) for k in state)
+    assert all(k.startswith(("net.fusion.", "net.head.", "net.mos_range")) for k in state)
     if variant == "template":
         assert path.stat().st_size < 12e6  # trainable weights + Adam moments; the towers alone would be ~1 GB
 
     module.eval()
     batch = torch.utils.data.default_collate(rows[:6])
     with torch.no_grad():
-        before = module(batch)
+        before = module(batch).score
     loaded = MSTCLIPIQAModule.load_from_checkpoint(path, weights_only=True).eval()
     with torch.no_grad():
-        after = loaded(batch)
+        after = loaded(batch).score
     assert torch.equal(before, after)
-    assert loaded.mos_range.tolist() == [0.0, 5.0]
+    assert loaded.net.mos_range.tolist() == [0.0, 5.0]
     assert loaded.net_config == module.net_config
 
 
@@ -83,6 +85,33 @@ def test_optimiser_gets_only_trainable_parameters(tiny_clip, tmp_path):
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
     assert optimised == trainable
     assert optimizer.param_groups[0]["lr"] == 5e-6 and optimizer.param_groups[0]["weight_decay"] == 1e-3
+
+
+class LearningRates(L.Callback):
+    """The learning rate each training step runs with."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_the_learning_rate_warms_up_from_zero_then_decays_on_a_cosine(tiny_clip, tmp_path):
+    """transformers' get_cosine_schedule_with_warmup: lr * step / warmup over the warm-up steps, then
+    lr * (1 + cos(pi * (step - warmup) / (total - warmup))) / 2 down to zero at the end of the run."""
+    module = make_module(tiny_clip, lr=1e-2, warmup_fraction=0.25)
+    rates = LearningRates()
+    trainer(tmp_path, callbacks=[rates]).fit(module, DataLoader(embedding_rows(20), batch_size=1))
+    total, warmup = 20, 5
+
+    def formula(step: int) -> float:
+        if step < warmup:
+            return 1e-2 * step / warmup
+        return 1e-2 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2
+
+    assert rates.rates == pytest.approx([formula(step) for step in range(total)], rel=1e-9, abs=1e-12)
+    assert rates.rates[0] == 0.0 and rates.rates[warmup] == pytest.approx(1e-2)
 
 
 def test_frozen_towers_stay_in_eval_mode_and_unchanged_by_training(tiny_clip, tmp_path):
@@ -100,12 +129,12 @@ def test_frozen_towers_stay_in_eval_mode_and_unchanged_by_training(tiny_clip, tm
 
 def test_scores_come_back_on_the_data_sets_scale(tiny_clip):
     module = make_module(tiny_clip)
-    module.set_mos_range(20.0, 80.0)
+    module.net.set_mos_range(20.0, 80.0)
     mos = torch.tensor([20.0, 50.0, 80.0])
-    torch.testing.assert_close(module.to_internal(mos), torch.tensor([1.0, 3.0, 5.0]))
-    torch.testing.assert_close(module.to_mos(module.to_internal(mos)), mos)
+    torch.testing.assert_close(module.net.to_internal(mos), torch.tensor([1.0, 3.0, 5.0]))
+    torch.testing.assert_close(module.net.to_mos(module.net.to_internal(mos)), mos)
     with pytest.raises(ValueError, match="must not all be equal"):
-        module.set_mos_range(3.0, 3.0)
+        module.net.set_mos_range(3.0, 3.0)
 
 
 class ScaleData(L.LightningDataModule):
@@ -126,23 +155,23 @@ class ScaleData(L.LightningDataModule):
 
 def test_fitting_maps_the_training_data_scale_and_evaluating_keeps_the_models(tiny_clip, tmp_path):
     module = make_module(tiny_clip, lr=1e-2)
-    module.set_mos_range(1.0, 5.0)  # as if started from saved weights trained on 1..5
+    module.net.set_mos_range(1.0, 5.0)  # as if started from saved weights trained on 1..5
     trainer(tmp_path).fit(module, datamodule=ScaleData((0.0, 10.0)))
-    assert module.mos_range.tolist() == [0.0, 10.0]
+    assert module.net.mos_range.tolist() == [0.0, 10.0]
     trainer(tmp_path).test(module, datamodule=ScaleData((20.0, 80.0)), verbose=False)
-    assert module.mos_range.tolist() == [0.0, 10.0]  # its scores stay on the scale it was trained on
+    assert module.net.mos_range.tolist() == [0.0, 10.0]  # its scores stay on the scale it was trained on
 
     fresh = make_module(tiny_clip)
-    fresh.mos_range.fill_(float("nan"))
+    fresh.net.mos_range.fill_(float("nan"))
     trainer(tmp_path).test(fresh, datamodule=ScaleData((20.0, 80.0)), verbose=False)
-    assert fresh.mos_range.tolist() == [20.0, 80.0]
+    assert fresh.net.mos_range.tolist() == [20.0, 80.0]
 
 
 def test_init_from_takes_the_saved_network_where_the_config_keeps_the_defaults(tiny_clip, tmp_path):
     saved_net = ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], fusion_dim=32, tau_init=3.0,
                             template="an image of {} quality")  # fmt: skip
     saved = MSTCLIPIQAModule(net=saved_net)
-    saved.set_mos_range(1.0, 5.0)
+    saved.net.set_mos_range(1.0, 5.0)
     folder = save_pretrained(saved, tmp_path / "model")
     stored = SavedModel.read(folder).net
 

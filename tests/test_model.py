@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from mst_clipiqa.losses import LossConfig, iqa_loss, pairwise_ranking_loss
-from mst_clipiqa.model import MSTCLIPIQA, GatedFusion, ModelConfig, PromptHead, TemplateHead
+from mst_clipiqa.model import MSTCLIPIQA, GatedFusion, ModelConfig, PromptEncoder, PromptHead, TemplateHead
 
 
 def make(tiny_clip, variant: str) -> MSTCLIPIQA:
@@ -20,11 +21,12 @@ def make(tiny_clip, variant: str) -> MSTCLIPIQA:
 def test_forward_shapes(tiny_clip, variant):
     model = make(tiny_clip, variant)
     pixels = torch.randn(3, 3, 224, 224)
-    score = model(pixels, ["a red circle", "a blue square on grass", ""])
-    assert score.shape == (3,)
+    output = model(pixels, ["a red circle", "a blue square on grass", ""])
+    score = output.score
+    assert score.shape == (3,) and output.gate.shape == (3, 64)
     assert torch.isfinite(score).all()
-    f_c, f_f = model.encoder(pixels)
-    assert f_c.shape == f_f.shape == (3, 64)
+    coarse_embeds, fine_embeds = model.encoder(pixels)
+    assert coarse_embeds.shape == fine_embeds.shape == (3, 64)
     if variant == "template":
         assert ((score >= 1) & (score <= 5)).all()
 
@@ -36,7 +38,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(tiny_clip, variant):
     for frozen in model.frozen_modules():
         assert not frozen.training and all(not m.training for m in frozen.modules())
         assert all(not p.requires_grad for p in frozen.parameters())
-    model(torch.randn(4, 3, 224, 224), ["a", "b c", "d e f", "g"]).sum().backward()
+    model(torch.randn(4, 3, 224, 224), ["a", "b c", "d e f", "g"]).score.sum().backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {n for n, _ in model.named_parameters() if n.startswith(("fusion.", "head."))}
     assert trainable == expected
@@ -67,13 +69,13 @@ def test_gated_fusion_matches_hand_computation():
         fusion.proj_coarse.bias.copy_(torch.tensor([0.0, 1.0]))
         fusion.proj_fine.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
         fusion.proj_fine.bias.copy_(torch.tensor([-1.0, 0.0]))
-    f_c, f_f = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -1.0]])
+    coarse_embeds, fine_embeds = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -1.0]])
     h = max(0.0, 1 * 1 - 1 * 2 + 0.5 * 3 + 2 * -1 + 0.1)  # relu(-1.4) = 0
     g = [1 / (1 + math.exp(-(1.0 * h))), 1 / (1 + math.exp(-(-2.0 * h + 0.5)))]
     coarse = [1.0, 2 * 2.0 + 1]
     fine = [-1.0 - 1, 3.0]
     expected = [g[i] * coarse[i] + (1 - g[i]) * fine[i] for i in range(2)]
-    z, gate = fusion(f_c, f_f)
+    z, gate = fusion(coarse_embeds, fine_embeds)
     torch.testing.assert_close(gate, torch.tensor([g]))
     torch.testing.assert_close(z, torch.tensor([expected]))
 
@@ -147,6 +149,63 @@ def test_long_and_empty_prompts(tiny_clip):
     with pytest.warns(UserWarning, match="truncated"):
         states, mask = model.prompt_encoder(["word " * 200, ""])
     assert states.shape[1] == 77 and mask[0].all() and mask[1].sum() == 2
+
+
+def padded_and_cut_by_hand(tokenizer, prompts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask as built before the tokenizer's own padding and truncation were used: each prompt whole,
+    an over-long one cut to its first max_tokens - 1 tokens and its EOS, then padded with the pad id."""
+    ids = tokenizer(prompts, truncation=False, padding=False)["input_ids"]
+    ids = [seq[: max_tokens - 1] + seq[-1:] if len(seq) > max_tokens else seq for seq in ids]
+    length = max(len(seq) for seq in ids)
+    padding = [length - len(seq) for seq in ids]
+    input_ids = torch.tensor([seq + [tokenizer.pad_token_id] * pad for seq, pad in zip(ids, padding)])
+    mask = torch.tensor([[1] * len(seq) + [0] * pad for seq, pad in zip(ids, padding)])
+    return input_ids, mask
+
+
+def check_tokenize_against_the_hand_made_padding(encoder: PromptEncoder) -> None:
+    limit = encoder.max_tokens
+    at_limit = " ".join(["a"] * (limit - 2))  # one token per word: `limit` tokens with BOS and EOS
+    assert len(encoder.tokenizer(at_limit)["input_ids"]) == limit
+    batches = {
+        "short": ["a fox", "", "two cats"],
+        "at the limit": [at_limit, "a fox"],
+        "over the limit": ["word " * 200, "a fox", at_limit + " and more words", ""],
+    }
+    for name, prompts in batches.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids, mask = encoder.tokenize(prompts)
+        want_ids, want_mask = padded_and_cut_by_hand(encoder.tokenizer, prompts, limit)
+        assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask), name
+        assert ids.dtype == want_ids.dtype and mask.dtype == want_mask.dtype, name
+        truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
+        assert truncated == ([f"2 prompt(s) exceed {limit} tokens and were truncated, e.g. {prompts[0][:80]!r}"]
+                             if name == "over the limit" else []), name  # fmt: skip
+
+
+def test_tokenize_pads_and_truncates_as_by_hand(tiny_clip):
+    """The tokenizer's own padding and truncation give the ids and mask of padding and cutting by hand, at the
+    limit of CLIP's context and at a shorter one (the tiny towers' byte tokenizer: one token per character)."""
+    encoder = PromptEncoder(ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], variant="prompt"))
+    check_tokenize_against_the_hand_made_padding(encoder)
+    encoder.max_tokens = 12
+    check_tokenize_against_the_hand_made_padding(encoder)
+
+
+def test_tokenize_pads_and_truncates_as_by_hand_with_clip_bpe(tiny_clip):
+    """The same with CLIP's own BPE tokenizer, where the Hugging Face cache holds it (tests never download)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained("openai/clip-vit-base-patch32")
+    except OSError:
+        pytest.skip("CLIP's tokenizer (openai/clip-vit-base-patch32) is not in the Hugging Face cache")
+    encoder = PromptEncoder(ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], variant="prompt"))
+    encoder.tokenizer = tokenizer
+    check_tokenize_against_the_hand_made_padding(encoder)
+    encoder.max_tokens = 12
+    check_tokenize_against_the_hand_made_padding(encoder)
 
 
 def test_towers_compute_what_stock_transformers_computes(tiny_clip):

@@ -32,9 +32,9 @@ class Recording(MSTCLIPIQAModule):
         self.score_dtypes: set[torch.dtype] = set()
         self.held: dict[str, list[torch.Tensor]] = {}
 
-    def forward(self, batch, return_gate: bool = False):
-        out = super().forward(batch, return_gate)
-        self.score_dtypes.add((out[0] if return_gate else out).dtype)
+    def forward(self, batch):
+        out = super().forward(batch)
+        self.score_dtypes.add(out.score.dtype)
         return out
 
     def on_validation_epoch_end(self) -> None:
@@ -55,7 +55,7 @@ def test_mixed_precision_trains_and_the_metrics_get_float32(tiny_clip, tmp_path,
     module = Recording(
         net=ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], variant=variant, tau_init=3.0)
     )
-    module.set_mos_range(0.0, 5.0)
+    module.net.set_mos_range(0.0, 5.0)
     data = embedding_rows(24)
     trainer = L.Trainer(
         max_epochs=1, accelerator=accelerator, devices=1, precision=precision, logger=False, enable_progress_bar=False,

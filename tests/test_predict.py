@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from data.benchmark_fixtures import AIGIQA20K_TEST, AIGIQA20K_VAL, make_aigiqa20k
+from data.release_fixtures import AIGIQA20K_TEST, AIGIQA20K_VAL, make_aigiqa20k
 from scripts.runs import TEST_ROWS, cli_args, in_process, launch
 
 from mst_clipiqa.cli import main
@@ -183,7 +183,7 @@ def test_a_table_with_file_prompt_and_score_trains_with_the_documented_command(
     assert cli.model.net_config.variant == "template" and not data.hparams.need_prompt
     scores = [float(row["score"]) for row in read_csv(inhouse_table)]
     train_scores = [scores[row] for row in data.split.train]  # no data.mos_range: the training split's min and max
-    assert cli.model.mos_range.tolist() == [min(train_scores), max(train_scores)]
+    assert cli.model.net.mos_range.tolist() == [min(train_scores), max(train_scores)]
 
     # The README shows this table's columns, the config's mapping of them, and this command.
     section = README.split("## Fine-tuning on your own data")[1]
@@ -207,7 +207,7 @@ def test_fine_tuning_on_another_scale_takes_the_saved_network_and_predicts_on_th
     # The saved encoders, head and its settings: the config's hub ids are at their defaults, so they give way.
     assert module.net_config == saved.net and module.hparams["net"]["coarse_encoder"] == saved.net.coarse_encoder
     assert data.hparams.preprocess_from == saved.net.coarse_encoder and not data.hparams.need_prompt
-    assert module.mos_range.tolist() == [0.0, 10.0]
+    assert module.net.mos_range.tolist() == [0.0, 10.0]
 
     checkpoint = cli.trainer.checkpoint_callback.last_model_path
     predict = in_process("predict", inhouse_args(inhouse_table, demo_data, tmp_path / "run", "--ckpt_path", checkpoint))
@@ -220,7 +220,7 @@ def test_fine_tuning_on_another_scale_takes_the_saved_network_and_predicts_on_th
 
 def test_a_saved_prompt_head_brings_its_variant_to_the_data(inhouse_table, tiny_clip, demo_data, tmp_path):
     module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], variant="prompt"))
-    module.set_mos_range(1.0, 5.0)
+    module.net.set_mos_range(1.0, 5.0)
     folder = save_pretrained(module, tmp_path / "prompt-model")
     args = inhouse_args(inhouse_table, demo_data, tmp_path / "run", "--model.init_from", str(folder),
                         "--trainer.max_epochs", "1")  # fmt: skip

@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import stat
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, default_collate
 
 from mst_clipiqa import load_scorer
@@ -25,6 +25,7 @@ from mst_clipiqa.cli import main
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.errors import BadModelError
 from mst_clipiqa.lit_module import MSTCLIPIQAModule, OptimConfig
+from mst_clipiqa.losses import LossConfig
 from mst_clipiqa.model import ModelConfig
 from mst_clipiqa.pretrained import SavedModel, from_pretrained, push_to_hub, save_pretrained
 from mst_clipiqa.tiny_clip import build_tiny_pair
@@ -38,7 +39,7 @@ def trained_module(clip: tuple[str, str], variant: str = "template", mos_range=(
         for part in (module.net.fusion, module.net.head):
             for param in part.parameters():
                 param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    module.set_mos_range(*mos_range)
+    module.net.set_mos_range(*mos_range)
     return module.eval()
 
 
@@ -53,7 +54,7 @@ def pixel_rows(n: int, seed: int = 0) -> list[dict]:
 
 def scores(module: MSTCLIPIQAModule, rows: list[dict]) -> torch.Tensor:
     with torch.no_grad():
-        return module.to_mos(module(default_collate(rows)))
+        return module.net.to_mos(module(default_collate(rows)).score)
 
 
 def own_copy(clip: tuple[str, str], folder: Path) -> tuple[str, str]:
@@ -116,6 +117,39 @@ def test_checkpoint_loads_and_exports_like_the_module(tiny_clip, tmp_path, capsy
     assert "model.safetensors" in capsys.readouterr().out
     for source in (ckpt, tmp_path / "exported"):
         assert torch.equal(scores(from_pretrained(source), rows), scores(module, rows))
+
+
+@pytest.mark.parametrize("variant", ["template", "prompt"])
+def test_files_written_before_the_network_held_the_mos_scale_score_the_same(tiny_clip, tmp_path, variant):
+    """Checkpoints and folders in the layout written before the MOS scale moved into the network, made by hand: a
+    checkpoint held it at the top of the LightningModule's state_dict ("mos_range", not "net.mos_range"); a folder
+    held it in config.json, beside the trainable weights without the "net." prefix, as now."""
+    module = trained_module(tiny_clip, variant)
+    state = module.state_dict()
+    trainable = {key: value for key, value in state.items() if key.startswith(("net.fusion.", "net.head."))}
+    hyper_parameters = {"net": asdict(module.net_config), "loss": asdict(LossConfig()), "optim": asdict(OptimConfig())}
+    checkpoint = tmp_path / "old.ckpt"
+    torch.save({"epoch": 0, "global_step": 2, "pytorch-lightning_version": L.__version__,
+                "state_dict": {"mos_range": torch.tensor([20.0, 80.0], dtype=torch.float64), **trainable},
+                "hparams_name": "kwargs", "hyper_parameters": hyper_parameters}, checkpoint)  # fmt: skip
+
+    folder = tmp_path / "old-folder"
+    for stream, encoder in zip(("coarse", "fine"), tiny_clip):
+        shutil.copytree(encoder, folder / "encoders" / stream)
+    copies = {f"{stream}_encoder": f"encoders/{stream}" for stream in ("coarse", "fine")}
+    config = {"format": "mst-clipiqa", "format_version": 2, "package_version": "0.1.0", "variant": variant,
+              "mos_range": [20.0, 80.0], "net": {**asdict(module.net_config), **copies},
+              "encoders": {stream: {"folder": f"encoders/{stream}"} for stream in ("coarse", "fine")}, "training": {}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({key.removeprefix("net."): value for key, value in trainable.items()}, folder / "model.safetensors")
+
+    rows = pixel_rows(5)
+    want = scores(module, rows)
+    for loaded in (MSTCLIPIQAModule.load_from_checkpoint(checkpoint), from_pretrained(checkpoint),
+                   from_pretrained(folder)):  # fmt: skip
+        assert torch.equal(scores(loaded.eval(), rows), want)
+        assert loaded.net.mos_range.tolist() == [20.0, 80.0]
+    assert SavedModel.read(checkpoint).mos_range == (20.0, 80.0)
 
 
 def test_hub_ids_go_to_snapshot_download_and_typos_do_not(tiny_clip, tmp_path, monkeypatch):
@@ -339,7 +373,7 @@ def test_fine_tuning_starts_from_the_saved_weights_and_mos_range(tiny_clip, demo
     module = MSTCLIPIQAModule(net=net, optim=OptimConfig(lr=1e-2), init_from=str(folder))
     start = {k: v.clone() for k, v in module.net.fusion.state_dict().items()}
     assert all(torch.equal(v, saved.net.fusion.state_dict()[k]) for k, v in start.items())
-    assert module.mos_range.tolist() == [1.0, 4.0]
+    assert module.net.mos_range.tolist() == [1.0, 4.0]
     assert "init_from" not in module.hparams  # a fine-tuned checkpoint reloads without the original model
 
     data = IQADataModule(source="agiqa-3k", root=demo_data, batch_size=16, num_workers=0,
@@ -349,6 +383,6 @@ def test_fine_tuning_starts_from_the_saved_weights_and_mos_range(tiny_clip, demo
                         limit_val_batches=0)
     # The demo's MOS span about 0.1..4.9, beyond the saved model's 1..4: training maps the data's range onto the head.
     trainer.fit(module, datamodule=data)
-    assert module.mos_range.tolist() == list(data.mos_range)
+    assert module.net.mos_range.tolist() == list(data.mos_range)
     after = module.net.fusion.state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in start.items())

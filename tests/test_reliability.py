@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader
 
 import mst_clipiqa
 from mst_clipiqa.checkpoints import ResumingModelCheckpoint, read_checkpoint
-from mst_clipiqa.data.benchmarks import load_source
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.splits import Split, save_splits
+from mst_clipiqa.data.tables import load_source
 from mst_clipiqa.errors import BadCheckpointError
 from mst_clipiqa.lit_module import MSTCLIPIQAModule, OptimConfig
 from mst_clipiqa.model import ModelConfig
@@ -31,7 +31,7 @@ from mst_clipiqa.model import ModelConfig
 def make_module(clip, variant: str = "template", tau_init: float = 3.0, lr: float = 3e-3) -> MSTCLIPIQAModule:
     net = ModelConfig(coarse_encoder=clip[0], fine_encoder=clip[1], variant=variant, tau_init=tau_init)
     module = MSTCLIPIQAModule(net=net, optim=OptimConfig(lr=lr, scheduler="constant"))
-    module.set_mos_range(0.0, 5.0)
+    module.net.set_mos_range(0.0, 5.0)
     return module
 
 
@@ -71,7 +71,7 @@ def test_checkpoints_hold_plain_data_only(checkpoint):
     raw = torch.load(checkpoint, weights_only=True)
     assert isinstance(raw["hyper_parameters"]["net"], dict) and isinstance(raw["hyper_parameters"]["optim"], dict)
     loaded = MSTCLIPIQAModule.load_from_checkpoint(checkpoint)
-    assert loaded.mos_range.tolist() == [0.0, 5.0]
+    assert loaded.net.mos_range.tolist() == [0.0, 5.0]
 
 
 def loaders(demo_data: str, clip, root: Path) -> dict:

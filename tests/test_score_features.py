@@ -24,7 +24,7 @@ from mst_clipiqa.pretrained import save_pretrained
 def model(tiny_clip, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1]))
-    module.set_mos_range(0.0, 5.0)
+    module.net.set_mos_range(0.0, 5.0)
     return save_pretrained(module, tmp_path_factory.mktemp("model") / "template")
 
 

@@ -47,7 +47,7 @@ def module_scores(module, paths: list[Path], prompts: list[str] | None = None) -
     preprocess = ClipPreprocess.from_pretrained(module.net_config.coarse_encoder)
     batch = {"pixel_values": torch.stack([load_pixels(p, preprocess) for p in paths]), "prompt": prompts}
     with torch.no_grad():
-        return module.to_mos(module(batch)).tolist()
+        return module.net.to_mos(module(batch).score).tolist()
 
 
 def test_scores_equal_the_modules_for_paths_images_and_tensors(models, images):

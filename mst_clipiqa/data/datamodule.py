@@ -1,10 +1,12 @@
-"""The LightningDataModule: a benchmark source, a split protocol, MOS targets and loaders."""
+"""The LightningDataModule: a data source, a split protocol, MOS targets and loaders."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+from collections.abc import Mapping
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,11 +17,13 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mst_clipiqa import checkpoints
-from mst_clipiqa.data.benchmarks import check_dataset, image_problems, load_source, target_column
+from mst_clipiqa.data.checks import check_dataset, image_problems
 from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_features
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.data.samplers import EvalDistributedSampler
+from mst_clipiqa.data.schema import target_column
 from mst_clipiqa.data.splits import Split, load_splits, make_splits, predict_indices, save_splits
+from mst_clipiqa.data.tables import Columns, load_source
 from mst_clipiqa.errors import BadImageError, OptionError
 from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
 
@@ -47,17 +51,28 @@ class ImageRows(Dataset):
         }
 
 
+def _columns(options: Columns | Mapping[str, Any] | None) -> Columns | None:
+    """`source_options` as a `Columns`: given as one, or as the dict a checkpoint stores (`load_from_checkpoint`)."""
+    if options is None or isinstance(options, Columns):
+        return options
+    keys = [field.name for field in fields(Columns)]
+    if "mos_columns" not in options or any(key not in keys for key in options):
+        raise OptionError(f"data.source_options {dict(options)}: expected mos_columns and any of {', '.join(keys[1:])}")
+    return Columns(**options)
+
+
 def default_workers() -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1))
 
 
 class IQADataModule(L.LightningDataModule):
-    """A quality benchmark read from its official release, split by a papers' protocol.
+    """Quality data (an official release, a table or a Hugging Face dataset), split by one of the papers' protocols.
 
     Args:
         source: reader: agiqa-1k, agiqa-3k, aigciqa2023, aigiqa-20k, table (CSV/TSV/JSONL/Parquet/xlsx) or hf.
         root: the release's folder (or the table file, or a hub id / save_to_disk folder for hf).
-        source_options: extra options of the reader, e.g. the column mapping of a table.
+        source_options: the column mapping of a table or hf source (--data.source_options.help lists its fields);
+            none for the official releases, which read their own files.
         target: which MOS to learn: quality, alignment (= correspondence) or authenticity.
         protocol: random (image-level), prompt (prompt-disjoint), kfold, or official (the release's own split).
         split_index: which of the protocol's splits (or folds) this run uses.
@@ -96,7 +111,7 @@ class IQADataModule(L.LightningDataModule):
         self,
         source: str = "agiqa-3k",
         root: str = "",
-        source_options: dict[str, Any] | None = None,
+        source_options: Columns | None = None,
         target: Literal["quality", "alignment", "correspondence", "authenticity"] = "quality",
         protocol: Literal["random", "prompt", "kfold", "official"] = "random",
         split_index: int = 0,
@@ -123,6 +138,10 @@ class IQADataModule(L.LightningDataModule):
         super().__init__()
         if mos_range is not None and not (all(map(math.isfinite, mos_range)) and mos_range[0] < mos_range[1]):
             raise OptionError(f"data.mos_range must be [low, high] with low < high, not {list(mos_range)}")
+        self.columns = _columns(source_options)
+        """The column mapping of a table or hf source; None for an official release."""
+        # Saved as plain data: checkpoints are read with weights_only=True, and loggers record the hyperparameters.
+        source_options = asdict(self.columns) if self.columns is not None else None
         self.save_hyperparameters()
         self.table: datasets.Dataset | None = None
         self.split: Split | None = None
@@ -149,7 +168,7 @@ class IQADataModule(L.LightningDataModule):
             if hp.source != "hf" and not Path(hp.root).expanduser().exists():  # an hf root may be a hub id
                 what = "table file" if hp.source == "table" else f"{hp.source} release's folder"
                 raise FileNotFoundError(f"data.root {hp.root}: no such file or folder; set --data.root to the {what}")
-            table = load_source(hp.source, hp.root, **(hp.source_options or {}))
+            table = load_source(hp.source, hp.root, self.columns)
             report = self.run_dir / "dropped_rows.csv" if self.run_dir is not None else None
             self.table = check_dataset(
                 table,
@@ -212,7 +231,8 @@ class IQADataModule(L.LightningDataModule):
                 raise ValueError(f"the {name} part of split {self.split.name} has fewer than 2 rows: nothing to rank")
         # Read on every rank: Trainer.log_dir is a broadcast, which rank 0 alone would wait on forever under DDP.
         self._write_splits(splits, self.run_dir)
-        log.info("split %s: %d train, %d val, %d test", self.split.name, *map(len, self.parts()))
+        train, val, test = self.split.train, self.split.val, self.split.test
+        log.info("split %s: %d train, %d val, %d test", self.split.name, len(train), len(val), len(test))
 
     def _net(self) -> MSTCLIPIQA | None:
         """The trainer's network, whose frozen towers encode features; None without one."""
@@ -234,9 +254,6 @@ class IQADataModule(L.LightningDataModule):
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_splits(splits, checkpoints.new_run_file(self.trainer, run_dir, "splits.json"), self.load_table())
-
-    def parts(self) -> tuple[list[int], list[int], list[int]]:
-        return list(self.split.train), list(self.split.val), list(self.split.test)
 
     @property
     def mos_range(self) -> tuple[float, float]:

@@ -40,7 +40,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,19 +56,16 @@ from tqdm.auto import tqdm
 from transformers.utils import cached_file
 from transformers.utils.hub import extract_commit_hash
 
-from mst_clipiqa.data.benchmarks import image_problem, target_column
+from mst_clipiqa.data.checks import image_problem
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+from mst_clipiqa.data.schema import target_column
 from mst_clipiqa.errors import BadImageError
-from mst_clipiqa.model import MSTCLIPIQA
+from mst_clipiqa.model import CPU_BATCH, MSTCLIPIQA, prefers_bf16, tower_autocast
 
 CACHE_ENV = "MST_CLIPIQA_FEATURES"
 """Environment variable naming the cache folder (the `cache_dir` option, when given, wins)."""
 SHARD_SIZE = 512
 """Items per shard: a crash mid-way loses at most this many encoded items."""
-CPU_BATCH = 8
-"""Largest encoding batch on the CPU. The ViT-B/16 MLP activations of 8 images (8 x 197 x 3072 floats, 19 MB) stay
-under glibc's largest mmap threshold (32 MB), so freed buffers are reused instead of mapped and page-faulted afresh
-at every call: measured on 2 cores, batches of 8 ran at about 80% of the fp32 matmul bound, batches of 32 at 60%."""
 FORMAT_VERSION = 1
 """Version of the shard layout; part of every namespace's hash, so a new layout never reads an old one."""
 
@@ -127,12 +124,6 @@ def _preprocess_spec(preprocess: ClipPreprocess) -> dict[str, Any]:
     return {f.name: getattr(preprocess, f.name) for f in fields(preprocess) if f.init}
 
 
-def prefers_bf16(device: torch.device) -> bool:
-    """The frozen towers run under bf16 autocast on a GPU that supports it, in float32 elsewhere (encoding here,
-    scoring in `mst_clipiqa.scorer`)."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
 def _compute_dtype(device: torch.device) -> str:
     return "bfloat16-autocast" if prefers_bf16(device) else "float32"
 
@@ -145,10 +136,6 @@ def compute_name(device: torch.device, precision: str) -> str:
     if precision == "bf16-mixed" and device.type == "cuda":
         return "bfloat16-autocast"
     return f"{precision}-{device.type}"
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if prefers_bf16(device) else nullcontext()
 
 
 def image_keys(images: datasets.Dataset, *, content_hash: bool = False) -> list[str | None]:
@@ -364,7 +351,7 @@ class TableFeatures:
     """The cached features of one table's rows for one network: image embeddings in memory, prompt states mapped.
 
     Args:
-        table: the unified table (columns of `benchmarks.FEATURES`).
+        table: the unified table (columns of `schema.FEATURES`).
         preprocess: the CLIP preprocessing both towers read.
         draft_decode: decode JPEGs in Pillow's draft mode, as the pixel path does with the same setting.
         cache_dir: the cache folder; None for `default_cache_dir()`.
@@ -390,8 +377,8 @@ class TableFeatures:
         self.prompts = [prompt or "" for prompt in table["prompt"]]
         self.keys: list[str | None] = [None] * len(table)
         self.loaded = torch.zeros(len(table), dtype=torch.bool)
-        self.coarse: Tensor | None = None  # (N, D) image_embeds of every row, valid where `loaded`
-        self.fine: Tensor | None = None  # (N, D)
+        self.coarse_embeds: Tensor | None = None  # (N, D) image_embeds of every row, valid where `loaded`
+        self.fine_embeds: Tensor | None = None  # (N, D)
         self.stats = FeatureStats()
         self._net: MSTCLIPIQA | None = None
 
@@ -403,19 +390,18 @@ class TableFeatures:
         config = net.config
         device = next(net.encoder.parameters()).device
         self.shelves = image_shelves(self.root, net, self.preprocess, self.draft, _compute_dtype(device))
-        self.text = None
+        self.prompt_shelf = None
         if net.needs_prompt:
-            text = net.prompt_encoder
             spec = {
                 "feature": "last_hidden_state",
                 "checkpoint": checkpoint_fingerprint(
                     config.coarse_encoder, config.revision, WEIGHT_FILES + TOKENIZER_FILES
                 ),
-                "weights_dtype": str(next(text.parameters()).dtype),
-                "max_tokens": text.max_tokens,
+                "weights_dtype": str(next(net.prompt_encoder.parameters()).dtype),
+                "max_tokens": net.prompt_encoder.max_tokens,
                 "compute": _compute_dtype(device),
             }
-            self.text = Shelf(self.root, spec, "text")
+            self.prompt_shelf = Shelf(self.root, spec, "text")
         self.loaded[:] = False  # rows read for another network
         self._net = net
 
@@ -436,8 +422,8 @@ class TableFeatures:
         other.prompts = [self.prompts[row] for row in index.tolist()]
         other.keys = [self.keys[row] for row in index.tolist()]
         other.loaded = self.loaded[index]
-        if self.coarse is not None:
-            other.coarse, other.fine = self.coarse[index], self.fine[index]
+        if self.coarse_embeds is not None:
+            other.coarse_embeds, other.fine_embeds = self.coarse_embeds[index], self.fine_embeds[index]
         return other
 
     # ---- the one entry point -----------------------------------------------------------------------------------------
@@ -485,13 +471,13 @@ class TableFeatures:
             return {}
         keys = self._image_keys(rows)
         known = [key for key in keys if key is not None]
-        prompts = list(dict.fromkeys(self.prompts[row] for row in rows)) if self.text is not None else []
+        prompts = list(dict.fromkeys(self.prompts[row] for row in rows)) if self.prompt_shelf is not None else []
         prompt_keys = [prompt_key(prompt) for prompt in prompts]
         plan = broadcast(
             {
                 "coarse": self.shelves["coarse"].missing(known),
                 "fine": self.shelves["fine"].missing(known),
-                "prompts": self.text.missing(prompt_keys) if self.text is not None else [],
+                "prompts": self.prompt_shelf.missing(prompt_keys) if self.prompt_shelf is not None else [],
             }
         )
         images = list(dict.fromkeys(plan["coarse"] + plan["fine"]))  # need at least one tower
@@ -504,11 +490,11 @@ class TableFeatures:
         self._encode_prompts(net, todo[rank::world_size], progress)
         barrier()
 
-        for shelf in (self.shelves["coarse"], self.shelves["fine"], self.text):
+        for shelf in (self.shelves["coarse"], self.shelves["fine"], self.prompt_shelf):
             if shelf is not None:
                 shelf.refresh()
         bad, lost = self._bad_images(rows, keys, failed)
-        lost += len(self.text.missing(prompt_keys)) if self.text is not None else 0
+        lost += len(self.prompt_shelf.missing(prompt_keys)) if self.prompt_shelf is not None else 0
         if lost:
             raise RuntimeError(
                 f"{lost} features are missing from {self.root} after encoding; under DDP every rank must see the "
@@ -523,10 +509,11 @@ class TableFeatures:
         self.stats.images_bad += len(bad)
         self.stats.prompts_cached += len(prompts) - len(todo)
         self.stats.prompts_encoded += len(todo)
-        text = f", {len(prompts)} prompts ({len(prompts) - len(todo)} from the cache, {len(todo)} encoded)"
+        of_prompts = f", {len(prompts)} prompts ({len(prompts) - len(todo)} from the cache, {len(todo)} encoded)"
         rank_zero_info(
             f"Features of {distinct} images ({distinct - len(images)} from the cache, {len(images)} encoded"
-            f"{f', {len(bad)} unreadable' if bad else ''}){text if self.text is not None else ''}; cache: {self.root}"
+            f"{f', {len(bad)} unreadable' if bad else ''}){of_prompts if self.prompt_shelf is not None else ''}; "
+            f"cache: {self.root}"
         )
         return bad
 
@@ -586,7 +573,7 @@ class TableFeatures:
                     if not chosen:
                         continue
                     began = time.perf_counter()
-                    with torch.inference_mode(), _autocast(device):
+                    with torch.inference_mode(), tower_autocast(device):
                         embeds = tower(pixel_values=pixels if len(chosen) == len(batch) else pixels[chosen])
                     values = embeds.image_embeds.float().cpu().numpy()  # (b, D)
                     self.stats.tower_seconds += time.perf_counter() - began
@@ -603,12 +590,12 @@ class TableFeatures:
         if not prompts:
             return
         device = next(net.prompt_encoder.parameters()).device
-        writer = ShardWriter(self.text)
+        writer = ShardWriter(self.prompt_shelf)
         with tqdm(total=len(prompts), desc="Encoding prompts", unit="prompt", disable=not progress) as bar:
             for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start : start + self.batch_size]
                 began = time.perf_counter()
-                with torch.inference_mode(), _autocast(device):
+                with torch.inference_mode(), tower_autocast(device):
                     states, mask = net.prompt_encoder(batch)  # (B, L, Dt), (B, L), padding on the right
                 states = states.float().cpu().numpy()
                 self.stats.tower_seconds += time.perf_counter() - began
@@ -620,17 +607,17 @@ class TableFeatures:
     def _fill(self, rows: list[int], keys: list[str]) -> None:
         coarse = np.stack([self.shelves["coarse"].get(key)[0] for key in keys])  # (n, D)
         fine = np.stack([self.shelves["fine"].get(key)[0] for key in keys])  # (n, D)
-        if self.coarse is None:
-            self.coarse = torch.zeros(len(self.table), coarse.shape[1])  # (N, D)
-            self.fine = torch.zeros(len(self.table), fine.shape[1])  # (N, D)
+        if self.coarse_embeds is None:
+            self.coarse_embeds = torch.zeros(len(self.table), coarse.shape[1])  # (N, D)
+            self.fine_embeds = torch.zeros(len(self.table), fine.shape[1])  # (N, D)
         index = torch.tensor(rows)
-        self.coarse[index] = torch.from_numpy(coarse)
-        self.fine[index] = torch.from_numpy(fine)
+        self.coarse_embeds[index] = torch.from_numpy(coarse)
+        self.fine_embeds[index] = torch.from_numpy(fine)
         self.loaded[index] = True
 
     def prompt_states(self, row: int) -> Tensor:
         """Token states (L, Dt) of a row's prompt, without padding."""
-        return torch.tensor(self.text.get(prompt_key(self.prompts[row])))
+        return torch.tensor(self.prompt_shelf.get(prompt_key(self.prompts[row])))
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------------
@@ -643,7 +630,7 @@ class FeatureRows(Dataset):
     Args:
         features: features prepared for at least these rows.
         rows: rows of the table; `index` in each item is the row.
-        target: the MOS to return (see `benchmarks.target_column`).
+        target: the MOS to return (see `schema.target_column`).
     """
 
     def __init__(self, features: TableFeatures, rows: Sequence[int], target: str):
@@ -659,12 +646,12 @@ class FeatureRows(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
         item = {
-            "coarse_embeds": self.features.coarse[row],  # (D,)
-            "fine_embeds": self.features.fine[row],  # (D,)
+            "coarse_embeds": self.features.coarse_embeds[row],  # (D,)
+            "fine_embeds": self.features.fine_embeds[row],  # (D,)
             "mos": self.mos[i],
             "index": row,
         }
-        if self.features.text is not None:
+        if self.features.prompt_shelf is not None:
             item["prompt_states"] = self.features.prompt_states(row)  # (L, Dt)
         return item
 
@@ -675,12 +662,12 @@ class FeatureRows(Dataset):
         positions = torch.tensor(indices, dtype=torch.long)
         rows = torch.tensor([self.rows[i] for i in indices], dtype=torch.long)
         batch = {
-            "coarse_embeds": self.features.coarse[rows],  # (B, D)
-            "fine_embeds": self.features.fine[rows],  # (B, D)
+            "coarse_embeds": self.features.coarse_embeds[rows],  # (B, D)
+            "fine_embeds": self.features.fine_embeds[rows],  # (B, D)
             "mos": self.mos[positions],  # (B,)
             "index": rows,  # (B,)
         }
-        if self.features.text is not None:
+        if self.features.prompt_shelf is not None:
             batch.update(_pad_prompts([self.features.prompt_states(row) for row in rows.tolist()]))
         return batch
 

@@ -78,9 +78,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class ClipPreprocess:
     """CLIP's image preprocessing: shortest-edge resize, centre crop, rescale and normalise, as one callable.
 
-    Identical to transformers' CLIP image processor (PIL backend) on every image, and about 1.5x faster: the Pillow
-    resize both share dominates, and around it there are no array copies or float64 intermediates, since rescale
-    plus normalise become one 256-entry lookup per channel.
+    Identical to transformers' CLIP image processor (PIL backend) on every image, and faster
+    (perf/preprocess_speed.py): the Pillow resize both share dominates, and around it there are no array copies or
+    float64 intermediates, since rescale plus normalise become one 256-entry lookup per channel.
     """
 
     shortest_edge: int = 224

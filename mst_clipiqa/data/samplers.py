@@ -24,6 +24,15 @@ class EvalDistributedSampler(DistributedSampler):
     plain sequential sampler (one replica, rank 0). They are read once, here: build it inside the ``*_dataloader``
     hooks, which Lightning calls after the process group exists.
 
+    Lightning's `lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler` deals indices the same way;
+    this one differs where evaluation and scoring need it to:
+
+    - without a process group, and no ``num_replicas`` and ``rank`` given, it is the one replica, where Lightning's
+      raises a ``ValueError``: the scorer builds it so in one process and under DDP alike;
+    - it never shuffles: Lightning's shuffles unless told not to (``shuffle=True`` by default), seeded by the epoch;
+    - a rank may get no sample at all when there are fewer samples than ranks (2 test rows on 4 devices, a scoring
+      job of fewer images than devices), where Lightning's stops with an ``AssertionError``.
+
     Args:
         dataset: any sized dataset.
         num_replicas: number of ranks; defaults to the world size.

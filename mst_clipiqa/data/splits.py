@@ -18,7 +18,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from mst_clipiqa.data.benchmarks import target_column
+from mst_clipiqa.data.schema import target_column
 from mst_clipiqa.errors import BadRowError
 
 PROTOCOLS = ("random", "prompt", "kfold", "official")
@@ -81,7 +81,7 @@ def make_splits(
             rows test. When the official val rows carry no labels, `val_fraction` of train validates.
 
     Args:
-        ds: a dataset with the columns of `benchmarks.FEATURES`, after `check_dataset`.
+        ds: a dataset with the columns of `schema.FEATURES`, after `check_dataset`.
         protocol: one of `PROTOCOLS`.
         target: the target whose MOS marks a row as labelled ("quality", "alignment", ...).
         n_splits: the number of "random" and "prompt" splits.

@@ -31,7 +31,7 @@ import pandas as pd
 import scipy.io
 from PIL import Image, ImageDraw, ImageFilter
 
-from mst_clipiqa.data.benchmarks import AIGCIQA2023_MODELS
+from mst_clipiqa.data.releases import AIGCIQA2023_MODELS
 
 HEADER = ("name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality", "mos_align", "std_align")
 LEVELS = 5
@@ -310,8 +310,8 @@ STANDIN_MARKER = "standin.json"
 STANDIN_VERSION = 1
 """Bump when the drawing or a layout changes, so that existing stand-ins are redrawn rather than reused."""
 PNG_COMPRESSION = 1
-"""zlib level of the PNG files. Measured on the stand-ins' images: 1.7x faster to write than Pillow's default (6),
-files 10% larger, decoding as fast."""
+"""zlib level of the PNG files: level 1 writes much faster than Pillow's default (6), for slightly larger files that
+decode as fast."""
 
 DRAWING_SIDE = 320
 """Long side, in pixels, at which the stand-ins' scenes are drawn and distorted (the demo draws at 256-320)."""
@@ -640,7 +640,7 @@ def _plan_aigciqa2023(rng: np.random.Generator, scale: float, withhold_labels: b
                 level = _level(usual, rng)
                 misdrawn = bool(rng.random() < MISALIGNED_SHARE)
                 shots.append(_Shot(f"Image/{model}/{prompt:03d}-{k}.png", (512, 512), level, misdrawn))
-                # The release's row order: by model, then prompt, then image (see benchmarks.load_aigciqa2023).
+                # The release's row order: by model, then prompt, then image (see releases.load_aigciqa2023).
                 row = (model_index * n_prompts + prompt) * 4 + k - 1
                 quality = _quality(level, rng)
                 # Authenticity follows the distortion too, more loosely than quality.

@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from benchmark_fixtures import synthetic_dataset
+from release_fixtures import synthetic_dataset
 
 from mst_clipiqa.data.splits import PROTOCOLS, Split, load_splits, make_splits, predict_indices, save_splits
 from mst_clipiqa.errors import BadRowError

@@ -1,4 +1,4 @@
-"""Tiny benchmark releases in each official format, written into temporary folders, and broken images."""
+"""Tiny releases in each official format, written into temporary folders, and broken images."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pandas as pd
 import scipy.io
 from PIL import Image
 
-from mst_clipiqa.data.benchmarks import AIGCIQA2023_MODELS, FEATURES
+from mst_clipiqa.data.releases import AIGCIQA2023_MODELS
+from mst_clipiqa.data.schema import FEATURES
 
 
 def write_image(path: Path, *, size: tuple[int, int] = (8, 8), shade: int = 0) -> Path:

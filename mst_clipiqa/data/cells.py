@@ -1,0 +1,235 @@
+"""From the cells of annotation files to the unified table: tables and .mat files read, cells turned into values.
+
+Cells a reader cannot take (a MOS that is not a number, a split cell naming no split) are kept as written in the
+`bad_cells` column, for `mst_clipiqa.data.checks.check_dataset` to report with every other problem of a row.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+import scipy.io
+
+from mst_clipiqa.data.schema import FEATURES, IMAGE_EXTENSIONS, MOS_COLUMNS, ROW_NUMBERS, SPLITS, summary
+from mst_clipiqa.errors import BadRowError
+
+
+def read_frame(path: Path, *, header: bool | None = True, name_at: int = 0) -> pd.DataFrame:
+    """A table's cells as Python values, by extension; empty cells stay empty strings.
+
+    Args:
+        header: True reads the first row as the header; None (CSV and xlsx only) reads it as the header
+            unless `_is_data_row` says it is data, in which case the columns are numbered from 0.
+        name_at: the column of image file names, for `_is_data_row`.
+    """
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".parquet"):
+        if not header:
+            raise ValueError(f"{path}: {suffix} files always name their columns")
+        frame = pd.read_json(path, lines=True, dtype=False) if suffix == ".jsonl" else pd.read_parquet(path)
+        return frame.astype(object).where(frame.notna(), None)
+    if header:
+        return _read_cells(path, 0)
+    frame = _read_cells(path, None)
+    if len(frame) and not _is_data_row(frame.iloc[0].tolist(), name_at):
+        frame = frame.iloc[1:].set_axis([str(c) for c in frame.iloc[0]], axis=1).reset_index(drop=True)
+    return frame
+
+
+def _read_cells(path: Path, header: int | None) -> pd.DataFrame:
+    """A CSV, TSV or xlsx file's cells as text (xlsx: as stored), `header` the row of column names or None."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", header=header, dtype=str, keep_default_na=False)
+    if suffix in (".xlsx", ".xls"):
+        return pd.read_excel(path, header=header, dtype=object, na_filter=False)
+    raise ValueError(f"{path}: unknown table format {suffix!r}; expected .csv, .tsv, .jsonl, .parquet or .xlsx")
+
+
+def _is_data_row(cells: Sequence[Any], name_at: int = 0) -> bool:
+    """Whether a table's first row is data rather than a header: it names an image file or holds a number."""
+    name = as_text(cells[name_at]) if len(cells) > name_at else None
+    if name is not None and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+        return True
+    return any(_is_number(cell) for cell in cells)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        return _to_float(value) is not None
+    except ValueError:
+        return False
+
+
+def table_columns(
+    table: pd.DataFrame | Mapping[str, list],
+    origin: str | Path,
+    required: Sequence[str],
+    *,
+    optional: Sequence[str] = (),
+    expected: Sequence[str] | None = None,
+) -> dict[str, list]:
+    """The named columns of a table as lists, keyed by lower-case name.
+
+    A table read without a header (numbered columns) gets `required`, then `optional`, names by position.
+
+    Raises:
+        BadRowError: a required column is missing; the message shows the header found and the one expected.
+    """
+    columns = {str(c).strip().lower(): c for c in table.keys()}
+    if all(isinstance(c, numbers.Integral) for c in table.keys()):
+        columns = {name: c for name, c in zip((*required, *optional), table.keys())}
+    missing = [c for c in required if c.lower() not in columns]
+    if missing:
+        found = ", ".join(str(c) for c in table.keys())
+        want = ", ".join(expected or (*required, *optional))
+        raise BadRowError(f"{origin}: no column(s) {', '.join(missing)}; header found: {found}; expected: {want}")
+    return {
+        name.lower(): list(table[columns[name.lower()]]) for name in (*required, *optional) if name.lower() in columns
+    }
+
+
+def as_text(value: Any) -> str | None:
+    """A cell as stripped text; None when empty. Whole floats read from spreadsheets lose their `.0`."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def as_texts(values: Iterable[Any]) -> list[str | None]:
+    """`as_text` of every cell."""
+    return [as_text(value) for value in values]
+
+
+def image_names(values: Iterable[Any], origin: str | Path) -> list[str]:
+    """Image names (or paths) of a table.
+
+    Raises:
+        BadRowError: rows without one: nothing of such a row can be found or checked, so the table is refused
+            at once; the message names every such row.
+    """
+    names = as_texts(values)
+    empty = [f"row {row}" for row, name in enumerate(names, 1) if name is None]
+    if empty:
+        header = f"{origin}: {len(empty)} rows without an image name ({ROW_NUMBERS}); fill them in or remove them"
+        raise BadRowError(summary(header, empty))
+    return names
+
+
+def _to_float(value: Any) -> float | None:
+    """A MOS cell as a float; None when empty or NaN.
+
+    Raises:
+        ValueError: the cell is not a number.
+    """
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    else:
+        text = as_text(value)
+        if text is None:
+            return None
+        number = float(text)
+    return None if math.isnan(number) else number
+
+
+def _floats(values: Sequence[Any]) -> tuple[list[float | None], list[str | None]]:
+    """MOS cells as floats, None where empty or not a number, and the text of each cell that is not a number."""
+    parsed: list[float | None] = []
+    bad: list[str | None] = []
+    for value in values:
+        try:
+            parsed.append(_to_float(value))
+            bad.append(None)
+        except ValueError:
+            parsed.append(None)
+            bad.append(str(value))
+    return parsed, bad
+
+
+def _splits(values: Sequence[Any]) -> tuple[list[str | None], list[str | None]]:
+    """Split cells as "train", "val" or "test" (None where empty or unknown), and the text of each unknown one."""
+    texts = as_texts(values)
+    known = [SPLITS.get(text.lower()) if text is not None else None for text in texts]
+    return known, [text if split is None else None for text, split in zip(texts, known)]
+
+
+def read_mat(path: Path, variable: str) -> list[float | None]:
+    """The one-column numeric `variable` of a MATLAB file as floats, None where NaN.
+
+    Raises:
+        BadRowError: a v7.3 file, no such variable, more than one column, or values that are not numbers.
+    """
+    try:
+        content = scipy.io.loadmat(str(path))
+    except NotImplementedError as err:
+        raise BadRowError(f"{path}: a MATLAB v7.3 file, which scipy cannot read; save it again with -v7") from err
+    if variable not in content:
+        found = ", ".join(k for k in content if not k.startswith("__"))
+        raise BadRowError(f"{path}: no variable {variable} (found: {found})")
+    values = np.asarray(content[variable])
+    if values.ndim > 2 or (values.ndim == 2 and min(values.shape) != 1):
+        raise BadRowError(f"{path}: {variable} has shape {values.shape}; expected one column")
+    try:
+        return [None if math.isnan(v) else v for v in values.astype(np.float64).ravel().tolist()]
+    except (TypeError, ValueError) as err:
+        raise BadRowError(f"{path}: {variable} is not numeric ({values.dtype})") from err
+
+
+def image_files(folder: Path, names: Iterable[str]) -> list[dict[str, Any]]:
+    """The `image` cells of files named by paths below `folder` (absolute paths stay as they are)."""
+    folder = folder.resolve()
+    return [{"path": str(folder / name), "bytes": None} for name in names]
+
+
+def assemble(
+    source: str,
+    origin: str | Path,
+    names: list[str],
+    images: list[dict[str, Any]] | datasets.Dataset,
+    *,
+    prompts: list[str | None] | None = None,
+    mos: Mapping[str, Sequence[Any]] | None = None,
+    groups: list[str | None] | None = None,
+    splits: Sequence[Any] | None = None,
+) -> datasets.Dataset:
+    """The dataset in the common schema; `images` is a list of image dicts or a one-column `image` dataset.
+
+    Args:
+        origin: the file (or folder) the rows were read from, named by `check_dataset`'s messages.
+        mos: MOS column → the cells as read; cells that are not numbers go to `bad_cells`.
+        splits: the split cells as read; unknown ones go to `bad_cells`.
+    """
+    n = len(names)
+    cells = {column: _floats(values) for column, values in (mos or {}).items()}
+    if splits is not None:
+        cells["split"] = _splits(splits)
+    columns: dict[str, list] = {
+        "name": names,
+        "prompt": prompts if prompts is not None else [None] * n,
+        **{column: cells[column][0] if column in cells else [None] * n for column in MOS_COLUMNS},
+        "group": groups if groups is not None else prompts if prompts is not None else [None] * n,
+        "source": [source] * n,
+        "split": cells["split"][0] if splits is not None else [None] * n,
+        "bad_cells": [
+            {column: bad[row] for column, (_, bad) in cells.items() if bad[row] is not None} or None for row in range(n)
+        ],
+    }
+    if isinstance(images, datasets.Dataset):
+        rest = datasets.Dataset.from_dict(columns, features=datasets.Features({k: FEATURES[k] for k in columns}))
+        ds = datasets.concatenate_datasets([images, rest], axis=1).select_columns(list(FEATURES))
+    else:
+        ds = datasets.Dataset.from_dict({"image": images, **columns}, features=FEATURES)
+    ds.info.description = str(origin)  # the dataset's own copy; `select` and `map` keep it
+    return ds

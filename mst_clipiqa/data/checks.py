@@ -1,0 +1,164 @@
+"""The setup check: every problem of the unified table found in one pass, before any training, and named in one
+message (`check_dataset`), with a report of every bad row; and the check of single images it uses."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+
+from mst_clipiqa.data.preprocess import open_image
+from mst_clipiqa.data.schema import ROW_NUMBERS, SPLITS, summary, target_column
+from mst_clipiqa.errors import BadImageError, BadRowError
+
+logger = logging.getLogger(__name__)
+
+OnBad = Literal["error", "drop"]
+
+
+def check_dataset(
+    ds: datasets.Dataset,
+    *,
+    target: str,
+    need_prompt: bool,
+    check_images: bool | Callable[[datasets.Dataset], Iterable[tuple[int, str]]] = True,
+    on_bad: OnBad = "error",
+    report_path: str | Path | None = None,
+    num_threads: int = 8,
+) -> datasets.Dataset:
+    """Find every problem of a dataset before training, and refuse it or drop the rows at fault.
+
+    A row is bad when its name is missing or listed more than once (every copy is bad: with two MOS for one
+    image neither can be trusted), its target MOS is missing, not a number or not finite, its split cell names
+    no known split, its image is missing, unreadable, truncated or a decompression bomb, or, with `need_prompt`,
+    its prompt is missing or blank. Rows of the official val/test splits without a target MOS are not bad: their
+    labels are withheld and they are for prediction (see `splits.predict_indices`).
+
+    Every message and the report number rows from 1 in the order of `ds` (row N is `ds[N - 1]`, the N-th data
+    row of the annotation table), and quote a bad cell as the file holds it.
+
+    Args:
+        ds: a dataset with the columns of `FEATURES`, as a reader returns it.
+        target: the target ("quality", ...) or MOS column whose values must be present.
+        need_prompt: whether every row needs a prompt (the prompt-anchored head).
+        check_images: True decodes every image fully (in `num_threads` threads); a function of `ds` checks them
+            its own way and returns (row, reason) for every bad image, e.g. the feature cache's encoding pass, which
+            decodes only the images it lacks (`mst_clipiqa.data.features.TableFeatures.prepare`); False skips them.
+        on_bad: "error" raises one error naming the file, the number of bad rows and the first of them with all
+            their problems; "drop" removes the bad rows and logs the same as a warning.
+        report_path: where to write every problem as CSV (`name,row,reason`, one line per bad row), in both
+            modes; the message says where it is.
+        num_threads: threads decoding images.
+
+    Returns:
+        `ds` itself when nothing is wrong, else (with "drop") the rows without problems.
+
+    Raises:
+        BadImageError: only image problems were found (with "error").
+        BadRowError: other problems were found (with "error").
+    """
+    column = target_column(target)
+    _check_on_bad(on_bad)
+    meta = ds.select_columns(["name", "prompt", column, "split", "bad_cells", "source"]).to_dict()
+    names = meta["name"]
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for row, name in enumerate(names):
+        rows_of[name].append(row)
+
+    problems: dict[int, list[str]] = defaultdict(list)
+    for row, (name, prompt, mos, split, bad) in enumerate(
+        zip(names, meta["prompt"], meta[column], meta["split"], meta["bad_cells"])
+    ):
+        bad = bad or {}
+        if not name:
+            problems[row].append("no image name")
+        elif len(rows_of[name]) > 1:
+            copies = rows_of[name]
+            problems[row].append(
+                f"name listed {len(copies)} times (rows {', '.join(str(r + 1) for r in copies)}; "
+                f"{column} {', '.join(str(meta[column][r]) for r in copies)})"
+            )
+        if bad.get(column) is not None:
+            problems[row].append(f"{column} {bad[column]!r} is not a number")
+        elif mos is None:
+            if split not in ("val", "test"):
+                problems[row].append(f"{column} is missing")
+        elif not math.isfinite(mos):
+            problems[row].append(f"{column} is not a finite number ({mos})")
+        if bad.get("split") is not None:
+            problems[row].append(f"split {bad['split']!r} is none of {', '.join(sorted(SPLITS))}")
+        if need_prompt and not (prompt and prompt.strip()):
+            problems[row].append("prompt is missing")
+    image_only = not problems
+    if check_images:
+        found = check_images(ds) if callable(check_images) else image_problems(ds, num_threads)
+        for row, problem in found:
+            problems[row].append(problem)
+    if not problems:
+        return ds
+
+    lines = [f"{_row_label(names[row], row)}: {'; '.join(reasons)}" for row, reasons in sorted(problems.items())]
+    if report_path is not None:
+        _write_report(report_path, names, problems)
+    # Readers record the file the rows came from; a dataset built otherwise is named by its source.
+    origin = ds.info.description or meta["source"][0]
+    header = f"{origin}: {len(problems)} bad rows of {len(ds)} ({ROW_NUMBERS})"
+    if report_path is not None:
+        header += f"; all are listed in {report_path}"
+    if on_bad == "error":
+        error = BadImageError if image_only else BadRowError
+        raise error(
+            summary(f'{header}. Fix them, or set on_bad to "drop" (--data.on_bad drop) to leave them out', lines)
+        )
+    logger.warning(summary(f"{header}. Dropping them", lines))
+    return ds.select([row for row in range(len(ds)) if row not in problems])
+
+
+def _row_label(name: str | None, row: int) -> str:
+    """How messages name the row at 0-based index `row` of a dataset: its name and its number from 1."""
+    return f"{name} (row {row + 1})" if name else f"row {row + 1}"
+
+
+def image_problems(ds: datasets.Dataset, num_threads: int = 8, batch_size: int = 256) -> list[tuple[int, str]]:
+    """(row, reason) for every image of `ds` that does not decode, in row order."""
+    found: list[tuple[int, str]] = []
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        for start, batch in enumerate(ds.select_columns(["image"]).iter(batch_size=batch_size)):
+            for offset, problem in enumerate(pool.map(image_problem, batch["image"])):
+                if problem is not None:
+                    found.append((start * batch_size + offset, problem))
+    return found
+
+
+def image_problem(image: dict[str, Any] | None) -> str | None:
+    """Why an `image` cell ({"path", "bytes"}) does not decode in full, or None when it does."""
+    if image is None or (image.get("path") is None and image.get("bytes") is None):
+        return "no image"
+    try:
+        open_image(image)
+    except BadImageError as err:
+        return str(err)
+    return None
+
+
+def _write_report(path: str | Path, names: Sequence[str], problems: Mapping[int, list[str]]) -> None:
+    """Every bad row as CSV: `name,row,reason`, rows numbered from 1, a row's reasons joined by "; "."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["name", "row", "reason"])
+        for row, reasons in sorted(problems.items()):
+            writer.writerow([names[row], row + 1, "; ".join(reasons)])
+
+
+def _check_on_bad(on_bad: str) -> None:
+    if on_bad not in ("error", "drop"):
+        raise ValueError(f'on_bad must be "error" or "drop", not {on_bad!r}')

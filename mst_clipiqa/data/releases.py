@@ -1,0 +1,320 @@
+"""Readers of the four official releases, each taking a release exactly as its authors publish it.
+
+Each returns the release's rows in the unified table (`mst_clipiqa.data.schema.FEATURES`); the formats are in each
+reader's docstring. Readers fail loudly on what keeps them from reading a release at all: a missing annotation file
+or column, a wrong header, tables that disagree in length, a row without an image. Every problem of a single row is
+left to `mst_clipiqa.data.checks.check_dataset`, which names them all in one message: a missing or duplicate name, a
+missing or non-numeric MOS (readers keep the cell's text in the `bad_cells` column for it), an unknown split, an
+unreadable image, a missing prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from mst_clipiqa.data.cells import as_texts, assemble, image_files, image_names, read_frame, read_mat, table_columns
+from mst_clipiqa.data.schema import SHOWN_PROBLEMS
+from mst_clipiqa.errors import BadRowError
+
+# How deep below a release's root its annotation files and image folders are searched for.
+_SEARCH_DEPTH = 2
+
+
+def load_agiqa1k(root: str | Path) -> datasets.Dataset:
+    """Read AGIQA-1K: `AIGC_MOS_Zscore.xlsx` (header `Image,Prompt,MOS`) and its image folder.
+
+    `AIGC_all.csv` holds raw means, not the MOS the papers use, and is never read. The official xlsx lists
+    `dreamStudio_8_9_1_1.jpg` twice with different MOS; `check_dataset` rejects both copies.
+
+    Args:
+        root: the release folder. The xlsx and the image folder (often `file/`) are searched for in it and in
+            its subfolders two levels down.
+
+    Raises:
+        FileNotFoundError: no xlsx, or no folder holding its images; the message says where it looked.
+        BadRowError: a missing column, or rows without an image name; the message names the file and the rows.
+    """
+    root = _existing_dir(root)
+    table = _find_file(root, "AIGC_MOS_Zscore.xlsx")
+    rows = table_columns(read_frame(table), table, ("image", "prompt", "mos"))
+    names = image_names(rows["image"], table)
+    return assemble(
+        "agiqa-1k",
+        table,
+        names,
+        image_files(_find_image_dir(root, names, table), names),
+        prompts=as_texts(rows["prompt"]),
+        mos={"mos_quality": rows["mos"]},
+    )
+
+
+_AGIQA3K_HEADER = ("name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality", "mos_align", "std_align")
+
+
+def load_agiqa3k(root: str | Path) -> datasets.Dataset:
+    """Read AGIQA-3K: `data.csv` with header `name,prompt,adj1,adj2,style,mos_quality,std_quality,mos_align,std_align`.
+
+    `mos_align` becomes `mos_alignment`. The images lie in the root, `img/`, `images/` or another subfolder,
+    depending on who unpacked them: the folder holding most of the listed names is used.
+
+    Args:
+        root: the release folder (or a hub copy holding the official data.csv).
+
+    Raises:
+        FileNotFoundError: no data.csv, or no folder holding its images.
+        BadRowError: a header without the official columns, or rows without an image name.
+    """
+    root = _existing_dir(root)
+    table = _find_file(root, "data.csv")
+    rows = table_columns(
+        read_frame(table), table, ("name", "prompt", "mos_quality", "mos_align"), expected=_AGIQA3K_HEADER
+    )
+    names = image_names(rows["name"], table)
+    return assemble(
+        "agiqa-3k",
+        table,
+        names,
+        image_files(_find_image_dir(root, names, table), names),
+        prompts=as_texts(rows["prompt"]),
+        mos={"mos_quality": rows["mos_quality"], "mos_alignment": rows["mos_align"]},
+    )
+
+
+AIGCIQA2023_MODELS = ("Controlnet", "DALLE", "Glide", "Lafite", "stable-diffusion", "Unidiffuser")
+_AIGCIQA2023_MOS = {"mos_quality": "mosz1.mat", "mos_authenticity": "mosz2.mat", "mos_alignment": "mosz3.mat"}
+_PER_PROMPT = 4
+
+
+def load_aigciqa2023(root: str | Path) -> datasets.Dataset:
+    """Read AIGCIQA2023: `DATA/MOS/mosz{1,2,3}.mat`, `AIGCIQA2023_Prompts.xlsx` and the images.
+
+    mosz1 is quality, mosz2 authenticity, mosz3 correspondence (stored as `mos_alignment`); each holds a
+    variable `MOSz` with one row per image. With N rows, the first N/6 belong to Controlnet, the next N/6 to
+    DALLE, then Glide, Lafite, stable-diffusion and Unidiffuser (the release has N = 2400, 400 per model).
+    Within a model, rows come in fours per prompt: row i has prompt (i % (N/6)) // 4, image k = i % 4 + 1.
+
+    The image of row i is found, in this order of preference:
+      1. `pic-index.xlsx`, which lists (model, file) per row: `Image/<model>/<file>`;
+      2. `Image/<model>/<PPP-k>.png`, PPP the prompt number on three digits (counted from 000 or from 001,
+         whichever the Controlnet folder holds);
+      3. the flat variant `allimg/<i>.png`.
+    Names are the paths below the image folder (`Controlnet/000-1.png`, `allimg/0.png`): each model's folder
+    holds the same file names, so a bare file name would not tell the images apart.
+
+    Args:
+        root: the release folder; files are searched for two levels down.
+
+    Raises:
+        FileNotFoundError: a .mat file, the prompts or the image folder is missing.
+        BadRowError: the .mat files disagree in length, N is not a multiple of 24, the prompts do not number
+            N/24, or pic-index.xlsx does not list N rows.
+    """
+    root = _existing_dir(root)
+    mos_files = {column: _find_file(root, file) for column, file in _AIGCIQA2023_MOS.items()}
+    mos = {column: read_mat(file, "MOSz") for column, file in mos_files.items()}
+    quality_file = mos_files["mos_quality"]
+    n = len(mos["mos_quality"])
+    if any(len(values) != n for values in mos.values()):
+        lengths = ", ".join(f"{_AIGCIQA2023_MOS[c]}: {len(v)}" for c, v in mos.items())
+        raise BadRowError(f"{quality_file.parent}: the MOS files differ in length ({lengths})")
+    block = len(AIGCIQA2023_MODELS) * _PER_PROMPT
+    if n == 0 or n % block:
+        raise BadRowError(f"{quality_file}: {n} rows; expected a multiple of {block} (6 models x 4 images per prompt)")
+    per_model = n // len(AIGCIQA2023_MODELS)
+
+    prompts_file = _find_file(root, "AIGCIQA2023_Prompts.xlsx")
+    prompts = as_texts(table_columns(read_frame(prompts_file), prompts_file, ("prompt",))["prompt"])
+    if len(prompts) != per_model // _PER_PROMPT:
+        raise BadRowError(
+            f"{prompts_file}: {len(prompts)} prompts, but {quality_file} holds {n} rows, which need "
+            f"{per_model // _PER_PROMPT} (4 images per prompt and model)"
+        )
+
+    folder, names = _aigciqa2023_images(root, n)
+    return assemble(
+        "aigciqa2023",
+        root,
+        names,
+        image_files(folder, names),
+        prompts=[prompts[_aigciqa2023_place(i, per_model)[1]] for i in range(n)],
+        mos=mos,
+    )
+
+
+def _aigciqa2023_place(row: int, per_model: int) -> tuple[str, int, int]:
+    """(model, prompt index from 0, image number k from 1) of an AIGCIQA2023 row."""
+    return AIGCIQA2023_MODELS[row // per_model], (row % per_model) // _PER_PROMPT, row % _PER_PROMPT + 1
+
+
+def _aigciqa2023_images(root: Path, n: int) -> tuple[Path, list[str]]:
+    """The image folder of AIGCIQA2023 and each row's path below it."""
+    per_model = n // len(AIGCIQA2023_MODELS)
+    index_file = _find_file(root, "pic-index.xlsx", required=False)
+    if index_file is not None:
+        frame = read_frame(index_file, header=None, name_at=1)
+        if len(frame) != n or frame.shape[1] < 2:
+            raise BadRowError(
+                f"{index_file}: expected {n} rows of (model, file), found {len(frame)} x {frame.shape[1]}"
+            )
+        models = image_names(frame.iloc[:, 0].tolist(), index_file)
+        files = image_names(frame.iloc[:, 1].tolist(), index_file)
+        return _find_dir(root, models[0]), [f"{model}/{file}" for model, file in zip(models, files)]
+
+    folder = _find_dir(root, AIGCIQA2023_MODELS[0], required=False)
+    if folder is not None:
+        # Both numberings of the prompt folders' files are plausible; the first model's folder tells which.
+        probe = folder / AIGCIQA2023_MODELS[0]
+        first = 1 if (probe / "001-1.png").exists() and not (probe / "000-1.png").exists() else 0
+        places = (_aigciqa2023_place(i, per_model) for i in range(n))
+        return folder, [f"{model}/{prompt + first:03d}-{k}.png" for model, prompt, k in places]
+
+    flat = _find_dir(root, "allimg", required=False)
+    if flat is not None:
+        return flat, [f"allimg/{i}.png" for i in range(n)]
+    raise FileNotFoundError(
+        f"{root}: no AIGCIQA2023 images: looked for pic-index.xlsx, a folder holding {AIGCIQA2023_MODELS[0]}/ "
+        f"or one holding allimg/, in {root} and its subfolders {_SEARCH_DEPTH} levels down"
+    )
+
+
+def load_aigiqa20k(root: str | Path) -> datasets.Dataset:
+    """Read AIGIQA-20K (NTIRE 2024): `info_train`, `info_val`, `info_test` (.csv or .xlsx) and the split folders.
+
+    `info_train` holds `name,prompt,mos`; `info_val` and `info_test` hold `name,prompt` (labels withheld;
+    their MOS stay None, and a `mos` column is read if a copy has one). Some copies lack the header row: a
+    first row whose first cell is an image file name, or which holds a number, is data. Images of each split
+    lie in `train/`, `val/`, `test/` (or wherever most of the split's names are). The `split` column is set.
+    `info_val` and `info_test` are optional, so that a copy of the training data alone can be read.
+
+    Rows are those of info_train, then info_val, then info_test, numbered on from one table to the next. Names
+    are the file names the tables list, as a submission needs them; a file name listed by two tables for two
+    different files becomes each file's path below the root (`train/x.png`, `test/x.png`).
+
+    Args:
+        root: the release folder.
+
+    Raises:
+        FileNotFoundError: no info_train, or no folder holding a split's images.
+        BadRowError: a header without the expected columns, or rows without an image name.
+    """
+    root = _existing_dir(root)
+    names: list[str] = []
+    images: list[dict[str, Any]] = []
+    prompts: list[str | None] = []
+    mos: list[Any] = []
+    splits: list[str] = []
+    for split in ("train", "val", "test"):
+        table = _find_file(root, f"info_{split}.csv", f"info_{split}.xlsx", required=split == "train")
+        if table is None:
+            continue
+        required = ("name", "prompt", "mos") if split == "train" else ("name", "prompt")
+        rows = table_columns(read_frame(table, header=None), table, required, optional=("mos",))
+        part = image_names(rows["name"], table)
+        names += part
+        images += image_files(_find_image_dir(root, part, table), part)
+        prompts += as_texts(rows["prompt"])
+        mos += rows.get("mos", [None] * len(part))
+        splits += [split] * len(part)
+    names = _names_of_files(names, images, root)
+    return assemble("aigiqa-20k", root, names, images, prompts=prompts, mos={"mos_quality": mos}, splits=splits)
+
+
+def _names_of_files(names: Sequence[str], images: Sequence[dict[str, Any]], root: Path) -> list[str]:
+    """`names`, except where one name stands for different files: those become each file's path below `root`.
+
+    One name listed twice for the same file stays as it is, a duplicate for `check_dataset` to report.
+    """
+    files: dict[str, set[str]] = defaultdict(set)
+    for name, image in zip(names, images):
+        files[name].add(image["path"])
+    return [
+        Path(image["path"]).relative_to(root).as_posix() if len(files[name]) > 1 else name
+        for name, image in zip(names, images)
+    ]
+
+
+RELEASES: dict[str, Callable[[str | Path], datasets.Dataset]] = {
+    "agiqa-1k": load_agiqa1k,
+    "agiqa-3k": load_agiqa3k,
+    "aigciqa2023": load_aigciqa2023,
+    "aigiqa-20k": load_aigiqa20k,
+}
+"""The official releases by `data.source` name."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files and folders of a release
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _existing_dir(root: str | Path) -> Path:
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    return root
+
+
+def _search_dirs(root: Path) -> list[Path]:
+    """The root, then its subfolders level by level (sorted, hidden ones skipped), `_SEARCH_DEPTH` levels down."""
+    found, level = [root], [root]
+    for _ in range(_SEARCH_DEPTH):
+        level = sorted(
+            Path(entry.path)
+            for folder in level
+            for entry in os.scandir(folder)
+            if entry.is_dir() and not entry.name.startswith(".")
+        )
+        found += level
+    return found
+
+
+def _find_file(root: Path, *filenames: str, required: bool = True) -> Path | None:
+    """The first of `filenames` found in the root or below it; None (or an error when required) if none is."""
+    for folder in _search_dirs(root):
+        for filename in filenames:
+            if (folder / filename).is_file():
+                return folder / filename
+    if required:
+        raise FileNotFoundError(
+            f"{root}: no {' or '.join(filenames)} in this folder or its subfolders {_SEARCH_DEPTH} levels down"
+        )
+    return None
+
+
+def _find_dir(root: Path, child: str, *, required: bool = True) -> Path | None:
+    """The first folder, the root or one below it, that holds a subfolder `child`."""
+    for folder in _search_dirs(root):
+        if (folder / child).is_dir():
+            return folder
+    if required:
+        raise FileNotFoundError(
+            f"{root}: no folder {child}/ in this folder or its subfolders {_SEARCH_DEPTH} levels down"
+        )
+    return None
+
+
+def _find_image_dir(root: Path, names: Sequence[str], table: Path) -> Path:
+    """The folder, the root or one below it, that holds most of `names` (the first such folder on a tie).
+
+    Names missing from the chosen folder are left to `check_dataset` to report.
+    """
+    wanted = set(names)
+    best, best_hits = None, 0
+    searched = _search_dirs(root)
+    for folder in searched:
+        hits = len(wanted.intersection(os.listdir(folder)))
+        if hits > best_hits:
+            best, best_hits = folder, hits
+        if hits == len(wanted):
+            break
+    if best is None:
+        looked = ", ".join(str(folder) for folder in searched[:SHOWN_PROBLEMS])
+        more = f" and {len(searched) - SHOWN_PROBLEMS} more" if len(searched) > SHOWN_PROBLEMS else ""
+        raise FileNotFoundError(f"{table}: none of its {len(wanted)} images is in {looked}{more}")
+    return best

@@ -1,0 +1,704 @@
+"""The shareable model format, `SavedModel`: a folder that scores on any machine, local or on the Hugging Face Hub.
+
+    my-model/
+      config.json         the network's `ModelConfig` (head variant, widths), where each encoder comes from (a hub id
+                          and the commit it resolved to, or a folder under encoders/), the MOS range scores are mapped
+                          onto, what the model was trained on, the package version that wrote it
+      model.safetensors   the trainable weights only (gated fusion and head): under 3 MB for variant A
+      README.md           the model card, in the Hugging Face convention
+      encoders/coarse/    local CLIP encoders, copied in with what loading reads (config, weights, tokenizer,
+      encoders/fine/      preprocessing); one folder when both streams share an encoder, none for hub encoders
+
+Hub encoders are not copied: loading takes the recorded commit from the Hugging Face cache, or downloads it (unless
+HF_HUB_OFFLINE is set), so the towers are exactly those the head was trained on. Copied encoders are found relative
+to the model folder, whatever the working directory. Nothing is pickled and no code is fetched.
+
+`SavedModel.read` also reads a Lightning checkpoint of `MSTCLIPIQAModule` (without unpickling any object, see
+`mst_clipiqa.checkpoints.read_checkpoint`), so a `.ckpt` can be scored, exported (`mst-clipiqa export`) or
+fine-tuned from like a saved folder. What it holds is the trainable part of a `MSTCLIPIQA` network and its MOS
+scale; `mst_clipiqa.pretrained` saves and loads whole LightningModules with it.
+"""
+
+from __future__ import annotations
+
+import csv
+import filecmp
+import json
+import math
+import re
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from mst_clipiqa import __version__
+from mst_clipiqa.checkpoints import read_checkpoint
+from mst_clipiqa.data.features import TOKENIZER_FILES, checkpoint_fingerprint
+from mst_clipiqa.errors import BadCheckpointError, BadModelError, OptionError
+from mst_clipiqa.model import INTERNAL_HIGH, INTERNAL_LOW, MSTCLIPIQA, ModelConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+ENCODERS = "encoders"
+"""Sub-folder holding copies of local encoders, one folder per stream."""
+FORMAT = "mst-clipiqa"
+FORMAT_VERSION = 2
+"""Bump when the folder's layout changes in a way older readers would misread. 2: encoders recorded by hub id and
+commit, or copied into the folder."""
+
+TRAINABLE = ("fusion", "head")
+"""The parts of `MSTCLIPIQA` that train; everything else is a frozen CLIP tower named by the config."""
+STREAMS = ("coarse", "fine")
+"""The two image streams; the coarse encoder also supplies the text tower, tokenizer and preprocessing."""
+
+ENCODER_FILES = (CONFIG_NAME, "preprocessor_config.json", "added_tokens.json", *TOKENIZER_FILES)
+"""What loading a CLIP checkpoint reads besides its weights (towers, tokenizer, preprocessing), where present."""
+SAFETENSORS_FILES = ("*.safetensors", "model.safetensors.index.json")
+PYTORCH_FILES = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
+"""Weights in PyTorch's format, read only where a checkpoint has no safetensors (as transformers does)."""
+
+PROTOCOL_KEYS = {
+    "random": ("split_index", "n_splits", "train_fraction"),
+    "prompt": ("split_index", "n_splits", "train_fraction"),
+    "kfold": ("split_index", "folds"),
+    "official": (),
+}
+"""Data-module settings that define the split, per protocol: what the model card reports of the training data."""
+
+MUST_MATCH = ("coarse_encoder", "fine_encoder", "revision", "variant", "fusion_dim")
+"""Config fields that give the trainable weights their shape or meaning: a model can only start from saved weights
+that agree on them, and on those of its head in `MUST_MATCH_HEAD`."""
+MUST_MATCH_HEAD = {"template": ("template",), "prompt": ("num_heads", "head_hidden")}
+
+MOS_RANGE_KEY = "net.mos_range"
+"""Where a checkpoint of `MSTCLIPIQAModule` holds the MOS scale: the network's buffer."""
+LEGACY_MOS_RANGE_KEY = "mos_range"
+"""Where checkpoints written before the network held the MOS scale hold it: at the top of the LightningModule."""
+
+
+@dataclass
+class SavedModel:
+    """What a saved model holds, wherever it was read from."""
+
+    net: ModelConfig
+    """The network's configuration; a copied encoder is named by its path on this machine."""
+    mos_range: tuple[float, float]
+    """(low, high) of the MOS scale the head's internal 1..5 maps onto."""
+    weights: dict[str, Tensor]
+    """Trainable weights, keyed as in `MSTCLIPIQA.state_dict()` (``fusion.*``, ``head.*``)."""
+    package_version: str = __version__
+    """Version of mst-clipiqa that wrote it."""
+    source: str = ""
+    """Where it was read from, for messages."""
+    commits: dict[str, str] = field(default_factory=dict)
+    """Hub commit of each stream's encoder ("coarse", "fine") named by hub id, where known."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """What is known of its training, for the model card: "data" (source and split), "checkpoint" (file, epoch,
+    step), "validation" (best score of the run), "test" ("metrics", the "run" folder that logged them, and whether
+    they are "of_these_weights")."""
+
+    # ---- writing -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def of(cls, model: L.LightningModule | MSTCLIPIQA, mos_range: tuple[float, float] | None = None) -> SavedModel:
+        """The saved form of a LightningModule holding the network as `net` (with the network's MOS range, and its
+        data and metrics if a Trainer ran it) or of a bare network.
+
+        `mos_range` overrides the network's. A bare `MSTCLIPIQA` that was never trained has none: its scores then
+        stay on the internal 1..5 scale.
+        """
+        if isinstance(model, MSTCLIPIQA):
+            net, training = model, {}
+            if not net.has_mos_range:
+                mos_range = mos_range or (INTERNAL_LOW, INTERNAL_HIGH)
+        else:
+            net, training = model.net, _training_of_module(model)
+            if not net.has_mos_range and mos_range is None:
+                raise ValueError("the model has no MOS range yet: train it first, or pass mos_range=(low, high)")
+        mos_range = mos_range or tuple(net.mos_range.tolist())
+        weights = {
+            f"{part}.{key}": value.detach().cpu().contiguous()
+            for part in TRAINABLE
+            for key, value in getattr(net, part).state_dict().items()
+        }
+        return cls(net.config, _checked_range(mos_range, "mos_range"), weights, training=training)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the model to `folder` (created if needed): config.json, model.safetensors, README.md and copies of
+        local encoders. Returns the folder.
+
+        Files are created like any other (the umask applies), so a shared folder is readable by the group.
+
+        Raises:
+            BadModelError: an encoder that is neither a folder nor found in the Hugging Face cache or on the hub.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        encoders = self._place_encoders(folder)
+        portable = {f"{stream}_encoder": entry.get("hub_id") or entry["folder"] for stream, entry in encoders.items()}
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "package_version": self.package_version,
+            "variant": self.net.variant,
+            "mos_range": list(self.mos_range),
+            "net": asdict(replace(self.net, **portable)),
+            "encoders": encoders,
+            "training": self.training,
+        }
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        # safetensors' save_file creates its file with mode 0600; the same bytes written here get the usual mode.
+        (folder / WEIGHTS_NAME).write_bytes(safetensors_bytes(self.weights, metadata={"format": "pt"}))
+        (folder / CARD_NAME).write_text(model_card(self, encoders, folder.resolve().name))
+        return folder
+
+    def _place_encoders(self, folder: Path) -> dict[str, dict[str, str | None]]:
+        """Each stream's entry of config.json: {"hub_id", "commit"} for a hub encoder (a folder of the Hugging Face
+        cache counts as one), {"folder"} for a local encoder, which is copied into `folder` (once if both streams
+        share it). Old copies no stream uses any more are removed."""
+        entries: dict[str, dict[str, str | None]] = {}
+        copies: dict[Path, str] = {}  # resolved source → its folder relative to the model's
+        for stream in STREAMS:
+            name = getattr(self.net, f"{stream}_encoder")
+            local = Path(name).expanduser()
+            if origin := _hub_origin(name):
+                entries[stream] = {"hub_id": origin[0], "commit": origin[1]}
+            elif local.is_dir():
+                source = local.resolve()
+                if source == folder.resolve():
+                    raise BadModelError(f"cannot save into {folder}: it is the {stream} encoder's own folder")
+                if source not in copies:
+                    copies[source] = f"{ENCODERS}/{stream}"
+                    _copy_encoder(source, folder / copies[source], stream)
+                entries[stream] = {"folder": copies[source]}
+            elif _looks_like_path(name):
+                raise BadModelError(f"the {stream} encoder {_where(name)} does not exist")
+            else:
+                commit = self.commits.get(stream) or _hub_commit(name, self.net.revision, stream)
+                entries[stream] = {"hub_id": name, "commit": commit}
+        for stream in STREAMS:
+            stale = folder / ENCODERS / stream
+            if f"{ENCODERS}/{stream}" not in copies.values() and stale.is_dir():
+                shutil.rmtree(stale)
+        return entries
+
+    # ---- reading -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def read(cls, source: str | Path, revision: str | None = None) -> SavedModel:
+        """Read a saved folder, a Lightning `.ckpt` file, or a hub repo id (`revision`: its branch, tag or commit).
+
+        Raises:
+            FileNotFoundError: a local path that does not exist.
+            BadModelError: a folder that is not a complete MST-CLIPIQA model: config.json or the weights missing or
+                damaged, a copied encoder missing.
+            BadCheckpointError: a checkpoint that is damaged or not one of an MST-CLIPIQA model.
+        """
+        path = Path(source).expanduser()
+        if path.is_file():
+            return cls._read_checkpoint(path)
+        if path.is_dir():
+            return cls._read_folder(path)
+        if _looks_like_path(str(source)):
+            raise FileNotFoundError(f"no such model folder or checkpoint: {source}")
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(
+            str(source), revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, f"{ENCODERS}/*"]
+        )
+        saved = cls._read_folder(Path(folder))
+        saved.source = str(source)
+        return saved
+
+    @classmethod
+    def _read_folder(cls, folder: Path) -> SavedModel:
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise BadModelError(f"{folder} holds no {CONFIG_NAME}: not a saved MST-CLIPIQA model")
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as err:
+            raise BadModelError(f"{config_path} is damaged ({err}): save or export the model again") from err
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise BadModelError(f"{config_path} does not describe an MST-CLIPIQA model")
+        if config.get("format_version", 0) > FORMAT_VERSION:
+            raise BadModelError(
+                f"{folder} was written by mst-clipiqa {config.get('package_version')} in format version "
+                f"{config['format_version']}; this version reads up to {FORMAT_VERSION}: upgrade mst-clipiqa"
+            )
+        try:
+            net = _model_config(config["net"], config_path)
+            mos_range = _checked_range(config["mos_range"], str(config_path))
+            net, commits = _located_encoders(net, config.get("encoders", {}), folder, config_path)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise BadModelError(f"{config_path} is damaged (at {err}): save or export the model again") from err
+        try:
+            weights = load_file(folder / WEIGHTS_NAME)
+        except (OSError, SafetensorError) as err:
+            raise BadModelError(
+                f"{folder / WEIGHTS_NAME} is missing or damaged ({err}): save or export the model again"
+            ) from err
+        return cls(
+            net=net,
+            mos_range=mos_range,
+            weights=weights,
+            package_version=config.get("package_version", "unknown"),
+            source=str(folder),
+            commits=commits,
+            training=config.get("training", {}),
+        )
+
+    @classmethod
+    def _read_checkpoint(cls, path: Path) -> SavedModel:
+        checkpoint = read_checkpoint(path)
+        try:
+            net, state = checkpoint["hyper_parameters"]["net"], checkpoint["state_dict"]
+            mos_range = state[MOS_RANGE_KEY if MOS_RANGE_KEY in state else LEGACY_MOS_RANGE_KEY].tolist()
+        except (KeyError, TypeError) as err:
+            raise BadCheckpointError(f"{path} is not a checkpoint of MSTCLIPIQAModule (no {err})") from err
+        # Frozen towers, should a checkpoint hold them, come from the config instead.
+        prefixes = tuple(f"net.{part}." for part in TRAINABLE)
+        weights = {key.removeprefix("net."): value for key, value in state.items() if key.startswith(prefixes)}
+        return cls(
+            _model_config(net, path),
+            _checked_range(mos_range, str(path)),
+            weights,
+            source=str(path),
+            training=_training_of_checkpoint(path, checkpoint),
+        )
+
+    # ---- loading into a model --------------------------------------------------------------------------------------
+
+    def loadable_net(self) -> ModelConfig:
+        """The network with each encoder where this machine loads it from: a hub encoder at its recorded commit, as
+        a folder of the Hugging Face cache (downloaded when missing there, unless HF_HUB_OFFLINE is set).
+
+        Raises:
+            BadModelError: an encoder that cannot be found, naming where it was looked for.
+        """
+        names = {}
+        for stream in STREAMS:
+            name = getattr(self.net, f"{stream}_encoder")
+            if stream in self.commits:
+                names[f"{stream}_encoder"] = str(_hub_snapshot(name, self.commits[stream], stream))
+            elif _looks_like_path(name) and not Path(name).expanduser().is_dir():
+                # Never handed to transformers, which would take it for a hub id and try the network.
+                raise BadModelError(f"{self.source}: the {stream} encoder {_where(name)} does not exist")
+        return replace(self.net, **names)
+
+    def check_compatible(self, net: ModelConfig) -> None:
+        """Raise if `net` differs from the saved network in what gives the weights their shape or meaning.
+
+        Encoders agree when they load the same checkpoint, however named: a copy in the saved folder and the folder
+        it was copied from, a hub id and its folder in the Hugging Face cache.
+        """
+        names = MUST_MATCH + MUST_MATCH_HEAD.get(self.net.variant, ())
+        differ = [name for name in names if not _same_setting(name, getattr(net, name), getattr(self.net, name))]
+        if differ:
+            lines = "; ".join(f"{n}: saved {getattr(self.net, n)!r}, configured {getattr(net, n)!r}" for n in differ)
+            raise OptionError(
+                f"cannot start from {self.source or 'the saved model'}: the network differs in {lines}. "
+                f"Set the configuration to the saved values, or leave it unset to take them (--model.net.{differ[0]})"
+            )
+
+    def load_into(self, net: MSTCLIPIQA) -> MSTCLIPIQA:
+        """Copy the trainable weights and the MOS range into `net`, after checking the networks match."""
+        self.check_compatible(net.config)
+        unexpected = sorted(key for key in self.weights if key.split(".", 1)[0] not in TRAINABLE)
+        if unexpected:
+            raise BadModelError(f"{self.source}: unexpected weights {', '.join(unexpected[:5])}")
+        for part in TRAINABLE:
+            prefix = part + "."
+            try:
+                getattr(net, part).load_state_dict(
+                    {key.removeprefix(prefix): value for key, value in self.weights.items() if key.startswith(prefix)}
+                )
+            except RuntimeError as err:
+                raise BadModelError(f"{self.source}: the weights do not fit its network: {err}") from err
+        net.set_mos_range(*self.mos_range)
+        return net
+
+
+# ---- the model card --------------------------------------------------------------------------------------------------
+
+TARGET_TEXT = {
+    "quality": "perceptual quality",
+    "alignment": "text-image alignment (how well it matches its generation prompt)",
+    "correspondence": "text-image alignment (how well it matches its generation prompt)",
+    "authenticity": "authenticity (how real it looks)",
+}
+HEAD_TEXT = {
+    "template": "template head (A): the fused image feature against five quality templates; no prompt needed",
+    "prompt": "prompt-anchored head (B): the image attends to its generation prompt, which scoring needs",
+}
+STREAM_TEXT = {
+    "coarse": "coarse (semantics; also the text tower, tokenizer and preprocessing)",
+    "fine": "fine (texture, artifacts)",
+}
+
+
+def model_card(saved: SavedModel, encoders: dict[str, dict[str, str | None]], name: str) -> str:
+    """The model card, README.md in the Hugging Face convention: metadata, then what the model scores and on which
+    scale, its encoders, training data and metrics, and how to score with it.
+
+    Args:
+        saved: the model.
+        encoders: each stream's entry of config.json (see `SavedModel._place_encoders`).
+        name: what to load it by in the examples: the folder's name.
+    """
+    from huggingface_hub import ModelCardData
+
+    data = saved.training.get("data", {})
+    low, high = saved.mos_range
+    hub_ids = list(dict.fromkeys(entry["hub_id"] for entry in encoders.values() if entry.get("hub_id")))
+    hub_data = [data["root"]] if data.get("source") == "hf" and "/" in str(data.get("root")) else None
+    metadata = ModelCardData(
+        library_name=FORMAT,
+        tags=[FORMAT, "image-quality-assessment", "aigc", "clip"],
+        base_model=hub_ids or None,
+        datasets=hub_data,
+    ).to_yaml()
+    target = data.get("target")
+    what = f"the {TARGET_TEXT[target]} MOS" if target in TARGET_TEXT else "the MOS (target not recorded)"
+    bounded = " The template head's scores never leave this range." if saved.net.variant == "template" else ""
+    lines = [
+        "---", metadata, "---", "",
+        f"# {name}", "",
+        f"An [MST-CLIPIQA](https://arxiv.org/abs/2606.16799) model: it predicts {what} of an AI-generated image, with "
+        f"the {HEAD_TEXT[saved.net.variant]}.", "",
+        "## Scale", "",
+        f"Scores are on the MOS scale of the training data, from **{low:g}** (low) to **{high:g}** (high): the head's "
+        f"internal 1..5 maps linearly onto it.{bounded}", "",
+        "## Encoders", "",
+        "Two frozen CLIP image towers, one per stream; only the fusion and the head were trained.", "",
+        "| stream | encoder | revision |", "|---|---|---|",
+    ]  # fmt: skip
+    for stream, entry in encoders.items():
+        if entry.get("hub_id"):
+            where = f"[`{entry['hub_id']}`](https://huggingface.co/{entry['hub_id']})"
+            revision = f"`{entry['commit']}`" if entry.get("commit") else "not recorded"
+            lines.append(f"| {STREAM_TEXT[stream]} | {where} | {revision} |")
+        else:
+            lines.append(f"| {STREAM_TEXT[stream]} | `{entry['folder']}/`, a copy of a local checkpoint | |")
+    lines += ["", "## Training data", ""]
+    if data:
+        lines += ["| setting | value |", "|---|---|", *(f"| {key} | `{value}` |" for key, value in data.items())]
+    else:
+        lines.append("Not recorded: the model was saved without its data module.")
+    lines += ["", "## Metrics", "", *_metrics_text(saved.training), "", "## Usage", ""]
+    lines += _usage_text(name, saved.net.variant)
+    return "\n".join(lines) + "\n"
+
+
+def _metrics_text(training: dict[str, Any]) -> list[str]:
+    lines = []
+    if checkpoint := training.get("checkpoint"):
+        lines.append(f"- Weights of `{checkpoint['file']}` (epoch {checkpoint['epoch']}, step {checkpoint['step']}).")
+    if validation := training.get("validation"):
+        lines.append(
+            f"- Best validation `{validation['monitor']}` of the run: {validation['best']:.4f} "
+            f"(`{validation['best_checkpoint']}`)."
+        )
+    if test := training.get("test"):
+        if not test["of_these_weights"]:
+            title = f"Test metrics logged in the training run's folder `{test['run']}` (it does not record which "
+            title += "checkpoint it tested)"
+        else:
+            title = "Test metrics of these weights" + (f" (`test` run in `{test['run']}`)" if test.get("run") else "")
+        lines += ["", f"{title}:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {metric} | {value:.4f} |" for metric, value in test["metrics"].items()]
+    elif lines:
+        lines.append("- The run logged no test metrics.")
+    return lines or ["Not recorded."]
+
+
+def _usage_text(name: str, variant: str) -> list[str]:
+    if variant == "template":
+        python = 'scores = scorer.score(["a.png", "b.jpg"])'
+        command = ["```bash", f"mst-clipiqa score {name} images/ --out scores.csv", "```", ""]
+    else:
+        python = 'scores = scorer.score(["a.png", "b.jpg"], prompts=["a red cube", "two cats"])'
+        command = ["From the command line, give a table of images and their prompts (`mst-clipiqa score --help`).", ""]
+    return [
+        f"With the `mst-clipiqa` package installed; `{name}` is this folder, or its Hub repo id once pushed.", "",
+        *command,
+        "```python", "from mst_clipiqa import load_scorer", "", f'scorer = load_scorer("{name}")', python, "```", "",
+        "Scores come back on the scale above.",
+    ]  # fmt: skip
+
+
+# ---- what the training knew ------------------------------------------------------------------------------------------
+
+
+def _training_of_checkpoint(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What a Lightning checkpoint and its run folder tell: the data module's settings, the checkpoint's place in the
+    run, the run's best validation score, and the test metrics its CSVLogger wrote."""
+    training: dict[str, Any] = {
+        "checkpoint": {"file": path.name, "epoch": checkpoint.get("epoch"), "step": checkpoint.get("global_step")}
+    }
+    if isinstance(data := checkpoint.get("datamodule_hyper_parameters"), dict):
+        training["data"] = _data_summary(data)
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("best_model_score") is not None:
+            training["validation"] = {
+                "monitor": state.get("monitor"),
+                "best": float(state["best_model_score"]),
+                "best_checkpoint": Path(state.get("best_model_path") or "").name,
+            }
+    if test := _logged_test_metrics(path):
+        training["test"] = test
+    return training
+
+
+def _training_of_module(module: L.LightningModule) -> dict[str, Any]:
+    """What the Trainer a module is attached to knows: its data module's settings, the best validation score and the
+    last test metrics."""
+    trainer = module._trainer
+    if trainer is None:
+        return {}
+    training: dict[str, Any] = {}
+    if trainer.datamodule is not None and trainer.datamodule.hparams:
+        training["data"] = _data_summary(dict(trainer.datamodule.hparams))
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.best_model_score is not None:
+        training["validation"] = {
+            "monitor": callback.monitor,
+            "best": float(callback.best_model_score),
+            "best_checkpoint": Path(callback.best_model_path).name,
+        }
+    metrics = trainer.callback_metrics
+    test = {key.removeprefix("test/"): float(value) for key, value in metrics.items() if key.startswith("test/")}
+    if test:
+        training["test"] = {"metrics": test, "run": None, "of_these_weights": True}
+    return training
+
+
+def _data_summary(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The data module's settings that say what the model learnt from: source, target, protocol and split. Local
+    paths are cut to their last part: they name the data, not where it lay on the training machine."""
+    protocol_keys = PROTOCOL_KEYS.get(hparams.get("protocol"), ())
+    keys = ("source", "root", "target", "protocol", *protocol_keys, "val_fraction", "seed", "mos_range", "splits_file")
+    summary = {key: hparams[key] for key in keys if hparams.get(key) not in (None, "")}
+    root = str(summary.get("root", ""))
+    if summary.get("source") != "hf" or _looks_like_path(root) or Path(root).expanduser().exists():
+        summary["root"] = Path(root).name
+    if "splits_file" in summary:
+        summary["splits_file"] = Path(summary["splits_file"]).name
+    return summary
+
+
+def _logged_test_metrics(checkpoint: Path) -> dict[str, Any]:
+    """The test metrics a CSVLogger wrote for a checkpoint in its run folder (``<logger>/version_N/checkpoints/``):
+    those of the newest `test` run of it (a version folder whose config.yaml names it as ckpt_path), else those the
+    training run itself logged, of a checkpoint it does not record. Empty if there are none."""
+    run = checkpoint.parent.parent
+    if checkpoint.parent.name != "checkpoints":
+        return {}
+    tests = [folder for folder in run.parent.iterdir() if _tests_checkpoint(folder / "config.yaml", checkpoint)]
+    tests.sort(key=lambda folder: (folder / "metrics.csv").stat().st_mtime if (folder / "metrics.csv").is_file() else 0)
+    for folder, of_these_weights in [*((folder, True) for folder in reversed(tests)), (run, False)]:
+        if metrics := _test_row(folder / "metrics.csv"):
+            return {"metrics": metrics, "run": folder.name, "of_these_weights": of_these_weights}
+    return {}
+
+
+def _tests_checkpoint(config_path: Path, checkpoint: Path) -> bool:
+    """Whether a run's config.yaml names `checkpoint` as its ckpt_path (a relative one by its trailing parts)."""
+    import yaml
+
+    try:
+        value = (yaml.safe_load(config_path.read_text()) or {}).get("ckpt_path") if config_path.is_file() else None
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    if not isinstance(value, str):
+        return False
+    named, parts = Path(value).expanduser(), checkpoint.resolve().parts
+    return named.resolve() == checkpoint.resolve() or parts[len(parts) - len(named.parts) :] == named.parts
+
+
+def _test_row(path: Path) -> dict[str, float]:
+    """The last test metrics in a CSVLogger's metrics.csv, keyed without the "test/" prefix; none if it has none."""
+    if not path.is_file():
+        return {}
+
+    def is_test(key: str | None) -> bool:
+        return key is not None and key.startswith("test/")
+
+    try:
+        with path.open(newline="") as f:
+            rows = [
+                {key.removeprefix("test/"): float(value) for key, value in row.items() if is_test(key) and value}
+                for row in csv.DictReader(f)
+            ]
+    except (OSError, csv.Error, ValueError) as err:
+        warnings.warn(f"{path}: unreadable ({err}); the model card goes without test metrics", stacklevel=2)
+        return {}
+    tested = [row for row in rows if row]
+    return tested[-1] if tested else {}
+
+
+# ---- encoders --------------------------------------------------------------------------------------------------------
+
+
+def _hub_origin(name: str) -> tuple[str, str] | None:
+    """(repo id, commit) of a folder of the Hugging Face cache (``models--org--name/snapshots/<commit>``), else None."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return None
+    path = path.resolve()
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--") and re.fullmatch("[0-9a-f]{40}", path.name):
+        return repo.removeprefix("models--").replace("--", "/"), path.name  # hub names never hold "--"
+    return None
+
+
+def _hub_commit(repo_id: str, revision: str | None, stream: str) -> str:
+    """The commit a hub encoder's revision resolves to, through the Hugging Face cache (or the hub, when online)."""
+    from huggingface_hub import constants
+
+    try:
+        return checkpoint_fingerprint(repo_id, revision)["commit"]
+    except (OSError, ValueError, KeyError) as err:
+        raise BadModelError(
+            f"the {stream} encoder {repo_id!r} is neither a folder ({Path(repo_id).resolve()}) nor a model in the "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}) or on the hub: {err}"
+        ) from err
+
+
+def _hub_snapshot(repo_id: str, commit: str, stream: str) -> Path:
+    """The Hugging Face cache's folder of `repo_id` at `commit`, holding what loading the encoder reads. A commit never
+    changes, so a complete cached copy is used without asking the hub; otherwise it is downloaded."""
+    from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, CONFIG_NAME, revision=commit)
+    if isinstance(cached, str) and _weight_files(Path(cached).parent):
+        return Path(cached).parent
+    try:
+        folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=[*ENCODER_FILES, *SAFETENSORS_FILES]))
+        if not _weight_files(folder):
+            folder = Path(snapshot_download(repo_id, revision=commit, allow_patterns=list(PYTORCH_FILES)))
+    except OSError as err:
+        raise BadModelError(
+            f"the {stream} encoder {repo_id} at commit {commit} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and could not be downloaded: {err}"
+        ) from err
+    if not (folder / CONFIG_NAME).is_file() or not _weight_files(folder):
+        raise BadModelError(f"the {stream} encoder {repo_id} at commit {commit}: {folder} lacks its config or weights")
+    return folder
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """A checkpoint folder's weight files: safetensors where there are any, else PyTorch's."""
+    return [path for pattern in SAFETENSORS_FILES for path in sorted(folder.glob(pattern))] or [
+        path for pattern in PYTORCH_FILES for path in sorted(folder.glob(pattern))
+    ]
+
+
+def _copy_encoder(source: Path, target: Path, stream: str) -> None:
+    """Copy what loading a local CLIP checkpoint reads into `target`. Plain copies, so the files get the usual mode
+    (transformers writes weights 0600)."""
+    if target.resolve() == source:  # saved again into the folder it was loaded from
+        return
+    weights = _weight_files(source)
+    if not (source / CONFIG_NAME).is_file() or not weights:
+        raise BadModelError(f"the {stream} encoder folder {source} holds no CLIP checkpoint (config.json and weights)")
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    for file in [source / name for name in ENCODER_FILES if (source / name).is_file()] + weights:
+        shutil.copyfile(file, target / file.name)
+
+
+def _located_encoders(
+    net: ModelConfig, entries: dict[str, dict[str, Any]], folder: Path, origin: Path
+) -> tuple[ModelConfig, dict[str, str]]:
+    """`net` with each encoder as config.json's `entries` place it: a copy by its path inside `folder` (whatever the
+    working directory), a hub encoder by its id; and the recorded commit of each hub encoder."""
+    names, commits = {}, {}
+    for stream, entry in entries.items():
+        if entry.get("folder") is None:
+            names[f"{stream}_encoder"] = entry["hub_id"]
+            if entry.get("commit"):
+                commits[stream] = entry["commit"]
+            continue
+        path = (folder / entry["folder"]).resolve()
+        if not path.is_relative_to(folder.resolve()) or not (path / CONFIG_NAME).is_file() or not _weight_files(path):
+            raise BadModelError(
+                f"{origin}: the {stream} encoder is missing or incomplete: no CLIP checkpoint (config.json and "
+                f"weights) in {path}; copy the whole model folder, or save the model again"
+            )
+        names[f"{stream}_encoder"] = str(path)
+    return replace(net, **names), commits
+
+
+def _same_setting(name: str, a: Any, b: Any) -> bool:
+    return _same_encoder(a, b) if name.endswith("_encoder") else a == b
+
+
+def _same_encoder(a: str, b: str) -> bool:
+    """Whether two encoder names load the same checkpoint: the same hub repo (by id, or as a folder of the Hugging
+    Face cache), or local folders with byte-identical config and weights (a saved model's copy and its original)."""
+    if a == b:
+        return True
+    repo_a, repo_b = _hub_repo(a), _hub_repo(b)
+    if repo_a or repo_b:
+        return repo_a == repo_b
+    folder_a, folder_b = Path(a).expanduser(), Path(b).expanduser()
+    names = [path.name for path in _weight_files(folder_a)]
+    if not names or names != [path.name for path in _weight_files(folder_b)]:
+        return False
+    try:
+        return all(filecmp.cmp(folder_a / name, folder_b / name, shallow=False) for name in [CONFIG_NAME, *names])
+    except OSError:
+        return False
+
+
+def _hub_repo(name: str) -> str | None:
+    """The hub id an encoder name loads: the name itself, or the id of a Hugging Face cache folder; None for another
+    local folder."""
+    if origin := _hub_origin(name):
+        return origin[0]
+    return None if Path(name).expanduser().is_dir() else name
+
+
+# ---- checks ----------------------------------------------------------------------------------------------------------
+
+
+def _model_config(values: dict[str, Any], origin: str | Path) -> ModelConfig:
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise BadModelError(
+            f"{origin}: unknown network settings {', '.join(unknown)}: written by a newer mst-clipiqa? "
+            f"(this is {__version__})"
+        )
+    return ModelConfig(**values)
+
+
+def _checked_range(values: Any, origin: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise BadModelError(f"{origin}: the MOS range must be two numbers (low, high), not {values!r}") from err
+    if not (math.isfinite(low) and math.isfinite(high) and high > low):
+        raise BadModelError(f"{origin}: invalid MOS range ({low}, {high}); was the model trained?")
+    return low, high
+
+
+def _where(name: str) -> str:
+    """A path as given, and where it was looked for when that differs."""
+    looked = Path(name).expanduser().resolve()
+    return name if str(looked) == name else f"{name} (looked in {looked})"
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are "name" or "owner/name"; anything else that does not exist locally is a mistyped path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).suffix == ".ckpt"

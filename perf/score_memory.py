@@ -77,14 +77,15 @@ def main() -> None:
         command = [sys.executable, "-m", "mst_clipiqa", "score", str(model), str(listing), "--out", str(out),
                    "--accelerator", "cpu", "--num_workers", str(args.num_workers)]  # fmt: skip
         began, peak = time.perf_counter(), 0
-        child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        while child.poll() is None:
-            peak = max(peak, tree_rss(child.pid))
-            time.sleep(0.2)
+        log = work / f"score-{count}.log"  # a file, not a pipe: a full pipe would stop the command's progress bar
+        with log.open("w") as stderr:
+            child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            while child.poll() is None:
+                peak = max(peak, tree_rss(child.pid))
+                time.sleep(0.2)
         seconds = time.perf_counter() - began
-        _, errors = child.communicate()
         if child.returncode:
-            sys.exit(f"score failed on {count} images:\n{errors}")
+            sys.exit(f"score failed on {count} images:\n{log.read_text()[-3000:]}")
         largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest so far, in KiB
         print(f"| {count} | {seconds:.0f} | {count / seconds:.1f} | {peak / 2**20:.0f} | {largest:.0f} |", flush=True)
 

@@ -97,6 +97,8 @@ class MSTCLIPIQAModule(L.LightningModule):
             {"net": asdict(self.net_config), "loss": asdict(self.loss_config), "optim": asdict(self.optim_config)}
         )
         self.net = MSTCLIPIQA(self.net_config)
+        self._threads: int | None = None
+        """torch's CPU thread count, kept while a fit on cached embeddings runs on one thread."""
         if saved is not None:
             saved.load_into(self.net)
         self.val_metrics = make_metrics("val/")
@@ -143,6 +145,20 @@ class MSTCLIPIQAModule(L.LightningModule):
         rank_zero_info(f"MST-CLIPIQA ({self.net_config.variant} head): {trainable:,} trainable, {frozen:,} frozen")
         for logger in self.loggers:
             logger.log_hyperparams({"trainable_params": trainable, "frozen_params": frozen})
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Steps on cached embeddings run the fusion and the head only: small operations, which several CPU threads
+        slow down more than they share (each waits for the others, and far worse when other processes hold the
+        cores: docs/PERFORMANCE.md). On a CPU such a fit's steps and validations run on one thread; the encoding
+        pass before it and whatever runs after it keep torch's thread count."""
+        if self._threads is None and self.device.type == "cpu" and "coarse_embeds" in batch:
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def on_train_end(self) -> None:
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)
+            self._threads = None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         score = self(batch).score

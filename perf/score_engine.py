@@ -3,6 +3,7 @@ the towers alone on already-decoded tensors, in one run, on the CPU.
 
     python perf/score_engine.py WORKDIR --scenes 200 --towers tiny      # 1,000 demo images, tiny towers
     python perf/score_engine.py WORKDIR --scenes 8 --towers real        # 40 images, ViT-B/32 + B/16 shapes
+    python perf/score_engine.py WORKDIR --scenes 200 --towers real --towers_images 200   # the towers alone on 200
 
 `--towers real` builds random-weight towers of the real shapes as an offline hub cache in WORKDIR/hub (about 1 GB;
 speed is the real models', scores mean nothing); `--towers tiny` builds `tiny_clip.build_tiny_pair`. Images come
@@ -25,6 +26,9 @@ def main() -> None:
     parser.add_argument("--towers", choices=("tiny", "real"), default="tiny")
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--num_workers", type=int, default=1)
+    parser.add_argument(
+        "--towers_images", type=int, help="images of the towers-alone pass, the first ones (default: all of them)"
+    )
     args = parser.parse_args()
     work = args.workdir
     os.environ.setdefault("HF_HUB_CACHE", str(work / "hub"))
@@ -56,14 +60,16 @@ def main() -> None:
     print(f"{len(images)} images, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
 
     module = from_pretrained(model).eval()
-    pixels = torch.stack([load_pixels(p, ClipPreprocess.from_pretrained(net.coarse_encoder)) for p in images])
+    alone = images[: args.towers_images] if args.towers_images else images
+    pixels = torch.stack([load_pixels(p, ClipPreprocess.from_pretrained(net.coarse_encoder)) for p in alone])
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     start = time.perf_counter()
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         for i in range(0, len(pixels), 8):  # the command's CPU batch
             module.net.to_mos(module({"pixel_values": pixels[i : i + 8]}).score)
     towers = len(pixels) / (time.perf_counter() - start)
-    print(f"towers alone on decoded tensors: {towers:.2f} images/s")
+    print(f"towers alone on {len(pixels)} decoded tensors: {towers:.2f} images/s, load average "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
     del module, pixels
 
     start = time.perf_counter()
@@ -73,7 +79,8 @@ def main() -> None:
     print(f"score, files to file: {report['images_per_s']:.2f} images/s in the predict loop "
           f"({len(images) / wall:.2f} counting the model's loading): {report['images_per_s'] / towers:.1%} "
           f"of the towers alone")  # fmt: skip
-    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB, load average "
+          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

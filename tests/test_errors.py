@@ -4,12 +4,14 @@ unless --debug asks for one. And the help answers at once."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,14 +98,36 @@ def error_line(stderr: str) -> str:
     return next((line for line in stderr.splitlines() if line.startswith("mst-clipiqa") and ": error" in line), "")
 
 
+def in_this_process(args: list[str]) -> subprocess.CompletedProcess:
+    """`main(args)` in this process, as the console script runs it: its exit status and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(args)
+            status = 0
+        except SystemExit as exit_info:
+            status = exit_info.code
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
+IN_REAL_PROCESSES = ("unknown command", "missing input folder", "bad data")
+"""The mistakes made with the console script, one of each kind of journey: a usage error and another error before
+any heavy import, and an error of a Trainer command, which imports torch and Lightning (and Lightning logs before the
+error). The others call `main` in this process: a process of its own would add seconds of imports to each, and
+nothing to what its message is checked for."""
+
+
 @pytest.fixture(scope="module")
 def made(tiny_clip, demo_data, tmp_path_factory) -> dict[str, tuple[Mistake, subprocess.CompletedProcess]]:
-    """Every mistake made, two at a time (most of the time goes to importing torch and Lightning)."""
+    """Every mistake made: those of `IN_REAL_PROCESSES` two at a time (most of their time goes to importing torch and
+    Lightning), meanwhile the others in this process."""
     tmp = tmp_path_factory.mktemp("mistakes")
     cases = mistakes(tiny_clip, demo_data, tmp)
     with ThreadPoolExecutor(2) as pool:
-        done = pool.map(lambda case: console(*case.args), cases.values())
-        return dict(zip(cases, zip(cases.values(), done)))
+        real = {name: pool.submit(console, *cases[name].args) for name in IN_REAL_PROCESSES}
+        done = {name: in_this_process(case.args) for name, case in cases.items() if name not in real}
+        done.update({name: result.result() for name, result in real.items()})
+    return {name: (case, done[name]) for name, case in cases.items()}
 
 
 @pytest.mark.parametrize(

@@ -5,30 +5,19 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from scipy import stats
+from scripts.ranks import metrics_of_shards, run_ranks
+from scripts.ranks import mos_like as _mos_like
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MetricCollection
 
 from mst_clipiqa import metrics as metrics_module
-from mst_clipiqa.data.samplers import EvalDistributedSampler
 from mst_clipiqa.metrics import KRCC, PLCC, RMSE, SRCC, LogisticPLCC, make_metrics, plcc_logistic
 
 UNDEFINED = "Correlation is undefined"
 KEYS = ["srcc", "plcc", "krcc", "rmse", "plcc_logistic"]
-
-
-def _mos_like(n: int, seed: int, ties: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictions loosely related to MOS on a 0-100 scale; with ties, both sides are rounded coarsely."""
-    g = torch.Generator().manual_seed(seed)
-    target = 50 + 12 * torch.randn(n, generator=g)
-    preds = 0.6 * target + 8 * torch.randn(n, generator=g) + 15
-    if ties:
-        preds, target = (preds / 5).round() * 5, (target / 10).round() * 10
-    return preds, target
 
 
 def _feed(
@@ -185,39 +174,31 @@ def test_plcc_logistic_input_checks():
 # --- DDP: several gloo processes, each holding the shard EvalDistributedSampler gives it ---------------------------
 
 
-def _ddp_worker(rank: int, world_size: int, init_file: str, out_file: str, n: int) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        preds, target = _mos_like(n, 7, ties=True)
-        shard = torch.tensor(list(EvalDistributedSampler(range(n))), dtype=torch.long)
-        metrics = make_metrics("test/", logistic=True)
-        for index in shard.split(3):
-            metrics.update(preds[index].bfloat16(), target[index])
-        values = {key: value.item() for key, value in metrics.compute().items()}
-        if rank == 0:
-            with open(out_file, "w") as f:
-                json.dump(values, f)
-    finally:
-        dist.destroy_process_group()
+DDP_CASES = [(3, 40), (3, 2)]
+"""(world size, n): (3, 2) leaves the last rank no sample at all."""
 
 
-@pytest.mark.parametrize(("world_size", "n"), [(3, 40), (3, 2)])
+@pytest.fixture(scope="module")
+def ddp_values(tmp_path_factory) -> dict[tuple[int, int], dict[str, float]]:
+    """The metrics rank 0 computed in each of `DDP_CASES`: one gloo group per world size runs its cases."""
+    values = {}
+    for world_size in sorted({world_size for world_size, _ in DDP_CASES}):
+        sizes = [n for size, n in DDP_CASES if size == world_size]
+        folder = tmp_path_factory.mktemp(f"ddp-{world_size}")
+        run_ranks(metrics_of_shards, (world_size, str(folder / "init"), str(folder / "values.json"), sizes), world_size)
+        computed = json.loads((folder / "values.json").read_text())
+        values.update({(world_size, n): computed[str(n)] for n in sizes})
+    return values
+
+
+@pytest.mark.parametrize(("world_size", "n"), DDP_CASES)
 @pytest.mark.filterwarnings("ignore:2 pairs cannot fit")
-def test_ddp_equals_one_process_over_the_union(tmp_path, world_size, n):
+def test_ddp_equals_one_process_over_the_union(ddp_values, world_size, n):
     # (3, 2): the last rank receives no sample at all and must still take part in the gather; two pairs are too few
     # for the logistic fit, which falls back to plain PLCC on every rank alike.
-    out_file = tmp_path / "values.json"
-    # spawn, not fork: a child forked after torch started its thread pools (any earlier test) can deadlock.
-    mp.start_processes(
-        _ddp_worker,
-        args=(world_size, str(tmp_path / "init"), str(out_file), n),
-        nprocs=world_size,
-        start_method="spawn",
-    )
-
     preds, target = _mos_like(n, 7, ties=True)
     alone = _feed(make_metrics("test/", logistic=True), preds.bfloat16(), target)
-    gathered = {key.split("/")[-1]: value for key, value in json.loads(out_file.read_text()).items()}
+    gathered = {key.split("/")[-1]: value for key, value in ddp_values[world_size, n].items()}
     assert gathered == pytest.approx(alone, abs=1e-6)
 
 

@@ -18,6 +18,7 @@ from huggingface_hub.utils import filter_repo_objects
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from safetensors.torch import load_file, save_file
+from scripts.models import trained_module
 from torch.utils.data import DataLoader, default_collate
 
 from mst_clipiqa import load_scorer
@@ -29,18 +30,6 @@ from mst_clipiqa.losses import LossConfig
 from mst_clipiqa.model import ModelConfig
 from mst_clipiqa.pretrained import SavedModel, from_pretrained, push_to_hub, save_pretrained
 from mst_clipiqa.tiny_clip import build_tiny_pair
-
-
-def trained_module(clip: tuple[str, str], variant: str = "template", mos_range=(20.0, 80.0)) -> MSTCLIPIQAModule:
-    """A module whose trainable weights differ from any fresh initialisation, as after training."""
-    module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=clip[0], fine_encoder=clip[1], variant=variant))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for part in (module.net.fusion, module.net.head):
-            for param in part.parameters():
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    module.net.set_mos_range(*mos_range)
-    return module.eval()
 
 
 def pixel_rows(n: int, seed: int = 0) -> list[dict]:

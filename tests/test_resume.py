@@ -15,7 +15,16 @@ import pytest
 import torch
 import yaml
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from scripts.runs import STEPS_PER_EPOCH, cli_args, in_process, logged_metrics, standing_still, subprocess_env, wait_for
+from scripts.runs import (
+    STEPS_PER_EPOCH,
+    cli_args,
+    in_process,
+    logged_metrics,
+    one_thread,
+    standing_still,
+    subprocess_env,
+    wait_for,
+)
 
 from mst_clipiqa.checkpoints import find_last_checkpoint, read_checkpoint
 
@@ -28,12 +37,8 @@ def fit_and_test(args: list[str]) -> dict:
     It computes on one thread, as the killed runs do (`subprocess_env`): float sums taken over another number of
     threads differ in the last bits, which a resumed run would carry on from.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _fit_and_test(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fit_and_test(args: list[str]) -> dict:
@@ -77,13 +82,14 @@ def uninterrupted(tiny_clip, demo_data, tmp_path_factory) -> dict:
 
 
 def test_sigkill_mid_epoch_then_fit_ckpt_path_last_ends_like_an_uninterrupted_run(
-    uninterrupted, tiny_clip, demo_data, tmp_path
+    request, tiny_clip, demo_data, tmp_path
 ):
     run_dir = tmp_path / "run"
     args = cli_args(demo_data, tiny_clip, run_dir, epochs=EPOCHS)
     marker, log = tmp_path / "standing-still", tmp_path / "run.log"
     # One step into epoch 1: last.ckpt holds the end of epoch 0, and the step after it is lost with the process.
     with standing_still(marker, STEPS_PER_EPOCH + 1, args, subprocess_env(), log) as process:
+        uninterrupted = request.getfixturevalue("uninterrupted")  # fitted here while the run starts
         wait_for(marker.exists, process, log)
         process.send_signal(signal.SIGKILL)
         assert process.wait(timeout=60) == -signal.SIGKILL

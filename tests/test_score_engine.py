@@ -9,29 +9,26 @@ import re
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from scripts.runs import launch, subprocess_env, wait_for
-from test_pretrained import trained_module
+from scripts.runs import launch, one_thread, subprocess_env, wait_for
 
 from mst_clipiqa.cli import main
-from mst_clipiqa.pretrained import save_pretrained
 
-SCORE = [sys.executable, "-m", "mst_clipiqa", "score"]
 QUIET = ("--accelerator", "cpu", "--num_workers", "0")
 VARIANTS = ("template", "prompt")
 
 
 @pytest.fixture(scope="module")
-def models(tiny_clip, tmp_path_factory) -> dict[str, Path]:
+def models(saved_models) -> dict[str, Path]:
     """Saved models of each head. The prompt head pads each batch's prompts to its longest, so its scores move in
     the last float32 digits with the batch's company; the template head's do not, and it checks files to 1e-6."""
-    root = tmp_path_factory.mktemp("models")
-    return {variant: save_pretrained(trained_module(tiny_clip, variant), root / variant) for variant in VARIANTS}
+    return {variant: saved_models[variant][1] for variant in VARIANTS}
 
 
 def table_of_images(folder: Path, count: int, size: int, bad: tuple[int, ...] = ()) -> Path:
@@ -71,26 +68,29 @@ def test_two_ddp_ranks_write_the_file_one_process_writes(models, tmp_path):
     model = models["template"]
     table = table_of_images(tmp_path / "images", 13, 40, bad=(4,))  # 13 rows: one rank gets a row more
     one = tmp_path / "one.parquet"
-    # In a child process too, with the ranks' one thread: thread counts change float rounding.
-    launch([*SCORE, str(model), str(table), "--out", str(one), "--batch_size", "2", *QUIET])
-    rows = read_rows(one)
-    assert len(rows) == 13 and sum(row["error"] is not None for row in rows) == 1
-
     two = tmp_path / "two" / "scores.parquet"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    output = launch([*torchrun, "-m", "mst_clipiqa", "score", str(model), str(table), "--out", str(two),
-                     "--batch_size", "2", "--devices", "2", *QUIET])  # fmt: skip
+    with ThreadPoolExecutor(1) as pool:
+        two_ranks = pool.submit(launch, [*torchrun, "-m", "mst_clipiqa", "score", str(model), str(table), "--out",
+                                         str(two), "--batch_size", "2", "--devices", "2", *QUIET])  # fmt: skip
+        # The one process is this one, meanwhile, on one thread as each rank: thread counts change float rounding.
+        with one_thread():
+            main(["score", str(model), str(table), "--out", str(one), "--batch_size", "2", *QUIET])
+        output = two_ranks.result()
+    rows = read_rows(one)
+    assert len(rows) == 13 and sum(row["error"] is not None for row in rows) == 1
     assert output.count("scored 12, failed 1") == 1  # rank 0 reports, for both ranks
     assert_same_rows(read_rows(two), rows)
     assert not (two.parent / "scores.parquet.parts").exists()
 
 
-def test_a_killed_job_resumes_where_it_stopped_and_ends_with_the_uninterrupted_file(models, tmp_path):
+def test_a_killed_job_resumes_where_it_stopped_and_ends_with_the_uninterrupted_file(models, tmp_path, capsys):
     model = models["template"]
     total = 300
     table = table_of_images(tmp_path / "images", total, 160, bad=(7, 150))
     out = tmp_path / "scores.jsonl"
-    command = [*SCORE, str(model), str(table), "--out", str(out), "--batch_size", "2", *QUIET]
+    args = ["score", str(model), str(table), "--out", str(out), "--batch_size", "2", *QUIET]
+    command = [sys.executable, "-m", "mst_clipiqa", *args]
     shard = tmp_path / "scores.jsonl.parts" / "rank00000.jsonl"
     log = tmp_path / "killed.log"
 
@@ -108,7 +108,8 @@ def test_a_killed_job_resumes_where_it_stopped_and_ends_with_the_uninterrupted_f
     assert process.returncode == -signal.SIGKILL and not out.exists()
     assert done < total, "the job finished before it was killed: make its input slower"
 
-    resumed = launch([*command, "--resume", "true"])
+    main([*args, "--resume", "true"])  # the rerun, in this process
+    resumed = capsys.readouterr().err
     match = re.search(r"scored (\d+), failed (\d+) \((\d+) done before\)", resumed)
     assert match, resumed[-3000:]
     scored, failed, before = map(int, match.groups())

@@ -13,24 +13,17 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_pretrained import trained_module
 
 from mst_clipiqa.cli import main
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.errors import BadImageError, BadRowError
-from mst_clipiqa.pretrained import save_pretrained
 from mst_clipiqa.scorer import load_scorer
 
 
 @pytest.fixture(scope="module")
-def models(tiny_clip, tmp_path_factory):
+def models(saved_models):
     """variant → (the trained module, its saved folder)."""
-    root = tmp_path_factory.mktemp("models")
-    out = {}
-    for variant in ("template", "prompt"):
-        module = trained_module(tiny_clip, variant)
-        out[variant] = module, save_pretrained(module, root / variant)
-    return out
+    return saved_models
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,19 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import yaml
 from lightning.pytorch.loggers import CSVLogger
+from scripts.ranks import UNEVEN_COUNTS, gathered_uneven_rows, run_ranks
 from scripts.runs import STEPS_PER_EPOCH, cli_args, in_process, standing_still, subprocess_env, wait_for
 
-from mst_clipiqa.callbacks import WandbEvaluationLogger, gather_rows
+from mst_clipiqa.callbacks import WandbEvaluationLogger
 from mst_clipiqa.checkpoints import read_checkpoint
 
 WANDB_CONFIG = Path(__file__).parents[1] / "experiments" / "wandb.yaml"
@@ -43,8 +43,6 @@ def run(tiny_clip, demo_data, tmp_path_factory):
     import wandb
 
     from mst_clipiqa.demo import DEMO_CONFIG
-
-    # Imported here, not above: the DDP test's worker processes import this file and need none of it.
     from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
     root = tmp_path_factory.mktemp("wandb")
@@ -66,11 +64,13 @@ def run(tiny_clip, demo_data, tmp_path_factory):
         cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
         wandb.finish()
     (run_dir,) = (root / "runs" / "wandb").glob("offline-run-*")
-    records = [json.loads(line) for line in inspect(run_dir).splitlines()]
+    with ThreadPoolExecutor(2) as pool:  # two processes at once: each spends most of its time importing wandb
+        transactions, summary = pool.map(lambda options: inspect(run_dir, *options), [(), ("--summary",)])
+    records = [json.loads(line) for line in transactions.splitlines()]
     data = cli.datamodule
     return SimpleNamespace(
         dir=run_dir,
-        state=json.loads(inspect(run_dir, "--summary")),
+        state=json.loads(summary),
         records=records,
         history=[r["history"]["item"] for r in records if r["type"] == "history"],
         artifacts=[r["artifact"] for r in records if r["type"] == "artifact"],
@@ -170,8 +170,11 @@ def offline_runs(root: Path) -> dict[str, list[SimpleNamespace]]:
     The id is taken from the folder's name, offline-run-<time>-<id>: a killed process can leave a log without records.
     """
     runs: dict[str, list[SimpleNamespace]] = {}
-    for folder in sorted((root / "wandb").glob("offline-run-*")):
-        records = [json.loads(line) for line in inspect(folder).splitlines()]
+    folders = sorted((root / "wandb").glob("offline-run-*"))
+    with ThreadPoolExecutor(2) as pool:  # two at a time: each process spends most of its time importing wandb
+        read = list(pool.map(inspect, folders))
+    for folder, transactions in zip(folders, read):
+        records = [json.loads(line) for line in transactions.splitlines()]
         resumed = any(r["run"].get("resume") for r in records if r["type"] == "run")
         history = [r["history"]["item"] for r in records if r["type"] == "history"]
         runs.setdefault(folder.name.split("-")[3], []).append(SimpleNamespace(resumed=resumed, history=history))
@@ -295,22 +298,10 @@ def test_without_a_wandb_logger_the_callback_does_nothing(tmp_path):
     callback.on_validation_epoch_end(trainer, None)  # no gather, no W&B import, no error
 
 
-def gather_worker(rank: int, init_file: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    results = []
-    for counts in ((3, 2), (2, 0), (0, 1)):  # uneven, as the unpadded evaluation sampler leaves them
-        rows = torch.arange(counts[rank] * 4, dtype=torch.float64).reshape(-1, 4) + 100 * rank
-        results.append(gather_rows(rows))
-    if rank == 0:
-        torch.save(results, out)
-    dist.destroy_process_group()
-
-
 def test_gather_rows_joins_uneven_ranks_exactly_once(tmp_path):
-    # Spawned: forking after the W&B run above can deadlock on locks its threads held.
-    mp.spawn(gather_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2)
+    run_ranks(gathered_uneven_rows, (str(tmp_path / "init"), str(tmp_path / "out.pt")), 2)
     results = torch.load(tmp_path / "out.pt")
-    for (n0, n1), gathered in zip(((3, 2), (2, 0), (0, 1)), results):
+    for (n0, n1), gathered in zip(UNEVEN_COUNTS, results):
         expected = torch.cat([
             torch.arange(n0 * 4, dtype=torch.float64).reshape(-1, 4),
             torch.arange(n1 * 4, dtype=torch.float64).reshape(-1, 4) + 100,

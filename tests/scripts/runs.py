@@ -118,6 +118,18 @@ def logged_metrics(run_dir: Path) -> list[dict[str, float]]:
     return rows
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Compute on one torch thread meanwhile, as the runs `subprocess_env` starts do: float sums taken over another
+    number of threads differ in the last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def in_process(subcommand: str, args: list[str]):
     """Run the CLI in this process and return it (its trainer, model and data module stay readable)."""
     from mst_clipiqa.trainer_cli import MSTCLIPIQACLI

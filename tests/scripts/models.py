@@ -1,0 +1,20 @@
+"""Models for the tests of saving, loading and scoring: made in memory, as training would leave them."""
+
+from __future__ import annotations
+
+import torch
+
+from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.model import ModelConfig
+
+
+def trained_module(clip: tuple[str, str], variant: str = "template", mos_range=(20.0, 80.0)) -> MSTCLIPIQAModule:
+    """A module whose trainable weights differ from any fresh initialisation, as after training."""
+    module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=clip[0], fine_encoder=clip[1], variant=variant))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for part in (module.net.fusion, module.net.head):
+            for param in part.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    module.net.set_mos_range(*mos_range)
+    return module.eval()

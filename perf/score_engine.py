@@ -19,6 +19,28 @@ import time
 from pathlib import Path
 
 
+def random_model(work: Path, towers: str) -> Path:
+    """A saved model of random weights on tiny towers or on towers of the real shapes (an offline hub cache in
+    work/hub, which HF_HUB_CACHE must name), scoring on 0-5; built once in `work`."""
+    from mst_clipiqa.lit_module import MSTCLIPIQAModule
+    from mst_clipiqa.model import ModelConfig
+    from mst_clipiqa.pretrained import save_pretrained
+    from mst_clipiqa.tiny_clip import build_random_hub_cache, build_tiny_pair
+
+    if towers == "real":
+        build_random_hub_cache(work / "hub")
+        net = ModelConfig()
+    else:
+        coarse, fine = build_tiny_pair(work / "tiny")
+        net = ModelConfig(coarse_encoder=str(coarse), fine_encoder=str(fine))
+    model = work / f"model-{towers}"
+    if not model.exists():
+        module = MSTCLIPIQAModule(net=net)
+        module.net.set_mos_range(0.0, 5.0)
+        save_pretrained(module, model)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("workdir", type=Path)
@@ -38,28 +60,15 @@ def main() -> None:
 
     from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
     from mst_clipiqa.data.synthetic import make_demo_dataset
-    from mst_clipiqa.lit_module import MSTCLIPIQAModule
-    from mst_clipiqa.model import ModelConfig
-    from mst_clipiqa.pretrained import from_pretrained, save_pretrained
+    from mst_clipiqa.pretrained import from_pretrained
     from mst_clipiqa.scorer import score_files
-    from mst_clipiqa.tiny_clip import build_random_hub_cache, build_tiny_pair
 
-    if args.towers == "real":
-        if not (work / "hub").exists():
-            build_random_hub_cache(work / "hub")
-        net = ModelConfig()
-    else:
-        coarse, fine = build_tiny_pair(work / "tiny")
-        net = ModelConfig(coarse_encoder=str(coarse), fine_encoder=str(fine))
-    model = work / f"model-{args.towers}"
-    if not model.exists():
-        module = MSTCLIPIQAModule(net=net)
-        module.net.set_mos_range(0.0, 5.0)
-        save_pretrained(module, model)
+    model = random_model(work, args.towers)
     images = sorted((make_demo_dataset(work / "demo", n_scenes=args.scenes) / "images").iterdir())
     print(f"{len(images)} images, {torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
 
     module = from_pretrained(model).eval()
+    net = module.net_config
     alone = images[: args.towers_images] if args.towers_images else images
     pixels = torch.stack([load_pixels(p, ClipPreprocess.from_pretrained(net.coarse_encoder)) for p in alone])
     dtype = torch.bfloat16 if args.precision == "bf16" else None

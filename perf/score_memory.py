@@ -45,23 +45,11 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_CACHE=str(work / "hub"), HF_HUB_OFFLINE="1")
     os.environ.update(env)
 
-    from mst_clipiqa.data.synthetic import make_demo_dataset
-    from mst_clipiqa.lit_module import MSTCLIPIQAModule
-    from mst_clipiqa.model import ModelConfig
-    from mst_clipiqa.pretrained import save_pretrained
-    from mst_clipiqa.tiny_clip import build_random_hub_cache, build_tiny_pair
+    from score_engine import random_model  # perf/, this script's folder
 
-    if args.towers == "real":
-        build_random_hub_cache(work / "hub")
-        net = ModelConfig()
-    else:
-        coarse, fine = build_tiny_pair(work / "tiny")
-        net = ModelConfig(coarse_encoder=str(coarse), fine_encoder=str(fine))
-    model = work / f"model-{args.towers}"
-    if not model.exists():
-        module = MSTCLIPIQAModule(net=net)
-        module.net.set_mos_range(0.0, 5.0)
-        save_pretrained(module, model)
+    from mst_clipiqa.data.synthetic import make_demo_dataset
+
+    model = random_model(work, args.towers)
     began = time.perf_counter()
     images = sorted((make_demo_dataset(work / "demo", n_scenes=-(-max(args.images) // 5)) / "images").iterdir())
     print(f"{len(images)} demo images ready in {time.perf_counter() - began:.0f} s", flush=True)

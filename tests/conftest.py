@@ -1,8 +1,16 @@
-"""Shared fixtures: tiny random CLIP checkpoints saved to disk and loaded by path (no network, ever)."""
+"""Shared fixtures: tiny random CLIP checkpoints saved to disk and loaded by path (no network, ever), data and models
+made once, and the work that runs beside the tests."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -13,6 +21,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # models make small operations, which a second thread slows down (it mostly waits, spinning, for the first), and far
 # more while the other core runs a test's other process. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from scripts.beside import Beside  # noqa: E402
+from scripts.ranks import start_fork_server  # noqa: E402
+from scripts.runs import SCRIPTS, cli_args, free_port, subprocess_env  # noqa: E402
 
 from mst_clipiqa.tiny_clip import build_tiny_pair  # noqa: E402
 
@@ -57,3 +69,97 @@ def demo_data(tmp_path_factory) -> str:
     from mst_clipiqa.data.synthetic import make_demo_dataset
 
     return str(make_demo_dataset(tmp_path_factory.mktemp("demo") / "agiqa3k-demo", n_scenes=16))
+
+
+# ---- work beside the tests ---------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="session")
+def beside() -> Iterator[Beside]:
+    """The lane of work beside the tests (`scripts.beside`)."""
+    lane = Beside()
+    yield lane
+    lane.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def work_beside_started(request, feature_cache) -> None:
+    """Start, at the start of the session, the work beside the tests that the selected tests check (the fixtures
+    named *_beside), in the order of those tests."""
+    used = [name for item in request.session.items for name in item.fixturenames if name.endswith("_beside")]
+    for name in dict.fromkeys(used):
+        request.getfixturevalue(name)
+
+
+@pytest.fixture(scope="session")
+def torchrun_fit_beside(beside, tiny_clip, demo_data, tmp_path_factory) -> SimpleNamespace:
+    """A 2-epoch fit on 2 gloo ranks under torchrun, then validate and test of its last checkpoint on the same ranks
+    (`scripts/fit_and_evaluate.py`, which writes results.json): its folder, its epochs, and the run to come
+    (tests/test_ddp.py)."""
+    folder, epochs = tmp_path_factory.mktemp("ddp"), 2
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    ddp = ("--trainer.strategy", "ddp", "--trainer.devices", "2")
+    args = cli_args(demo_data, tiny_clip, folder / "run", *ddp, epochs=epochs)
+    command = [*torchrun, str(SCRIPTS / "fit_and_evaluate.py"), str(folder / "results.json"), *args]
+    return SimpleNamespace(folder=folder, epochs=epochs, running=beside.run(command, subprocess_env(), timeout=240))
+
+
+@pytest.fixture(scope="session")
+def fabric_fit_beside(beside, tiny_clip, demo_data, tmp_path_factory) -> SimpleNamespace:
+    """`fabric run --accelerator cpu --devices 2 --strategy ddp $(which mst-clipiqa) fit ...` for 2 epochs, as a user
+    types it: its run folder, its epochs, and the run to come (tests/test_launch.py)."""
+    bin_dir = str(Path(sys.executable).parent)
+    fabric, mst_clipiqa = shutil.which("fabric", path=bin_dir), shutil.which("mst-clipiqa", path=bin_dir)
+    run_dir, epochs = tmp_path_factory.mktemp("fabric") / "run", 2
+    args = cli_args(demo_data, tiny_clip, run_dir, epochs=epochs)
+
+    def fit() -> subprocess.CompletedProcess:
+        options = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--main-port", str(free_port())]
+        return beside.finish([fabric, "run", *options, mst_clipiqa, "fit", *args], subprocess_env(), timeout=240)
+
+    return SimpleNamespace(run_dir=run_dir, epochs=epochs, running=beside.call(fit))
+
+
+@pytest.fixture(scope="session")
+def rank_server_beside() -> None:
+    """The fork server of `scripts.ranks.run_ranks`, started at the start of the session: it imports torch and the
+    package while the tests run, before a test starts a process group (tests/test_metrics.py, tests/test_wandb.py)."""
+    start_fork_server()
+
+
+@pytest.fixture(scope="session")
+def notebook_beside(beside, tmp_path_factory) -> tuple[Path, Future]:
+    """notebooks/quickstart.ipynb run top to bottom, offline, in a fresh kernel, in a folder of its own: the folder,
+    and the notebook with its outputs to come (tests/test_notebook.py)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    folder = tmp_path_factory.mktemp("quickstart")
+    notebook = nbformat.read(ROOT / "notebooks" / "quickstart.ipynb", as_version=4)
+    # The kernel inherits this process's environment: offline hub, offline W&B, the tests' feature cache.
+    client = NotebookClient(notebook, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(folder)}})
+    return folder, beside.call(client.execute)
+
+
+@pytest.fixture(scope="session")
+def paper_table_beside(beside, tmp_path_factory) -> tuple[Path, Future]:
+    """perf/paper_table.py on AIGCIQA2023 at its least size (one prompt, 6 generators x 4 images), its three configs,
+    2 splits of 1 epoch, with tiny towers: its working folder, and the run to come (tests/test_paper_table.py)."""
+    workdir = tmp_path_factory.mktemp("paper-table") / "table"
+    command = [sys.executable, str(ROOT / "perf" / "paper_table.py"), "--workdir", str(workdir), "--clip", "tiny",
+               "--scale", "0.001", "--benchmarks", "aigciqa2023", "--splits", "2", "--epochs", "1", "--workers", "1",
+               "--trainer.accelerator", "cpu"]  # fmt: skip
+    return workdir, beside.run(command, subprocess_env())
+
+
+@pytest.fixture(scope="session")
+def demo_command_beside(beside, tmp_path_factory) -> Future:
+    """`mst-clipiqa demo` with 8 scenes and 2 epochs, run by its console script in a folder of its own, as the README's
+    quick start runs it: the run to come (tests/test_readme.py)."""
+    script = shutil.which("mst-clipiqa", path=str(Path(sys.executable).parent)) or "mst-clipiqa"
+    folder = tmp_path_factory.mktemp("demo-command")
+    command = [script, "demo", "--workdir", str(folder / "demo_run"), "--scenes", "8", "--trainer.max_epochs", "2",
+               "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    return beside.run(command, dict(os.environ, PYTHONUNBUFFERED="1"), cwd=folder)

@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import lightning as L
 import pytest
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from scripts.beside import output_of
 from scripts.runs import (
     BATCH_SIZE,
     METRICS,
-    SCRIPTS,
     TEST_ROWS,
     TRAIN_ROWS,
     VAL_ROWS,
-    cli_args,
-    launch,
     logged_metrics,
 )
 from torch.utils.data import DistributedSampler
@@ -31,19 +28,17 @@ from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
 from mst_clipiqa.metrics import make_metrics
 
-DDP = ("--trainer.strategy", "ddp", "--trainer.devices", "2")
-EPOCHS = 2
+EPOCHS = 2  # of the fit under torchrun
 
 
 @pytest.fixture(scope="module")
-def ddp(tiny_clip, demo_data, tmp_path_factory) -> dict:
-    """A 2-rank fit under torchrun, then validate and test of its last checkpoint on the same 2 ranks."""
-    folder = tmp_path_factory.mktemp("ddp")
-    out = folder / "results.json"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    args = cli_args(demo_data, tiny_clip, folder / "run", *DDP, epochs=EPOCHS)
-    launch([*torchrun, str(SCRIPTS / "fit_and_evaluate.py"), str(out), *args])
-    return {**json.loads(out.read_text()), "run_dir": folder / "run"}
+def ddp(torchrun_fit_beside) -> dict:
+    """A 2-rank fit under torchrun, then validate and test of its last checkpoint on the same 2 ranks, run beside the
+    tests before these (conftest.py)."""
+    run = torchrun_fit_beside
+    output_of(run.running.result())
+    assert run.epochs == EPOCHS
+    return {**json.loads((run.folder / "results.json").read_text()), "run_dir": run.folder / "run"}
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
-import socket
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 from lightning.pytorch.strategies import DDPStrategy
-from scripts.runs import BATCH_SIZE, METRICS, TRAIN_ROWS, cli_args, in_process, launch, logged_metrics
+from scripts.beside import output_of
+from scripts.runs import BATCH_SIZE, METRICS, TRAIN_ROWS, cli_args, in_process, logged_metrics
 
 from mst_clipiqa.checkpoints import read_checkpoint
 from mst_clipiqa.errors import OptionError
@@ -28,7 +25,7 @@ FABRIC_RUN = {
     "LT_CLI_USED": "1", "LT_ACCELERATOR": "cpu", "LT_STRATEGY": "ddp", "LT_DEVICES": "2", "LT_NUM_NODES": "1",
     "LT_PRECISION": "bf16-mixed",
 }  # fmt: skip
-EPOCHS = 2
+EPOCHS = 2  # of the fit under fabric run
 
 
 @pytest.fixture
@@ -112,19 +109,14 @@ def test_a_launch_of_two_processes_with_one_device_stops_before_any_data_work(
     assert not run_dir.exists()  # no log folder, no splits: nothing was read or written
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_fabric_run_starts_one_ddp_fit_that_evaluates_like_one_process(demo_data, tiny_clip, tmp_path):
-    """`fabric run --accelerator cpu --devices 2 --strategy ddp $(which mst-clipiqa) fit ...`, as a user types it."""
-    bin_dir = str(Path(sys.executable).parent)
-    fabric, mst_clipiqa = shutil.which("fabric", path=bin_dir), shutil.which("mst-clipiqa", path=bin_dir)
-    run_dir = tmp_path / "run"
-    options = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--main-port", str(free_port())]
-    launch([fabric, "run", *options, mst_clipiqa, "fit", *cli_args(demo_data, tiny_clip, run_dir, epochs=EPOCHS)])
+def test_fabric_run_starts_one_ddp_fit_that_evaluates_like_one_process(
+    fabric_fit_beside, demo_data, tiny_clip, tmp_path
+):
+    """`fabric run --accelerator cpu --devices 2 --strategy ddp $(which mst-clipiqa) fit ...`, as a user types it, run
+    beside the tests before this one (conftest.py)."""
+    run_dir = fabric_fit_beside.run_dir
+    output_of(fabric_fit_beside.running.result())
+    assert fabric_fit_beside.epochs == EPOCHS
 
     assert len(list(run_dir.rglob("metrics.csv"))) == 1  # one run, not one per process
     (last,) = run_dir.rglob("last.ckpt")

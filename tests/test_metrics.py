@@ -179,7 +179,7 @@ DDP_CASES = [(3, 40), (3, 2)]
 
 
 @pytest.fixture(scope="module")
-def ddp_values(tmp_path_factory) -> dict[tuple[int, int], dict[str, float]]:
+def ddp_values(rank_server_beside, tmp_path_factory) -> dict[tuple[int, int], dict[str, float]]:
     """The metrics rank 0 computed in each of `DDP_CASES`: one gloo group per world size runs its cases."""
     values = {}
     for world_size in sorted({world_size for world_size, _ in DDP_CASES}):

@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import torch
+from scripts.beside import output_of
 from scripts.runs import launch, subprocess_env
 from transformers import CLIPConfig, CLIPModel
 
 from mst_clipiqa.tiny_clip import OPENAI_PATCHES, VIT_B_TEXT, VIT_B_VISION, write_hub_snapshot
-
-SCRIPT = Path(__file__).parents[1] / "perf" / "paper_table.py"
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -23,13 +22,11 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-def test_the_table_of_one_benchmark_with_tiny_towers(tmp_path):
-    workdir = tmp_path / "table"
-    # AIGCIQA2023 at its least size: one prompt, 6 generators x 4 images; its three configs, 2 splits of 1 epoch.
-    command = [sys.executable, str(SCRIPT), "--workdir", str(workdir), "--clip", "tiny", "--scale", "0.001",
-               "--benchmarks", "aigciqa2023", "--splits", "2", "--epochs", "1", "--workers", "1",
-               "--trainer.accelerator", "cpu"]  # fmt: skip
-    output = launch(command, subprocess_env(), timeout=300)
+def test_the_table_of_one_benchmark_with_tiny_towers(paper_table_beside):
+    # AIGCIQA2023 at its least size: one prompt, 6 generators x 4 images; its three configs, 2 splits of 1 epoch,
+    # run beside the tests before this one (conftest.py).
+    workdir, running = paper_table_beside
+    output = output_of(running.result())
 
     cells = read_csv(workdir / "paper_table.csv")
     assert [(c["config"], c["target"], c["head"], c["splits"]) for c in cells] == [

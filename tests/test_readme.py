@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -42,14 +40,9 @@ def test_the_commands_take_the_options_the_readme_shows():
             assert option in declared or (passed_on and (option == "--config" or "." in option)), (command, option)
 
 
-def test_demo_console_script_runs(tmp_path):
+def test_demo_console_script_runs(demo_command_beside):
     script = shutil.which("mst-clipiqa", path=str(Path(sys.executable).parent))
     assert script, "the console script is installed with the package"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run(
-        [script, "demo", "--workdir", str(tmp_path / "demo_run"), "--scenes", "8",
-         "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = demo_command_beside.result()  # run beside the tests before this one (conftest.py)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"demo test: SRCC -?\d\.\d{4}  PLCC -?\d\.\d{4}", result.stdout), result.stdout[-2000:]

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -81,18 +84,49 @@ def uninterrupted(tiny_clip, demo_data, tmp_path_factory) -> dict:
     return fit_and_test(cli_args(demo_data, tiny_clip, tmp_path_factory.mktemp("uninterrupted") / "run", epochs=EPOCHS))
 
 
-def test_sigkill_mid_epoch_then_fit_ckpt_path_last_ends_like_an_uninterrupted_run(
-    request, tiny_clip, demo_data, tmp_path
-):
-    run_dir = tmp_path / "run"
-    args = cli_args(demo_data, tiny_clip, run_dir, epochs=EPOCHS)
-    marker, log = tmp_path / "standing-still", tmp_path / "run.log"
-    # One step into epoch 1: last.ckpt holds the end of epoch 0, and the step after it is lost with the process.
-    with standing_still(marker, STEPS_PER_EPOCH + 1, args, subprocess_env(), log) as process:
-        uninterrupted = request.getfixturevalue("uninterrupted")  # fitted here while the run starts
-        wait_for(marker.exists, process, log)
-        process.send_signal(signal.SIGKILL)
-        assert process.wait(timeout=60) == -signal.SIGKILL
+# What srun sets for a one-node, one-task job (a job named "bash" or "interactive" would not count as SLURM).
+SLURM = {
+    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mst-clipiqa", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1", "SLURM_NODELIST": "localhost", "SLURM_NODEID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def standing(tiny_clip, demo_data, tmp_path_factory) -> Iterator[dict[str, SimpleNamespace]]:
+    """The two runs the fault tests stop, started together so that they start up at once: each stands still one
+    step into epoch 1 (last.ckpt holds the end of epoch 0, and the step after it is lost with the process) until its
+    test signals it; killed, if still running, after the module's tests.
+
+    "sigkill" is a plain fit. "slurm" runs as the sbatch script of docs/CLUSTER.md runs it, the first time and after
+    every requeue (``--ckpt_path last``), under SLURM's variables and with an `scontrol` that records its arguments.
+    """
+    sigkill, slurm = tmp_path_factory.mktemp("sigkill"), tmp_path_factory.mktemp("slurm")
+    requeued, scontrol = slurm / "scontrol.log", slurm / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> "{requeued}"\n')
+    scontrol.chmod(0o755)
+    slurm_env = {**SLURM, "PATH": f"{scontrol.parent}:{subprocess_env()['PATH']}"}
+    runs = {
+        "sigkill": SimpleNamespace(dir=sigkill / "run", env={}),
+        "slurm": SimpleNamespace(dir=slurm / "run", env=slurm_env, requeued=requeued),
+    }
+    runs["sigkill"].args = cli_args(demo_data, tiny_clip, sigkill / "run", epochs=EPOCHS)
+    runs["slurm"].args = cli_args(demo_data, tiny_clip, slurm / "run", "--ckpt_path", "last", epochs=EPOCHS)
+    with ExitStack() as stack:
+        for run in runs.values():
+            run.marker, run.log = run.dir.parent / "standing-still", run.dir.parent / "run.log"
+            env = subprocess_env(**run.env)
+            run.process = stack.enter_context(standing_still(run.marker, STEPS_PER_EPOCH + 1, run.args, env, run.log))
+        yield runs
+
+
+def test_sigkill_mid_epoch_then_fit_ckpt_path_last_ends_like_an_uninterrupted_run(standing, request):
+    run = standing["sigkill"]
+    run_dir, args, process = run.dir, run.args, run.process
+    uninterrupted = request.getfixturevalue("uninterrupted")  # fitted here while the runs start
+    wait_for(run.marker.exists, process, run.log)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
     (last,) = run_dir.rglob("last.ckpt")
     assert read_checkpoint(last)["global_step"] == STEPS_PER_EPOCH
 
@@ -122,30 +156,14 @@ def test_ckpt_path_last_takes_the_newest_readable_checkpoint_of_the_same_network
         assert find_last_checkpoint(trainer, net, data) == last
 
 
-def test_sigusr1_under_slurm_saves_and_requeues_and_the_rerun_resumes_from_it(
-    tiny_clip, demo_data, tmp_path, monkeypatch
-):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    requeued = tmp_path / "scontrol.log"
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" >> "{requeued}"\n')
-    scontrol.chmod(0o755)
-    # What srun sets for a one-node, one-task job (a job named "bash" or "interactive" would not count as SLURM).
-    slurm = {
-        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "mst-clipiqa", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_NNODES": "1", "SLURM_NODELIST": "localhost", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0", "PATH": f"{bin_dir}:{subprocess_env()['PATH']}",
-    }  # fmt: skip
-    run_dir = tmp_path / "run"
-    # As the sbatch script of docs/CLUSTER.md runs it, the first time and after every requeue.
-    args = cli_args(demo_data, tiny_clip, run_dir, "--ckpt_path", "last", epochs=EPOCHS)
-    marker, log = tmp_path / "standing-still", tmp_path / "run.log"
-    with standing_still(marker, STEPS_PER_EPOCH + 1, args, subprocess_env(**slurm), log) as process:
-        wait_for(marker.exists, process, log)
-        process.send_signal(signal.SIGUSR1)
-        wait_for(requeued.exists, process, log)  # scontrol runs once the checkpoint is written
-    # Leaving the block kills the run, as SLURM kills a requeued job.
+def test_sigusr1_under_slurm_saves_and_requeues_and_the_rerun_resumes_from_it(standing, monkeypatch):
+    run = standing["slurm"]
+    run_dir, args, process, requeued, slurm = run.dir, run.args, run.process, run.requeued, run.env
+    wait_for(run.marker.exists, process, run.log)
+    process.send_signal(signal.SIGUSR1)
+    wait_for(requeued.exists, process, run.log)  # scontrol runs once the checkpoint is written
+    process.kill()  # as SLURM kills a requeued job
+    process.wait(timeout=60)
 
     assert requeued.read_text().split() == ["requeue", "4242"]
     hpc = run_dir / "hpc_ckpt_1.ckpt"

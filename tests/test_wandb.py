@@ -298,6 +298,7 @@ def test_without_a_wandb_logger_the_callback_does_nothing(tmp_path):
     callback.on_validation_epoch_end(trainer, None)  # no gather, no W&B import, no error
 
 
+@pytest.mark.usefixtures("rank_server_beside")
 def test_gather_rows_joins_uneven_ranks_exactly_once(tmp_path):
     run_ranks(gathered_uneven_rows, (str(tmp_path / "init"), str(tmp_path / "out.pt")), 2)
     results = torch.load(tmp_path / "out.pt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from multiprocessing import forkserver
 
 import torch
 import torch.distributed as dist
@@ -12,6 +13,12 @@ import torch.multiprocessing as mp
 
 PRELOADED = [__name__, "mst_clipiqa.metrics", "mst_clipiqa.data.samplers", "mst_clipiqa.callbacks"]
 """What the fork server imports once for every group of the session: the modules of the functions below."""
+
+
+def start_fork_server() -> None:
+    """Start the fork server now: it imports `PRELOADED` in the background, and the first group need not wait."""
+    mp.set_forkserver_preload(PRELOADED)
+    forkserver.ensure_running()
 
 
 def run_ranks(function: Callable[..., None], args: tuple, nprocs: int) -> None:

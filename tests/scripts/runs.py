@@ -10,6 +10,7 @@ import csv
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,6 +60,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env.pop("WANDB_SERVICE", None)
     path = os.pathsep.join(filter(None, [str(SCRIPTS.parent), env.get("PYTHONPATH")]))
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+
+
+def free_port() -> int:
+    """A TCP port that no process listens on, now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch(command: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> str:

@@ -10,6 +10,7 @@ import math
 import re
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,6 +20,8 @@ from data.release_fixtures import AIGIQA20K_TEST, AIGIQA20K_VAL, make_aigiqa20k
 from scripts.runs import TEST_ROWS, cli_args, in_process, launch
 
 from mst_clipiqa.cli import main
+from mst_clipiqa.data.datamodule import IQADataModule
+from mst_clipiqa.data.preprocess import ClipPreprocess
 from mst_clipiqa.errors import BadRowError, OptionError
 from mst_clipiqa.lit_module import MSTCLIPIQAModule
 from mst_clipiqa.model import ModelConfig
@@ -230,3 +233,19 @@ def test_a_saved_prompt_head_brings_its_variant_to_the_data(inhouse_table, tiny_
     cli = in_process("fit", [*args, "--data.source_options.prompt_column", "prompt"])
     assert cli.model.net_config.variant == "prompt" and cli.datamodule.hparams.need_prompt
     assert cli.trainer.global_step > 0
+
+
+def test_a_data_module_without_a_trainer_follows_the_model_it_is_given(tiny_clip, demo_data):
+    data = IQADataModule(source="agiqa-3k", root=demo_data, features=False, num_workers=0, batch_size=4)
+    net = ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], variant="prompt", draft_decode=True)
+    data.follow(MSTCLIPIQAModule(net=net))
+    assert (data.hparams.need_prompt, data.hparams.preprocess_from, data.hparams.draft_decode) == (
+        True, tiny_clip[0], True)  # fmt: skip
+    data.setup("fit")  # the default preprocess_from, a hub id, would not load offline
+    assert data.preprocess == ClipPreprocess.from_pretrained(tiny_clip[0])
+    assert next(iter(data.train_dataloader()))["pixel_values"].shape[0] == 4
+    with pytest.raises(RuntimeError, match="before setup"):
+        data.follow(replace(net, variant="template"))
+    data.follow(net)  # the same settings again: nothing to replace
+    with pytest.raises(TypeError, match="ModelConfig"):
+        IQADataModule().follow(tiny_clip[0])

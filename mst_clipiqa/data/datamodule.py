@@ -82,16 +82,17 @@ class IQADataModule(L.LightningDataModule):
         folds: k of kfold.
         seed: seed of the splits.
         splits_file: read the splits from this JSON (one written by an earlier run) instead of making them.
-        need_prompt: every row must have a prompt (set from the model's variant; under a Trainer, from its model).
-        preprocess_from: CLIP checkpoint whose preprocessing is used (set from the model's coarse encoder; under a
-            Trainer, from its model).
+        need_prompt: every row must have a prompt (the model's variant: under a Trainer taken from its model, else
+            from `follow`).
+        preprocess_from: CLIP checkpoint whose preprocessing is used (the model's coarse encoder: under a Trainer
+            taken from its model, else from `follow`).
         on_bad: what to do with bad rows or images found at setup: 'error' stops with one message naming them all,
             'drop' removes them; either way every one is listed in dropped_rows.csv in the run folder.
         check_images: check every image at setup, so a broken file fails now and not hours into training. With
             `features` (under a Trainer) the encoding pass is the check: it decodes the images the cache lacks, once,
             and an image the cache holds, encoded from the same file, is not decoded again.
-        draft_decode: faster, reduced-size JPEG decoding (Pillow draft mode); set from the model's config (under a
-            Trainer, from its model), so training and scoring decode alike.
+        draft_decode: faster, reduced-size JPEG decoding (Pillow draft mode); the model's setting (under a Trainer
+            taken from its model, else from `follow`), so training and scoring decode alike.
         batch_size: training batch size (per device).
         eval_batch_size: validation, test and predict batch size (per device).
         num_workers: data loader workers; None picks from the CPU count. With `features`, they decode the images
@@ -180,8 +181,8 @@ class IQADataModule(L.LightningDataModule):
             )
             if self.features is not None and self.table is not table:
                 # Names of the rows kept are unique (a name listed twice is bad): they find each row's features.
-                position = {name: row for row, name in enumerate(table["name"])}
-                self.features = self.features.select(self.table, [position[name] for name in self.table["name"]])
+                position = {name: row for row, name in enumerate(table["name"][:])}
+                self.features = self.features.select(self.table, [position[name] for name in self.table["name"][:]])
         return self.table
 
     def _image_problems(self, table: datasets.Dataset) -> list[tuple[int, str]]:
@@ -240,14 +241,35 @@ class IQADataModule(L.LightningDataModule):
         return net if isinstance(net, MSTCLIPIQA) else None
 
     def _follow_model(self) -> None:
-        """Take the prompt requirement, preprocessing and decoding from the trainer's model, whose network may come
-        from a saved one (`MSTCLIPIQAModule`'s ``init_from``) rather than from the options linked to these."""
+        """Under a Trainer, `follow` its model, whose network may come from a saved one (`MSTCLIPIQAModule`'s
+        ``init_from``) rather than from the options linked to these."""
         model = self.trainer.lightning_module if self.trainer is not None else None
-        config = getattr(getattr(model, "net", None), "config", None)
-        if isinstance(config, ModelConfig):
-            self.hparams.need_prompt = config.variant == "prompt"
-            self.hparams.preprocess_from = config.coarse_encoder
-            self.hparams.draft_decode = config.draft_decode
+        if isinstance(getattr(getattr(model, "net", None), "config", None), ModelConfig):
+            self.follow(model)
+
+    def follow(self, model: Any) -> None:
+        """Take the settings the data owes the model from it: whether every row needs a prompt (the prompt head),
+        whose preprocessing to use (its coarse encoder) and draft decoding, so training and scoring see the same
+        pixels. `setup` does this with the trainer's model; call it before `setup` when the data module is used
+        without a Trainer. A setting given otherwise is replaced, and the log says which.
+
+        Args:
+            model: an `MSTCLIPIQAModule`, an `MSTCLIPIQA` or a `ModelConfig`.
+        """
+        config = getattr(getattr(model, "net", model), "config", model)
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"follow takes an MSTCLIPIQAModule, an MSTCLIPIQA or a ModelConfig, not {type(model)}")
+        wanted = {
+            "need_prompt": config.variant == "prompt",
+            "preprocess_from": config.coarse_encoder,
+            "draft_decode": config.draft_decode,
+        }
+        changed = {name: value for name, value in wanted.items() if self.hparams[name] != value}
+        if changed and self.split is not None:
+            raise RuntimeError("follow the model before setup: the data is already prepared with other settings")
+        if changed:
+            log.info("data settings taken from the model: %s", ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+        self.hparams.update(wanted)
 
     @rank_zero_only
     def _write_splits(self, splits: list[Split], run_dir: Path | None) -> None:
@@ -260,7 +282,7 @@ class IQADataModule(L.LightningDataModule):
         """The data's MOS scale (low, high), onto which the head's 1..5 maps: the `mos_range` option, else the
         (min, max) of the target MOS over the training rows."""
         self.setup("fit")
-        values = self.load_table().select(self.split.train)[target_column(self.hparams.target)]
+        values = self.load_table().select(self.split.train)[target_column(self.hparams.target)][:]
         low, high = float(min(values)), float(max(values))
         if self.hparams.mos_range is None:
             return low, high

@@ -295,7 +295,7 @@ def collect_inputs(
             rows = [(str(p), str(p), None) for p in found]
         elif suffix in TABLE_EXTENSIONS:
             table = load_table(path, Columns(image_column=image_column, mos_columns={}, prompt_column=prompt_column))
-            rows = list(zip(table["name"], [image["path"] for image in table["image"]], table["prompt"]))
+            rows = list(zip(table["name"][:], [image["path"] for image in table["image"][:]], table["prompt"][:]))
         elif suffix == LIST_EXTENSION:
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
             kept = [line for line in lines if line and not line.startswith("#")]

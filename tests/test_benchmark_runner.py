@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.cli import LightningCLI
 from scripts.runs import cli_args
 
 from mst_clipiqa.cli import main
@@ -20,7 +21,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-def test_three_splits_and_both_heads_cost_one_encoder_pass(demo_data, tiny_clip, tmp_path, capsys):
+def test_three_splits_and_both_heads_cost_one_encoder_pass(demo_data, tiny_clip, tmp_path, capsys, monkeypatch):
+    built = []  # the class of each CLI that builds a parser
+    build = LightningCLI.setup_parser
+    monkeypatch.setattr(
+        LightningCLI, "setup_parser", lambda cli, *args: built.append(type(cli).__name__) or build(cli, *args)
+    )
     wandb_config = tmp_path / "wandb.yaml"
     wandb_config.write_text(
         "trainer:\n"
@@ -51,6 +57,7 @@ def test_three_splits_and_both_heads_cost_one_encoder_pass(demo_data, tiny_clip,
 
     runs = read_csv(tmp_path / "report" / "results.csv")
     assert [(r["variant"], r["split"]) for r in runs] == [(v, str(s)) for v in ("template", "prompt") for s in range(3)]
+    assert built.count("_RunCLI") == 1  # six runs, one parser
     images = 80  # the demo data: 16 scenes at 5 levels, every one in some part of each split
     encoded = [int(r["images_encoded"]) for r in runs]
     assert encoded == [images, 0, 0, 0, 0, 0]  # one encoder pass for the whole protocol

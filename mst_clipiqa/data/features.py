@@ -374,7 +374,7 @@ class TableFeatures:
         self.table, self.preprocess, self.draft = table, preprocess, draft_decode
         self.root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.content_hash, self.batch_size, self.num_workers = content_hash, batch_size, num_workers
-        self.prompts = [prompt or "" for prompt in table["prompt"]]
+        self.prompts = [prompt or "" for prompt in table["prompt"][:]]
         self.keys: list[str | None] = [None] * len(table)
         self.loaded = torch.zeros(len(table), dtype=torch.bool)
         self.coarse_embeds: Tensor | None = None  # (N, D) image_embeds of every row, valid where `loaded`
@@ -637,7 +637,7 @@ class FeatureRows(Dataset):
         self.features, self.rows = features, [int(row) for row in rows]
         if not bool(features.loaded[self.rows].all()):
             raise RuntimeError("features of some rows were not prepared: call TableFeatures.prepare first")
-        mos = features.table.select(self.rows)[target_column(target)]
+        mos = features.table.select(self.rows)[target_column(target)][:]
         self.mos = torch.tensor([math.nan if value is None else value for value in mos], dtype=torch.float32)
 
     def __len__(self) -> int:

@@ -212,12 +212,12 @@ def _hold_out(rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray,
 def predict_indices(ds: datasets.Dataset, target: str = "quality") -> tuple[int, ...]:
     """Rows without the target MOS (withheld labels of an official val/test split): the ones to predict."""
     column = target_column(target)
-    return tuple(row for row, mos in enumerate(ds[column]) if not _is_label(mos))
+    return tuple(row for row, mos in enumerate(ds[column][:]) if not _is_label(mos))
 
 
 def save_splits(splits: Sequence[Split], path: str | Path, ds: datasets.Dataset) -> None:
     """Write splits as JSON, each with its protocol, arguments and the image names of its rows."""
-    names = ds["name"]
+    names = ds["name"][:]  # a list: indexing a column of a Dataset reads Arrow once per call
     content = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -251,7 +251,7 @@ def load_splits(path: str | Path, ds: datasets.Dataset) -> list[Split]:
     if content.get("version") != _VERSION:
         raise ValueError(f"{path}: split file version {content.get('version')}; this reader knows {_VERSION}")
     row_of: dict[str, int] = {}
-    for row, name in enumerate(ds["name"]):
+    for row, name in enumerate(ds["name"][:]):
         if name in row_of:
             raise ValueError(f"{path}: the dataset lists {name!r} twice (rows {row_of[name]} and {row})")
         row_of[name] = row

@@ -35,7 +35,9 @@ def trained_like(clip: tuple[str, str], variant: str) -> MSTCLIPIQAModule:
     CLIP's close template embeddings, saturates on random ones and makes scores jump with invisible pixel changes.
     """
     net = ModelConfig(coarse_encoder=clip[0], fine_encoder=clip[1], variant=variant, tau_init=3.0)
-    module = MSTCLIPIQAModule(net=net)
+    with torch.random.fork_rng():  # the same initial weights whichever tests ran before
+        torch.manual_seed(0)
+        module = MSTCLIPIQAModule(net=net)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for part in (module.net.fusion, module.net.head):
@@ -120,9 +122,10 @@ def test_preprocessing_gradient(tmp_path):
 
 @pytest.mark.parametrize(("variant", "dtype", "tolerance"), [("prompt", torch.float64, 1e-3), ("template", None, 1e-2)])
 def test_score_gradient_matches_finite_differences(models, variant, dtype, tolerance):
-    """d(score)/d(images) along random directions against central differences of the metric itself, relative
-    differences measured: 2-3e-4 in float64 with the prompt head (the scores' float32 MOS mapping sets that floor),
-    0.07-0.4% with the template head, which computes in float32."""
+    """d(score)/d(images) along random directions against central differences of the metric itself. The step,
+    3e-3, is short enough that no ReLU of the fusion changes sign across it for the initial weights tried (seeds
+    0-3; 1e-2 crossed one with seed 0), and long enough that float32 rounding stays under the tolerance (1e-3 did
+    not, for the template head, which computes in float32; the prompt head runs in float64 here)."""
     metric = MSTCLIPIQAScore(models[variant])
     if dtype is not None:
         metric.to(dtype)
@@ -137,7 +140,7 @@ def test_score_gradient_matches_finite_differences(models, variant, dtype, toler
     assert not any(score.requires_grad for score in metric.scores)  # the state keeps values, not the graph
     assert images.grad.abs().sum() > 0
 
-    step = 1e-2
+    step = 3e-3
     for _ in range(2):
         direction = torch.randn(images.shape, generator=generator, dtype=dtype)
         direction /= direction.norm()

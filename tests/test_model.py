@@ -7,9 +7,18 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from mst_clipiqa.losses import LossConfig, iqa_loss, pairwise_ranking_loss
-from mst_clipiqa.model import MSTCLIPIQA, GatedFusion, ModelConfig, PromptEncoder, PromptHead, TemplateHead
+from mst_clipiqa.model import (
+    MSTCLIPIQA,
+    GatedFusion,
+    ModelConfig,
+    PromptEncoder,
+    PromptHead,
+    TemplateHead,
+    prompt_attention,
+)
 
 
 def make(tiny_clip, variant: str) -> MSTCLIPIQA:
@@ -123,13 +132,41 @@ def test_prompt_head_matches_hand_computation_and_masks_padding():
     torch.testing.assert_close(head(z, changed, mask), torch.tensor([expected]))
 
 
+@pytest.mark.parametrize("text_dim", [32, 48], ids=["same width", "other width"])
+def test_prompt_attention_is_multihead_attention_in_another_order(text_dim):
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(32, 4, kdim=text_dim, vdim=text_dim, batch_first=True).double()
+    with torch.no_grad():
+        for parameter in attn.parameters():
+            parameter.normal_()  # biases too: b_k must cancel and b_v carry through
+    z, states = torch.randn(5, 32, dtype=torch.float64), torch.randn(5, 7, text_dim, dtype=torch.float64)
+    mask = torch.arange(7)[None] < torch.tensor([[7], [1], [3], [6], [2]])
+    expected = attn(z[:, None], states, states, key_padding_mask=~mask, need_weights=False)[0][:, 0]
+    got = prompt_attention(attn, z, states, mask)
+    torch.testing.assert_close(got, expected)
+    # The same gradients for every weight.
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(attn.parameters()))
+    got_grads = torch.autograd.grad(got.square().sum(), list(attn.parameters()))
+    for name, want, have in zip([n for n, _ in attn.named_parameters()], expected_grads, got_grads):
+        if name == "in_proj_bias":  # b_k cancels: its gradient is 0 in both, up to rounding in the reference
+            want, have = want.view(3, -1)[[0, 2]], have.view(3, -1)[[0, 2]]
+        torch.testing.assert_close(have, want, msg=name)
+    padding = states.clone()
+    padding[1, 1:] = 1e3
+    torch.testing.assert_close(prompt_attention(attn, z, padding, mask), got)  # padding never counts
+
+
 def test_loss_matches_hand_computation():
     score = torch.tensor([1.0, 2.0, 2.5])
     mos = torch.tensor([1.0, 3.0, 3.0])
     mse = ((0.0) ** 2 + 1.0**2 + 0.5**2) / 3
     # ordered pairs with different MOS: (0,1), (0,2), (1,0), (2,0); hinge relu(-sign(m_i-m_j)(s_i-s_j) + 0.1)
-    pairs = [max(0, -(-1) * (1 - 2) + 0.1), max(0, -(-1) * (1 - 2.5) + 0.1),
-             max(0, -(1) * (2 - 1) + 0.1), max(0, -(1) * (2.5 - 1) + 0.1)]
+    pairs = [
+        max(0, -(-1) * (1 - 2) + 0.1),
+        max(0, -(-1) * (1 - 2.5) + 0.1),
+        max(0, -(1) * (2 - 1) + 0.1),
+        max(0, -(1) * (2.5 - 1) + 0.1),
+    ]
     rank = sum(pairs) / 4
     torch.testing.assert_close(pairwise_ranking_loss(score, mos, 0.1), torch.tensor(rank))
     total = iqa_loss(score, mos, LossConfig(rank_weight=2.0, margin=0.1))

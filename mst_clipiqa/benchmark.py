@@ -4,11 +4,12 @@ checkpoint, with per-split and median/mean SRCC, PLCC and KRCC.
     mst-clipiqa benchmark --config experiments/agiqa3k_template.yaml --splits 10 \\
         --variants template prompt --targets quality alignment [--output DIR] [any fit option]
 
-Each run is `mst-clipiqa fit` on the same YAML (and the same extra options), with the variant, target and split
-index set, followed by `test` with ``ckpt_path="best"``. The frozen features come from the feature cache
-(`mst_clipiqa.data.features`): the first run encodes every image of the split (all labelled rows) and the first run
-of the prompt head every distinct prompt; all others read them, so the whole protocol costs one encoder pass plus
-the heads' training. After the first run has decoded every image once, the others skip that check.
+Each run is `mst-clipiqa fit` on the same YAML (and the same extra options), with the variant, target and split index
+set, followed by `test` with ``ckpt_path="best"``; a run keeps its best checkpoint only (no last.ckpt). The frozen
+features come from the feature cache (`mst_clipiqa.data.features`): the first run encodes every image of the split (all
+labelled rows) and the first run of the prompt head every distinct prompt; all others read them, so the whole protocol
+costs one encoder pass plus the heads' training. After the first run has decoded every image once, the others skip that
+check.
 
 The output folder (``--output``, by default ``<trainer.default_root_dir>/<name>``) gets results.csv (one row per
 run: metrics, best checkpoint, what the feature cache read and encoded), summary.csv (median, mean and standard
@@ -224,12 +225,15 @@ class Benchmark:
         return available
 
     def _configure(self, config: Namespace) -> None:
-        """Name the run being built for the configured loggers and give it its own default folder."""
+        """Name the run being built for the configured loggers and give it its own default folder. A run keeps its
+        best checkpoint only: last.ckpt, rewritten at every epoch to resume from, serves nothing here, where every
+        run starts afresh."""
         self._run = (config.model.net.variant, config.data.target, config.data.split_index)
         run_name = "{}-{}-split{}".format(*self._run)
         if self.output is None:
             self.output = Path(config.trainer.default_root_dir or ".") / self.name
         config.trainer.default_root_dir = str(self.output / run_name)
+        config.checkpoint.save_last = False
         for logger in _logger_configs(config.trainer.logger):
             init = logger.init_args
             if _is_wandb(logger):

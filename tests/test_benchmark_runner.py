@@ -70,6 +70,8 @@ def test_three_splits_and_both_heads_cost_one_encoder_pass(demo_data, tiny_clip,
     assert all(int(r["images_cached"]) == images for r in runs[1:])
     assert [int(r["prompts_encoded"]) for r in runs] == [0, 0, 0, 16, 0, 0]  # once per distinct prompt
     assert all(Path(r["checkpoint"]).name.startswith("best") for r in runs)
+    kept = {path.name.split("-")[0] for path in tmp_path.rglob("*.ckpt")}
+    assert kept == {"best"}  # no last.ckpt: nothing resumes a benchmark's run
 
     summary = read_csv(tmp_path / "report" / "summary.csv")
     assert [(s["variant"], s["splits"]) for s in summary] == [("template", "3"), ("prompt", "3")]

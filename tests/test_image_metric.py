@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
+from scripts.models import trained_module
 from torchmetrics.utilities.data import dim_zero_cat
 
 from mst_clipiqa import MSTCLIPIQAScore
@@ -28,30 +29,14 @@ SIZES = [(224, 224), (300, 500), (500, 300), (160, 200), (97, 131)]
 VARIANTS = ("template", "prompt")
 
 
-def trained_like(clip: tuple[str, str], variant: str) -> MSTCLIPIQAModule:
-    """A module whose trainable weights differ from a fresh initialisation, as after training, on a 20..80 scale.
-
-    Head A's temperature starts where the demo config puts it for random towers (3): the paper's 100, made for real
-    CLIP's close template embeddings, saturates on random ones and makes scores jump with invisible pixel changes.
-    """
-    net = ModelConfig(coarse_encoder=clip[0], fine_encoder=clip[1], variant=variant, tau_init=3.0)
-    with torch.random.fork_rng():  # the same initial weights whichever tests ran before
-        torch.manual_seed(0)
-        module = MSTCLIPIQAModule(net=net)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for part in (module.net.fusion, module.net.head):
-            for param in part.parameters():
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    module.net.set_mos_range(20.0, 80.0)
-    return module.eval()
-
-
 @pytest.fixture(scope="module")
 def models(tiny_clip, tmp_path_factory) -> dict[str, Path]:
     """variant → its saved model folder."""
     root = tmp_path_factory.mktemp("models")
-    return {variant: save_pretrained(trained_like(tiny_clip, variant), root / variant) for variant in VARIANTS}
+    # Head A's temperature starts where the demo config puts it for random towers (3): the paper's 100, made for real
+    # CLIP's close template embeddings, saturates on random ones and makes scores jump with invisible pixel changes.
+    modules = {variant: trained_module(tiny_clip, variant, tau_init=3.0) for variant in VARIANTS}
+    return {variant: save_pretrained(module, root / variant) for variant, module in modules.items()}
 
 
 def drawn_images(height: int, width: int, count: int, seed: int) -> np.ndarray:

@@ -8,9 +8,15 @@ from mst_clipiqa.lit_module import MSTCLIPIQAModule
 from mst_clipiqa.model import ModelConfig
 
 
-def trained_module(clip: tuple[str, str], variant: str = "template", mos_range=(20.0, 80.0)) -> MSTCLIPIQAModule:
-    """A module whose trainable weights differ from any fresh initialisation, as after training."""
-    module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=clip[0], fine_encoder=clip[1], variant=variant))
+def trained_module(
+    clip: tuple[str, str], variant: str = "template", mos_range=(20.0, 80.0), **net_options
+) -> MSTCLIPIQAModule:
+    """A module whose trainable weights differ from any fresh initialisation, as after training: its initial weights
+    from seed 0 (the same whichever tests ran before), then perturbed. `net_options` go to its `ModelConfig`."""
+    net = ModelConfig(coarse_encoder=clip[0], fine_encoder=clip[1], variant=variant, **net_options)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        module = MSTCLIPIQAModule(net=net)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for part in (module.net.fusion, module.net.head):

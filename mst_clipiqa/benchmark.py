@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from mst_clipiqa.callbacks import WandbEvaluationLogger
 from mst_clipiqa.errors import OptionError
 from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
@@ -155,6 +157,8 @@ class Benchmark:
         targets: targets to run; None keeps the config's.
         output: folder of the reports; None for ``<trainer.default_root_dir>/<name>``.
         name: name of the benchmark: the output folder, the loggers' run group; None for "benchmark-<time>".
+        together: train the splits of each head and target in one loop (`mst_clipiqa.together`): the same results,
+            one start-up and one loop for all of them instead of one per split.
     """
 
     def __init__(
@@ -166,8 +170,10 @@ class Benchmark:
         targets: Sequence[str] | None = None,
         output: str | Path | None = None,
         name: str | None = None,
+        together: bool = False,
     ):
         self.fit_args = list(fit_args)
+        self.together = together
         self.splits = splits
         self.variants: list[str | None] = list(variants) if variants else [None]
         self.targets: list[str | None] = list(targets) if targets else [None]
@@ -186,6 +192,9 @@ class Benchmark:
         try:
             for variant in self.variants:
                 for target in self.targets:
+                    if self.together:
+                        self._fit_and_test_together(variant, target)
+                        continue
                     available = self._fit_and_test(variant, target, 0)
                     if self.splits is not None and self.splits > available:
                         raise OptionError(f"--splits {self.splits}: the protocol makes only {available} splits")
@@ -205,9 +214,7 @@ class Benchmark:
         trainer, data = cli.trainer, cli.datamodule
         trainer.fit(cli.model, datamodule=data)
         (metrics,) = trainer.test(cli.model, datamodule=data, ckpt_path="best", verbose=False)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.finish()  # the next run starts its own W&B run
+        self._finish_wandb(trainer)
         variant, target, split = self._run
         self.results.append(
             RunResult(
@@ -224,12 +231,39 @@ class Benchmark:
         gc.collect()  # the frozen towers of this run (held in reference cycles), before the next run loads its own
         return available
 
+    def _fit_and_test_together(self, variant: str | None, target: str | None) -> None:
+        """The protocol's splits (the first `splits`) in one fit and one test; their results join `results`."""
+        from mst_clipiqa.together import TogetherData, TogetherModule, check_trainer
+
+        options = ["--data.split_index", "0"]
+        options += ["--model.net.variant", variant] if variant else []
+        options += ["--data.target", target] if target else []
+        cli = _RunCLI([*self.fit_args, *options], self._configure, self._parsers)
+        trainer = cli.trainer
+        check_trainer(trainer)
+        # Each member keeps its best weights itself; the per-sample W&B report would mix the members' rows.
+        trainer.callbacks[:] = [
+            c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint | WandbEvaluationLogger)
+        ]
+        model, data = TogetherModule(cli.model), TogetherData(cli.datamodule, self.splits)
+        trainer.fit(model, datamodule=data)
+        trainer.test(model, datamodule=data, verbose=False)
+        self._finish_wandb(trainer)
+        variant, target, _ = self._run
+        stats = asdict(data.data.features.stats) if data.data.features is not None else {}
+        for k in range(len(data.splits)):
+            # The cache's counts are the fit's: on its first split's row.
+            cache = stats if k == 0 else {}
+            self.results.append(RunResult(variant, target, k, model.results[k], model.checkpoints.get(k, ""), cache))
+        del cli, trainer, data, model
+        gc.collect()
+
     def _configure(self, config: Namespace) -> None:
         """Name the run being built for the configured loggers and give it its own default folder. A run keeps its
         best checkpoint only: last.ckpt, rewritten at every epoch to resume from, serves nothing here, where every
         run starts afresh."""
         self._run = (config.model.net.variant, config.data.target, config.data.split_index)
-        run_name = "{}-{}-split{}".format(*self._run)
+        run_name = "{}-{}-{}".format(*self._run[:2], "together" if self.together else f"split{self._run[2]}")
         if self.output is None:
             self.output = Path(config.trainer.default_root_dir or ".") / self.name
         config.trainer.default_root_dir = str(self.output / run_name)
@@ -242,6 +276,12 @@ class Benchmark:
             elif "version" in init and "name" in init:  # CSV, TensorBoard: <save_dir>/<name>/<run>
                 init.name, init.version = self.name, run_name
         self._logger_config = config.trainer.logger
+
+    @staticmethod
+    def _finish_wandb(trainer) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()  # the next run starts its own W&B run
 
     # ---- reports ---------------------------------------------------------------------------------------------------
 

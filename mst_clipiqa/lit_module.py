@@ -43,6 +43,49 @@ class OptimConfig:
     """Fraction of the training steps spent warming up (cosine only)."""
 
 
+def make_optimizer(module: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """The optimiser of `module`'s trainable parameters."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.name]
+    # One fused kernel per step for all parameters instead of a dozen small ops per parameter: the head is small,
+    # so its optimizer step is mostly per-op overhead (docs/PERFORMANCE.md).
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return optimizer_cls(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: float) -> Any:
+    """The cosine schedule with warm-up over `total_steps` optimizer steps, stepped after each of them."""
+    total = max(1, int(total_steps))
+    return get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total), total)
+
+
+def one_thread_for_cached_steps(module: L.LightningModule, cached: bool, threads: int | None) -> int | None:
+    """Steps on cached embeddings run the fusion and the head only: small operations, which several CPU threads
+    slow down more than they share (each waits for the others, and far worse when other processes hold the cores:
+    docs/PERFORMANCE.md). On a CPU such a fit's steps and validations run on one thread, from its first training
+    batch (`on_train_batch_start`) to `restore_threads` (`on_train_end`); the encoding pass before it and whatever
+    runs after it keep torch's thread count. Returns the thread count to restore, None when it was left alone."""
+    if threads is None and module.device.type == "cpu" and cached:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    return threads
+
+
+def restore_threads(threads: int | None) -> None:
+    """Give torch back the thread count `one_thread_for_cached_steps` kept; returns None, the count kept now."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def net_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """`MSTCLIPIQA`'s keyword arguments from a batch of pixels or of cached embeddings (see `forward`)."""
+    return {
+        "pixel_values": batch.get("pixel_values"),
+        "prompts": batch.get("prompt"),
+        **{name: batch.get(name) for name in ("coarse_embeds", "fine_embeds", "prompt_states", "prompt_mask")},
+    }
+
+
 def _as(cls: type, value: Any) -> Any:
     """Accept a config dataclass or its dict form (checkpoints store plain dicts, loadable with weights_only)."""
     if isinstance(value, cls):
@@ -110,14 +153,7 @@ class MSTCLIPIQAModule(L.LightningModule):
         """The network on a batch of pixels ("pixel_values") or of cached embeddings ("coarse_embeds",
         "fine_embeds"), with, for the prompt head, its prompts ("prompt") or their cached states ("prompt_states",
         "prompt_mask")."""
-        return self.net(
-            batch.get("pixel_values"),
-            batch.get("prompt"),
-            coarse_embeds=batch.get("coarse_embeds"),
-            fine_embeds=batch.get("fine_embeds"),
-            prompt_states=batch.get("prompt_states"),
-            prompt_mask=batch.get("prompt_mask"),
-        )
+        return self.net(**net_inputs(batch))
 
     # ---- steps -------------------------------------------------------------------------------------------------
 
@@ -147,18 +183,10 @@ class MSTCLIPIQAModule(L.LightningModule):
             logger.log_hyperparams({"trainable_params": trainable, "frozen_params": frozen})
 
     def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Steps on cached embeddings run the fusion and the head only: small operations, which several CPU threads
-        slow down more than they share (each waits for the others, and far worse when other processes hold the
-        cores: docs/PERFORMANCE.md). On a CPU such a fit's steps and validations run on one thread; the encoding
-        pass before it and whatever runs after it keep torch's thread count."""
-        if self._threads is None and self.device.type == "cpu" and "coarse_embeds" in batch:
-            self._threads = torch.get_num_threads()
-            torch.set_num_threads(1)
+        self._threads = one_thread_for_cached_steps(self, "coarse_embeds" in batch, self._threads)
 
     def on_train_end(self) -> None:
-        if self._threads is not None:
-            torch.set_num_threads(self._threads)
-            self._threads = None
+        self._threads = restore_threads(self._threads)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         score = self(batch).score
@@ -204,17 +232,10 @@ class MSTCLIPIQAModule(L.LightningModule):
     # ---- optimisation ------------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        config = self.optim_config
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.name]
-        # One fused kernel per step for all parameters instead of a dozen small ops per parameter: the head is small,
-        # so its optimizer step is mostly per-op overhead (docs/PERFORMANCE.md).
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        optimizer = optimizer_cls(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
-        if config.scheduler == "constant":
+        optimizer = make_optimizer(self, self.optim_config)
+        if self.optim_config.scheduler == "constant":
             return optimizer
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total), total)
+        scheduler = make_schedule(optimizer, self.optim_config, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints without the frozen towers -----------------------------------------------------------------

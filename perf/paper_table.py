@@ -1,7 +1,7 @@
 """The paper's whole table on stand-ins of the four benchmarks, and where its time goes.
 
     python perf/paper_table.py --scale 0.05 --workdir DIR [--clip random|tiny|hub] [--splits N] [--epochs N]
-        [--benchmarks agiqa-1k agiqa-3k aigciqa2023 aigiqa-20k] [--workers N] [any fit option]
+        [--benchmarks agiqa-1k agiqa-3k aigciqa2023 aigiqa-20k] [--workers N] [--alone] [any fit option]
 
 1. Towers. ``--clip random`` (the default) writes CLIPs of the exact openai/clip-vit-base-patch32 and -patch16 shapes
    with random weights as a Hugging Face hub cache in DIR/hub (`mst_clipiqa.tiny_clip.build_random_hub_cache`) and
@@ -14,10 +14,13 @@
    the benchmark has a config for) runs through the benchmark runner (`mst_clipiqa.benchmark.Benchmark`): the first
    ``--splits`` splits of its protocol (all of them by default; AIGIQA-20K's official split is one), each fitted for
    the config's epochs (or ``--epochs``) and tested at its best checkpoint, every run reading one feature cache,
-   DIR/features. Options the script does not know go to every fit (e.g. ``--trainer.accelerator cpu``).
+   DIR/features. A config's splits train together, in one loop (`mst_clipiqa.together`: the same results as one fit
+   per split); ``--alone`` runs one fit per split instead. Options the script does not know go to every fit (e.g.
+   ``--trainer.accelerator cpu``).
 4. The report, printed and written to DIR/paper_table.md, DIR/paper_table.csv (one row per config: median and mean
    SRCC / PLCC, phase times, cache counters) and DIR/paper_table_runs.csv (one row per fit). The runner's own reports
-   are in DIR/runs/<config>/.
+   are in DIR/runs/<config>/. Where splits train together, a fit's phases and cache counters are on its first
+   split's row.
 
 Phases. Every run's Trainer gets a profiler that sums three of Lightning's own timed actions: the data module's setup
 and its dataloader hooks (reading the release, hashing the files for the cache keys, and the encoding pass over
@@ -68,6 +71,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--splits", type=int, help="run each protocol's first N splits (default: all)")
     parser.add_argument("--epochs", type=int, help="epochs of every fit (default: the configs')")
     parser.add_argument("--workers", type=int, help="processes drawing the stand-ins (default: one per CPU)")
+    parser.add_argument("--alone", action="store_true", help="one fit per split, not a config's splits together")
     args, fit_options = parser.parse_known_args(argv)
     for name in ("splits", "epochs", "workers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -243,6 +247,7 @@ def run(cells: list[Cell], prepared: Prepared, args: argparse.Namespace, fit_opt
             splits=None if official or args.splits is None else min(args.splits, cell.n_splits),
             output=args.workdir / "runs" / cell.name,
             name=cell.name,
+            together=not args.alone,
         )
         first, began = len(PhaseProfiler.runs), time.perf_counter()
         cell.results = benchmark.run()
@@ -282,7 +287,8 @@ def cell_rows(cells: list[Cell]) -> list[dict[str, Any]]:
 
 
 def run_rows(cells: list[Cell]) -> list[dict[str, Any]]:
-    """One row per fit: its split, test metrics, profiled phases and cache counters."""
+    """One row per split: its test metrics, and its fit's profiled phases and cache counters (on the first split's
+    row where the splits trained together)."""
     return [
         {
             "config": cell.name,
@@ -295,7 +301,7 @@ def run_rows(cells: list[Cell]) -> list[dict[str, Any]]:
             **{key: result.cache.get(key, 0) for key in COUNTERS},
         }
         for cell in cells
-        for result, phases in zip(cell.results, cell.phases)
+        for result, phases in zip(cell.results, cell.phases + [{}] * (len(cell.results) - len(cell.phases)))
     ]
 
 

@@ -230,16 +230,22 @@ class IQADataModule(L.LightningDataModule):
         hp = self.hparams
         self.preprocess = ClipPreprocess.from_pretrained(hp.preprocess_from)
         splits = self.all_splits()
-        if not 0 <= hp.split_index < len(splits):
-            raise ValueError(f"split_index {hp.split_index} is out of range: the protocol made {len(splits)} splits")
-        self.split = splits[hp.split_index]
-        for name in ("val", "test"):
-            if stage in ("fit", "validate", "test") and 0 < len(getattr(self.split, name)) < 2:
-                raise ValueError(f"the {name} part of split {self.split.name} has fewer than 2 rows: nothing to rank")
+        self.split = self.split_at(hp.split_index, stage, splits)
         # Read on every rank: Trainer.log_dir is a broadcast, which rank 0 alone would wait on forever under DDP.
         self._write_splits(splits, self.run_dir)
         train, val, test = self.split.train, self.split.val, self.split.test
         log.info("split %s: %d train, %d val, %d test", self.split.name, len(train), len(val), len(test))
+
+    def split_at(self, index: int, stage: str | None, splits: list[Split] | None = None) -> Split:
+        """The protocol's split `index`, checked for `stage`: evaluation needs at least 2 rows to rank."""
+        splits = self.all_splits() if splits is None else splits
+        if not 0 <= index < len(splits):
+            raise ValueError(f"split_index {index} is out of range: the protocol made {len(splits)} splits")
+        split = splits[index]
+        for name in ("val", "test"):
+            if stage in ("fit", "validate", "test") and 0 < len(getattr(split, name)) < 2:
+                raise ValueError(f"the {name} part of split {split.name} has fewer than 2 rows: nothing to rank")
+        return split
 
     def _net(self) -> MSTCLIPIQA | None:
         """The trainer's network, whose frozen towers encode features; None without one."""
@@ -288,7 +294,11 @@ class IQADataModule(L.LightningDataModule):
         """The data's MOS scale (low, high), onto which the head's 1..5 maps: the `mos_range` option, else the
         (min, max) of the target MOS over the training rows."""
         self.setup("fit")
-        values = self.load_table().select(self.split.train)[target_column(self.hparams.target)][:]
+        return self.mos_range_of(self.split)
+
+    def mos_range_of(self, split: Split) -> tuple[float, float]:
+        """`mos_range` of another split of the protocol."""
+        values = self.load_table().select(split.train)[target_column(self.hparams.target)][:]
         low, high = float(min(values)), float(max(values))
         if self.hparams.mos_range is None:
             return low, high
@@ -359,7 +369,8 @@ class IQADataModule(L.LightningDataModule):
             progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
         )
 
-    def _loader(self, rows: list[int], train: bool) -> DataLoader:
+    def loader(self, rows: list[int], train: bool) -> DataLoader:
+        """Rows of the table: shuffled by (seed, epoch) and sharded for training, in order, each once, for the rest."""
         hp = self.hparams
         dataset = self.rows_dataset(rows)
         trainer = self.trainer
@@ -386,13 +397,13 @@ class IQADataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.split.train, train=True)
+        return self.loader(self.split.train, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.split.val, train=False)
+        return self.loader(self.split.val, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.split.test, train=False)
+        return self.loader(self.split.test, train=False)
 
     def predict_rows(self) -> list[int]:
         which = self.hparams.predict_split
@@ -403,7 +414,7 @@ class IQADataModule(L.LightningDataModule):
         return list(getattr(self.split, which))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_rows(), train=False)
+        return self.loader(self.predict_rows(), train=False)
 
     # ---- prediction files (see `mst_clipiqa.predictions.PredictionWriter`) -----------------------------------------
 

@@ -74,7 +74,7 @@ def benchmark(
         output: folder of the reports (null: <trainer.default_root_dir>/<name>)
         name: benchmark name: output folder and loggers' run group (null: benchmark-<time>)
         together: train the splits of each head and target in one loop over the shared features: the same
-            results as one fit per split, at a fraction of the time; one device, one logger run per head and target
+            results as one fit per split, in less time; one device, one logger run per head and target
     """
     from mst_clipiqa.benchmark import Benchmark
 

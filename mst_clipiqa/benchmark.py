@@ -187,7 +187,9 @@ class Benchmark:
     def run(self) -> list[RunResult]:
         """Every run in turn; returns the results and writes the reports."""
         # What lives now (the imported libraries: about half a million objects) lives as long as the process: kept
-        # out of the collection after each run, which then takes milliseconds instead of most of a second.
+        # out of the collection after each run, which then takes milliseconds instead of most of a second. Garbage
+        # is collected first: frozen, an earlier benchmark's last run (its towers, features, heads) would never be.
+        gc.collect()
         gc.freeze()
         try:
             for variant in self.variants:

@@ -64,6 +64,34 @@ def saved_models(tiny_clip, tmp_path_factory) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="session")
+def cli_parser():
+    """The parser `MSTCLIPIQACLI` parses its arguments with, built once: building it (reading every configurable
+    class's source for its docstrings) takes most of the time that checking a command line takes."""
+    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+
+    built = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MSTCLIPIQACLI, "parse_arguments", lambda cli, parser, args: built.append(parser) or sys.exit(0))
+        with pytest.raises(SystemExit):
+            MSTCLIPIQACLI(args=[])
+    return built[0]
+
+
+@pytest.fixture(scope="session")
+def fit_help() -> str:
+    """What `mst-clipiqa fit --help` prints, read once for the tests of the help."""
+    import contextlib
+    import io
+
+    from mst_clipiqa.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> str:
     """A small demo data set in AGIQA-3K's layout."""
     from mst_clipiqa.data.synthetic import make_demo_dataset

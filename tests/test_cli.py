@@ -4,14 +4,12 @@ a user makes it)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mst_clipiqa.cli import command_parser, main, split_own_options
-from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
 CONFIGS = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
 DEMO = str(Path(__file__).parents[1] / "experiments" / "demo.yaml")
@@ -19,18 +17,6 @@ DEMO = str(Path(__file__).parents[1] / "experiments" / "demo.yaml")
 
 def test_there_are_configs():
     assert any(path.name == "demo.yaml" for path in CONFIGS)
-
-
-@pytest.fixture(scope="module")
-def cli_parser():
-    """The parser `MSTCLIPIQACLI` parses its arguments with, built once: building it takes most of the time that
-    checking a config takes."""
-    built = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(MSTCLIPIQACLI, "parse_arguments", lambda cli, parser, args: built.append(parser) or sys.exit(0))
-        with pytest.raises(SystemExit):
-            MSTCLIPIQACLI(args=[])
-    return built[0]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
@@ -66,10 +52,8 @@ def test_a_wrong_key_a_misspelled_option_or_a_bad_value_says_what_was_meant(tmp_
     assert f"--config {bad}: not a readable YAML file" in error_of(["test", "--config", str(bad)], capsys)
 
 
-def test_help_shows_field_docstrings(capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", "--help"])
-    out = capsys.readouterr().out
+def test_help_shows_field_docstrings(fit_help):
+    out = fit_help
     assert "--model.net.variant" in out and "cross-attends to the prompt" in out
 
 

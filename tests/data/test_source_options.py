@@ -16,7 +16,6 @@ from mst_clipiqa.cli import main
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.tables import Columns
 from mst_clipiqa.errors import OptionError
-from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
 
@@ -24,18 +23,17 @@ INHOUSE = str(Path(__file__).parents[2] / "experiments" / "inhouse_table.yaml")
 MAPPING = Columns(image_column="file", mos_columns={"quality": "score"})
 
 
-def printed_config(args: list[str], capsys) -> dict:
-    """The fit config the command line resolves `args` to, as `--print_config` writes it (and a run its config.yaml)."""
+def printed_config(parser, args: list[str], capsys) -> dict:
+    """The fit config the command line resolves `args` to, as `--print_config` writes it (and a run its config.yaml),
+    parsed by `MSTCLIPIQACLI`'s parser (conftest.py's `cli_parser`)."""
     with pytest.raises(SystemExit) as exit_info:
-        MSTCLIPIQACLI(args=["fit", *args, "--print_config"])
+        parser.parse_args(["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
 
 
-def test_help_lists_every_field_with_its_docstring(capsys):
-    with pytest.raises(SystemExit):
-        main(["fit", "--help"])
-    assert "--data.source_options.help" in capsys.readouterr().out
+def test_help_lists_every_field_with_its_docstring(fit_help, capsys):
+    assert "--data.source_options.help" in fit_help
     with pytest.raises(SystemExit):
         main(["fit", "--data.source_options.help", "Columns"])
     out = " ".join(capsys.readouterr().out.split())  # help wraps its lines to the terminal's width
@@ -53,14 +51,14 @@ def test_help_lists_every_field_with_its_docstring(capsys):
     ],
     ids=["config", "one field", "a mapping field", "json"],
 )
-def test_the_documented_forms_parse_and_a_saved_config_reads_back_the_same(given, tmp_path, capsys):
-    resolved = printed_config(["--config", INHOUSE, *given], capsys)
+def test_the_documented_forms_parse_and_a_saved_config_reads_back_the_same(given, cli_parser, tmp_path, capsys):
+    resolved = printed_config(cli_parser, ["--config", INHOUSE, *given], capsys)
     options = resolved["data"]["source_options"]
     assert options["image_column"] == "file" and options["mos_columns"]["quality"] == "score"
     assert options["prompt_column"] == ("prompt" if "--data.source_options.prompt_column" in given else None)
     saved = tmp_path / "config.yaml"
     saved.write_text(yaml.safe_dump(resolved))
-    assert printed_config(["--config", str(saved)], capsys) == resolved
+    assert printed_config(cli_parser, ["--config", str(saved)], capsys) == resolved
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ set, followed by `test` with ``ckpt_path="best"``; a run keeps its best checkpoi
 features come from the feature cache (`mst_clipiqa.data.features`): the first run encodes every image of the split (all
 labelled rows) and the first run of the prompt head every distinct prompt; all others read them, so the whole protocol
 costs one encoder pass plus the heads' training. After the first run has decoded every image once, the others skip that
-check.
+check. With ``--together true`` the splits of each variant and target are one fit and one test instead
+(`mst_clipiqa.together`): the same results, one start-up and one training loop for all of them.
 
 The output folder (``--output``, by default ``<trainer.default_root_dir>/<name>``) gets results.csv (one row per
 run: metrics, best checkpoint, what the feature cache read and encoded), summary.csv (median, mean and standard

@@ -208,12 +208,16 @@ class Benchmark:
         self.report()
         return self.results
 
-    def _fit_and_test(self, variant: str | None, target: str | None, split: int) -> int:
-        """One run; its result joins `results`. Returns the number of splits the protocol makes."""
+    def _cli(self, variant: str | None, target: str | None, split: int) -> _RunCLI:
+        """The fit's options with the run's variant, target and split: its model, data module and Trainer, built."""
         options = ["--data.split_index", str(split)]
         options += ["--model.net.variant", variant] if variant else []
         options += ["--data.target", target] if target else []
-        cli = _RunCLI([*self.fit_args, *options], self._configure, self._parsers)
+        return _RunCLI([*self.fit_args, *options], self._configure, self._parsers)
+
+    def _fit_and_test(self, variant: str | None, target: str | None, split: int) -> int:
+        """One run; its result joins `results`. Returns the number of splits the protocol makes."""
+        cli = self._cli(variant, target, split)
         trainer, data = cli.trainer, cli.datamodule
         trainer.fit(cli.model, datamodule=data)
         (metrics,) = trainer.test(cli.model, datamodule=data, ckpt_path="best", verbose=False)
@@ -238,10 +242,7 @@ class Benchmark:
         """The protocol's splits (the first `splits`) in one fit and one test; their results join `results`."""
         from mst_clipiqa.together import TogetherData, TogetherModule, check_trainer
 
-        options = ["--data.split_index", "0"]
-        options += ["--model.net.variant", variant] if variant else []
-        options += ["--data.target", target] if target else []
-        cli = _RunCLI([*self.fit_args, *options], self._configure, self._parsers)
+        cli = self._cli(variant, target, 0)
         trainer = cli.trainer
         check_trainer(trainer)
         # Each member keeps its best weights itself; the per-sample W&B report would mix the members' rows.

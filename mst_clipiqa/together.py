@@ -52,6 +52,7 @@ from mst_clipiqa.lit_module import (
 from mst_clipiqa.losses import iqa_loss
 from mst_clipiqa.metrics import make_metrics
 from mst_clipiqa.model import MSTCLIPIQA
+from mst_clipiqa.saved_model import TRAINABLE
 
 
 class TogetherData(L.LightningDataModule):
@@ -278,6 +279,7 @@ def check_trainer(trainer: L.Trainer) -> None:
 
 
 def _trainable_state(member: MSTCLIPIQA) -> dict[str, Tensor]:
-    """The member's weights a checkpoint keeps: everything but the frozen towers (fusion, head, MOS range)."""
-    frozen = tuple(name + "." for name, module in member.named_children() if module in member.frozen_modules())
-    return {name: value for name, value in member.state_dict().items() if not name.startswith(frozen)}
+    """The member's weights a checkpoint keeps, as `SavedModel` reads them back: the trainable parts and the MOS
+    range (the frozen towers are loaded by name)."""
+    kept = tuple(f"{part}." for part in TRAINABLE)
+    return {name: value for name, value in member.state_dict().items() if name.startswith(kept) or name == "mos_range"}

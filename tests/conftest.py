@@ -182,6 +182,44 @@ def paper_table_beside(beside, tmp_path_factory) -> tuple[Path, Future]:
     return workdir, beside.run(command, subprocess_env())
 
 
+TINY_HUB_TOWER = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, projection_dim=16
+)
+"""A tower small enough to write under the real CLIP ids in a test's hub cache."""
+
+HUB_LOAD = (
+    "import json; from mst_clipiqa.model import MSTCLIPIQA, ModelConfig; "
+    "from mst_clipiqa.data.features import checkpoint_fingerprint; "
+    "net = MSTCLIPIQA(ModelConfig(variant='prompt')); "
+    "print(json.dumps({'patches': [net.encoder.coarse.config.patch_size, net.encoder.fine.config.patch_size], "
+    "'tokens': net.prompt_encoder.tokenize(['a red cube'])[0].shape[1], "
+    "'commits': [checkpoint_fingerprint(i, None)['commit'] for i in "
+    "('openai/clip-vit-base-patch32', 'openai/clip-vit-base-patch16')]}))"
+)
+"""The model's defaults load by the two ids, with the prompt head's tokenizer and text tower; what they loaded."""
+
+
+@pytest.fixture(scope="session")
+def hub_snapshot_beside(beside, tmp_path_factory) -> SimpleNamespace:
+    """Tiny towers written as hub snapshots under openai/clip-vit-base-patch32 and -patch16
+    (`tiny_clip.write_hub_snapshot`), then loaded by id, offline, in a process of its own (`HUB_LOAD`): the cache,
+    the snapshots, and the load to come (tests/test_paper_table.py)."""
+    from mst_clipiqa.tiny_clip import OPENAI_PATCHES, write_hub_snapshot
+
+    cache = tmp_path_factory.mktemp("hub")
+    text = dict(TINY_HUB_TOWER, max_position_embeddings=77)
+
+    def vision(patch: int) -> dict:
+        return dict(TINY_HUB_TOWER, image_size=224, patch_size=patch)
+
+    snapshots = {
+        repo_id: write_hub_snapshot(cache, repo_id, text, vision(patch), 0) for repo_id, patch in OPENAI_PATCHES.items()
+    }
+    env = subprocess_env(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    loading = beside.run([sys.executable, "-c", HUB_LOAD], env)
+    return SimpleNamespace(cache=cache, snapshots=snapshots, text=text, vision=vision, loading=loading)
+
+
 @pytest.fixture(scope="session")
 def demo_command_beside(beside, tmp_path_factory) -> Future:
     """`mst-clipiqa demo` with 8 scenes and 2 epochs, run by its console script in a folder of its own, as the README's

@@ -6,15 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
 from scripts.beside import output_of
-from scripts.runs import launch, subprocess_env
 from transformers import CLIPConfig, CLIPModel
 
-from mst_clipiqa.tiny_clip import OPENAI_PATCHES, VIT_B_TEXT, VIT_B_VISION, write_hub_snapshot
+from mst_clipiqa.tiny_clip import VIT_B_TEXT, VIT_B_VISION, write_hub_snapshot
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -74,33 +72,19 @@ def test_random_towers_have_openais_shapes():
             assert sum(p.numel() for p in CLIPModel(config).parameters()) == parameters
 
 
-def test_a_hub_snapshot_loads_by_id_offline(tmp_path):
-    # The real shapes cost a gigabyte and a minute: the layout is checked with tiny towers under the same ids.
-    tiny = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1, projection_dim=16)
-    text = dict(tiny, max_position_embeddings=77)
-    snapshots = {
-        repo_id: write_hub_snapshot(tmp_path, repo_id, text, dict(tiny, image_size=224, patch_size=patch), seed=0)
-        for repo_id, patch in OPENAI_PATCHES.items()
-    }
-    first = snapshots["openai/clip-vit-base-patch32"]
+def test_a_hub_snapshot_loads_by_id_offline(hub_snapshot_beside):
+    # The real shapes cost a gigabyte and a minute: the layout is checked with tiny towers under the same ids,
+    # written at the start of the session and loaded beside the tests (conftest.py).
+    hub = hub_snapshot_beside
+    first = hub.snapshots["openai/clip-vit-base-patch32"]
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    again = write_hub_snapshot(
-        tmp_path, "openai/clip-vit-base-patch32", text, dict(tiny, image_size=224, patch_size=32), 0
-    )
+    again = write_hub_snapshot(hub.cache, "openai/clip-vit-base-patch32", hub.text, hub.vision(32), 0)
     assert again == first and (first / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rewritten
 
     # The model's defaults name the two ids; the prompt head loads the tokenizer and the text tower too.
-    code = (
-        "import json; from mst_clipiqa.model import MSTCLIPIQA, ModelConfig; "
-        "from mst_clipiqa.data.features import checkpoint_fingerprint; "
-        "net = MSTCLIPIQA(ModelConfig(variant='prompt')); "
-        "print(json.dumps({'patches': [net.encoder.coarse.config.patch_size, net.encoder.fine.config.patch_size], "
-        "'tokens': net.prompt_encoder.tokenize(['a red cube'])[0].shape[1], "
-        "'commits': [checkpoint_fingerprint(i, None)['commit'] for i in "
-        "('openai/clip-vit-base-patch32', 'openai/clip-vit-base-patch16')]}))"
-    )
-    output = launch([sys.executable, "-c", code], subprocess_env(HF_HUB_CACHE=str(tmp_path), HF_HUB_OFFLINE="1"))
-    loaded = json.loads(output.strip().splitlines()[-1])
+    result = hub.loading.result()
+    output_of(result)  # fails the test unless the load exited with 0
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["patches"] == [32, 16]
     assert loaded["tokens"] == len("aredcube") + 2  # a token per character (spaces part words), BOS and EOS
-    assert loaded["commits"] == [path.name for path in snapshots.values()]
+    assert loaded["commits"] == [path.name for path in hub.snapshots.values()]

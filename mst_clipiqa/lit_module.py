@@ -72,7 +72,7 @@ def one_thread_for_cached_steps(module: L.LightningModule, cached: bool, threads
 
 
 def restore_threads(threads: int | None) -> None:
-    """Give torch back the thread count `one_thread_for_cached_steps` kept; returns None, the count kept now."""
+    """Give torch back the thread count `one_thread_for_cached_steps` kept (None: it kept none)."""
     if threads is not None:
         torch.set_num_threads(threads)
 
@@ -186,7 +186,8 @@ class MSTCLIPIQAModule(L.LightningModule):
         self._threads = one_thread_for_cached_steps(self, "coarse_embeds" in batch, self._threads)
 
     def on_train_end(self) -> None:
-        self._threads = restore_threads(self._threads)
+        restore_threads(self._threads)
+        self._threads = None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         score = self(batch).score

@@ -173,7 +173,8 @@ class TogetherModule(L.LightningModule):
         self._threads = one_thread_for_cached_steps(self, cached, self._threads)
 
     def on_train_end(self) -> None:
-        self._threads = restore_threads(self._threads)
+        restore_threads(self._threads)
+        self._threads = None
 
     def training_step(self, batch: dict[int, dict[str, Any] | None], batch_idx: int) -> None:
         optimizers, schedules = self.optimizers(), self.lr_schedulers()

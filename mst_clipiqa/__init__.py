@@ -14,19 +14,19 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_scorer": "mst_clipiqa.scorer",
-    "Scorer": "mst_clipiqa.scorer",
-    "MSTCLIPIQAScore": "mst_clipiqa.image_metric",
-    "save_pretrained": "mst_clipiqa.pretrained",
-    "from_pretrained": "mst_clipiqa.pretrained",
-    "push_to_hub": "mst_clipiqa.pretrained",
-    "MSTCLIPIQAModule": "mst_clipiqa.lit_module",
-    "OptimConfig": "mst_clipiqa.lit_module",
+    "load_scorer": "mst_clipiqa.scoring.scorer",
+    "Scorer": "mst_clipiqa.scoring.scorer",
+    "MSTCLIPIQAScore": "mst_clipiqa.scoring.image_metric",
+    "save_pretrained": "mst_clipiqa.hub.pretrained",
+    "from_pretrained": "mst_clipiqa.hub.pretrained",
+    "push_to_hub": "mst_clipiqa.hub.pretrained",
+    "MSTCLIPIQAModule": "mst_clipiqa.training.lit_module",
+    "OptimConfig": "mst_clipiqa.training.lit_module",
     "LossConfig": "mst_clipiqa.losses",
     "MSTCLIPIQA": "mst_clipiqa.model",
     "ModelConfig": "mst_clipiqa.model",
     "IQADataModule": "mst_clipiqa.data.datamodule",
-    "WandbEvaluationLogger": "mst_clipiqa.callbacks",
+    "WandbEvaluationLogger": "mst_clipiqa.training.callbacks",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,3 +1,3 @@
-from mst_clipiqa.cli import main
+from mst_clipiqa.cli.commands import main
 
 main()

@@ -2,7 +2,7 @@
 
 Runs the real architectures (openai/clip-vit-base-patch32 and -patch16) with random weights, from an offline hub
 cache: speed and memory are those of the real models, scores mean nothing. The cache is ``--hub DIR``, by default
-WORKDIR/hub; where it does not exist, `mst_clipiqa.tiny_clip.build_random_hub_cache` builds it there (about a minute
+WORKDIR/hub; where it does not exist, `demo.tiny_clip.build_random_hub_cache` builds it there (about a minute
 and 1 GB; with the default temporary work folder, at every run). The data is the demo generator's (5 images per
 scene), split scene-disjoint as in experiments/demo.yaml.
 
@@ -71,7 +71,7 @@ def peak_rss_mb() -> float:
 def fit(args: argparse.Namespace) -> dict:
     import warnings
 
-    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+    from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
     options = [
         "--config", str(CONFIG),
@@ -124,9 +124,9 @@ def score(args: argparse.Namespace) -> dict:
     from transformers.activations import QuickGELUActivation
 
     from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
-    from mst_clipiqa.lit_module import MSTCLIPIQAModule
     from mst_clipiqa.model import InPlaceQuickGELU, ModelConfig
-    from mst_clipiqa.scorer import Scorer
+    from mst_clipiqa.scoring.scorer import Scorer
+    from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -230,7 +230,7 @@ def use_hub_cache(hub: Path | None, workdir: Path) -> Path:
     folder = (workdir / "hub" if hub is None else hub).resolve()
     os.environ.update(HF_HUB_CACHE=str(folder), HF_HUB_OFFLINE="1")
     if hub is None or not folder.exists():
-        from mst_clipiqa.tiny_clip import build_random_hub_cache
+        from mst_clipiqa.demo.tiny_clip import build_random_hub_cache
 
         print(f"Building random-weight towers of the real shapes in {folder}", file=sys.stderr, flush=True)
         build_random_hub_cache(folder)  # keeps the towers already there
@@ -325,7 +325,7 @@ def fit_lines(args: argparse.Namespace) -> list[str]:
 
 
 def report(args: argparse.Namespace) -> str:
-    from mst_clipiqa.data.synthetic import make_demo_dataset
+    from mst_clipiqa.demo.synthetic import make_demo_dataset
 
     make_demo_dataset(args.workdir / "data", n_scenes=args.scenes)
     lines = [f"Machine: {machine()}; device {args.device}.", ""]

@@ -22,10 +22,10 @@ from pathlib import Path
 def random_model(work: Path, towers: str) -> Path:
     """A saved model of random weights on tiny towers or on towers of the real shapes (an offline hub cache in
     work/hub, which HF_HUB_CACHE must name), scoring on 0-5; built once in `work`."""
-    from mst_clipiqa.lit_module import MSTCLIPIQAModule
+    from mst_clipiqa.demo.tiny_clip import build_random_hub_cache, build_tiny_pair
+    from mst_clipiqa.hub.pretrained import save_pretrained
     from mst_clipiqa.model import ModelConfig
-    from mst_clipiqa.pretrained import save_pretrained
-    from mst_clipiqa.tiny_clip import build_random_hub_cache, build_tiny_pair
+    from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
     if towers == "real":
         build_random_hub_cache(work / "hub")
@@ -59,9 +59,9 @@ def main() -> None:
     import torch
 
     from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
-    from mst_clipiqa.data.synthetic import make_demo_dataset
-    from mst_clipiqa.pretrained import from_pretrained
-    from mst_clipiqa.scorer import score_files
+    from mst_clipiqa.demo.synthetic import make_demo_dataset
+    from mst_clipiqa.hub.pretrained import from_pretrained
+    from mst_clipiqa.scoring.scorer import score_files
 
     model = random_model(work, args.towers)
     images = sorted((make_demo_dataset(work / "demo", n_scenes=args.scenes) / "images").iterdir())

@@ -47,7 +47,7 @@ def main() -> None:
 
     from score_engine import random_model  # perf/, this script's folder
 
-    from mst_clipiqa.data.synthetic import make_demo_dataset
+    from mst_clipiqa.demo.synthetic import make_demo_dataset
 
     model = random_model(work, args.towers)
     began = time.perf_counter()

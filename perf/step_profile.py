@@ -21,9 +21,9 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.profilers import SimpleProfiler
 
-from mst_clipiqa.data.synthetic import make_demo_dataset
-from mst_clipiqa.tiny_clip import build_tiny_pair
-from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
+from mst_clipiqa.demo.synthetic import make_demo_dataset
+from mst_clipiqa.demo.tiny_clip import build_tiny_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = {

@@ -26,7 +26,7 @@ from scripts.beside import Beside  # noqa: E402
 from scripts.ranks import start_fork_server  # noqa: E402
 from scripts.runs import SCRIPTS, cli_args, free_port, subprocess_env  # noqa: E402
 
-from mst_clipiqa.tiny_clip import build_tiny_pair  # noqa: E402
+from mst_clipiqa.demo.tiny_clip import build_tiny_pair  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,7 +56,7 @@ def saved_models(tiny_clip, tmp_path_factory) -> dict[str, tuple]:
     that score with them; neither is changed by any."""
     from scripts.models import trained_module
 
-    from mst_clipiqa.pretrained import save_pretrained
+    from mst_clipiqa.hub.pretrained import save_pretrained
 
     root = tmp_path_factory.mktemp("saved-models")
     modules = {variant: trained_module(tiny_clip, variant) for variant in ("template", "prompt")}
@@ -67,7 +67,7 @@ def saved_models(tiny_clip, tmp_path_factory) -> dict[str, tuple]:
 def cli_parser():
     """The parser `MSTCLIPIQACLI` parses its arguments with, built once: building it (reading every configurable
     class's source for its docstrings) takes most of the time that checking a command line takes."""
-    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+    from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
     built = []
     with pytest.MonkeyPatch.context() as patch:
@@ -83,7 +83,7 @@ def fit_help() -> str:
     import contextlib
     import io
 
-    from mst_clipiqa.cli import main
+    from mst_clipiqa.cli.commands import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
@@ -94,7 +94,7 @@ def fit_help() -> str:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> str:
     """A small demo data set in AGIQA-3K's layout."""
-    from mst_clipiqa.data.synthetic import make_demo_dataset
+    from mst_clipiqa.demo.synthetic import make_demo_dataset
 
     return str(make_demo_dataset(tmp_path_factory.mktemp("demo") / "agiqa3k-demo", n_scenes=16))
 
@@ -204,7 +204,7 @@ def hub_snapshot_beside(beside, tmp_path_factory) -> SimpleNamespace:
     """Tiny towers written as hub snapshots under openai/clip-vit-base-patch32 and -patch16
     (`tiny_clip.write_hub_snapshot`), then loaded by id, offline, in a process of its own (`HUB_LOAD`): the cache,
     the snapshots, and the load to come (tests/test_paper_table.py)."""
-    from mst_clipiqa.tiny_clip import OPENAI_PATCHES, write_hub_snapshot
+    from mst_clipiqa.demo.tiny_clip import OPENAI_PATCHES, write_hub_snapshot
 
     cache = tmp_path_factory.mktemp("hub")
     text = dict(TINY_HUB_TOWER, max_position_embeddings=77)

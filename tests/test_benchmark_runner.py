@@ -12,7 +12,7 @@ import pytest
 from lightning.pytorch.cli import LightningCLI
 from scripts.runs import cli_args
 
-from mst_clipiqa.cli import main
+from mst_clipiqa.cli.commands import main
 
 CONFIG = Path(__file__).parents[1] / "experiments" / "demo.yaml"
 

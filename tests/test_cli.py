@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mst_clipiqa.cli import command_parser, main, split_own_options
+from mst_clipiqa.cli.commands import command_parser, main, split_own_options
 
 CONFIGS = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
 DEMO = str(Path(__file__).parents[1] / "experiments" / "demo.yaml")

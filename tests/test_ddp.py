@@ -23,10 +23,10 @@ from scripts.runs import (
 )
 from torch.utils.data import DistributedSampler
 
-from mst_clipiqa.checkpoints import read_checkpoint
 from mst_clipiqa.data.datamodule import IQADataModule
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
 from mst_clipiqa.metrics import make_metrics
+from mst_clipiqa.training.checkpoints import read_checkpoint
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 EPOCHS = 2  # of the fit under torchrun
 

@@ -15,8 +15,8 @@ from mst_clipiqa.data.checks import check_dataset
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.tables import load_source
 from mst_clipiqa.errors import BadImageError
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
 from mst_clipiqa.model import ModelConfig
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 
 @pytest.fixture

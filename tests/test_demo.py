@@ -7,9 +7,9 @@ import torch
 from scipy.stats import spearmanr
 
 from mst_clipiqa.data.datamodule import IQADataModule
-from mst_clipiqa.demo import run
-from mst_clipiqa.lit_module import MSTCLIPIQAModule, OptimConfig
+from mst_clipiqa.demo.run import run
 from mst_clipiqa.model import ModelConfig
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, OptimConfig
 
 
 def test_demo_fit_and_test_end_to_end(tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from scripts.runs import cli_args, subprocess_env
 
-from mst_clipiqa.cli import main
+from mst_clipiqa.cli.commands import main
 
 ROOT = Path(__file__).parents[1]
 CONSOLE = shutil.which("mst-clipiqa", path=str(Path(sys.executable).parent))

@@ -19,9 +19,9 @@ from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_features
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.data.tables import load_source
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.demo.tiny_clip import build_tiny_clip
 from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
-from mst_clipiqa.tiny_clip import build_tiny_clip
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 
 def make_net(clip: tuple[str, str], variant: str = "template", **config) -> MSTCLIPIQA:

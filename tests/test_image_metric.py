@@ -18,11 +18,11 @@ from torchmetrics.utilities.data import dim_zero_cat
 from mst_clipiqa import MSTCLIPIQAScore
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.errors import BadImageError, BadModelError, BadRowError
-from mst_clipiqa.image_metric import clip_pixel_values
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.hub.pretrained import save_pretrained
 from mst_clipiqa.model import ModelConfig
-from mst_clipiqa.pretrained import save_pretrained
-from mst_clipiqa.scorer import load_scorer
+from mst_clipiqa.scoring.image_metric import clip_pixel_values
+from mst_clipiqa.scoring.scorer import load_scorer
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 SIZES = [(224, 224), (300, 500), (500, 300), (160, 200), (97, 131)]
 """(height, width): as is, down in both orientations, up, and up from an odd size."""

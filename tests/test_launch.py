@@ -14,10 +14,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from scripts.beside import output_of
 from scripts.runs import BATCH_SIZE, METRICS, TRAIN_ROWS, cli_args, in_process, logged_metrics
 
-from mst_clipiqa.checkpoints import read_checkpoint
+from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 from mst_clipiqa.errors import OptionError
-from mst_clipiqa.launch import check_world_size, take_launcher_options
-from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+from mst_clipiqa.training.checkpoints import read_checkpoint
+from mst_clipiqa.training.launch import check_world_size, take_launcher_options
 
 DEFAULTS = {"accelerator": "auto", "strategy": "auto", "devices": 1, "num_nodes": 1, "precision": None}
 # What `fabric run --accelerator cpu --strategy ddp --devices 2 --precision bf16-mixed` leaves to its processes.

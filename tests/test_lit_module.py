@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.errors import OptionError
-from mst_clipiqa.lit_module import MSTCLIPIQAModule, OptimConfig
+from mst_clipiqa.hub.pretrained import SavedModel, save_pretrained
 from mst_clipiqa.model import ModelConfig
-from mst_clipiqa.pretrained import SavedModel, save_pretrained
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, OptimConfig
 
 
 def pixel_batches(n: int, seed: int = 0, prompts: bool = False) -> list[dict]:

@@ -14,8 +14,8 @@ from scripts.runs import METRICS, embedding_rows
 from torch.utils.data import DataLoader
 
 from mst_clipiqa.data.datamodule import IQADataModule
-from mst_clipiqa.lit_module import MSTCLIPIQAModule, OptimConfig
 from mst_clipiqa.model import ModelConfig
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, OptimConfig
 
 CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(),

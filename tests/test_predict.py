@@ -19,14 +19,14 @@ import yaml
 from data.release_fixtures import AIGIQA20K_TEST, AIGIQA20K_VAL, make_aigiqa20k
 from scripts.runs import TEST_ROWS, cli_args, in_process, launch
 
-from mst_clipiqa.cli import main
+from mst_clipiqa.cli.commands import main
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.preprocess import ClipPreprocess
 from mst_clipiqa.errors import BadRowError, OptionError
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.hub.pretrained import SavedModel, save_pretrained
 from mst_clipiqa.model import ModelConfig
-from mst_clipiqa.predictions import PredictionWriter, merge_shards
-from mst_clipiqa.pretrained import SavedModel, save_pretrained
+from mst_clipiqa.scoring.predictions import PredictionWriter, merge_shards
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 ROOT = Path(__file__).parents[1]
 INHOUSE = str(ROOT / "experiments" / "inhouse_table.yaml")

@@ -22,14 +22,14 @@ from scripts.models import trained_module
 from torch.utils.data import DataLoader, default_collate
 
 from mst_clipiqa import load_scorer
-from mst_clipiqa.cli import main
+from mst_clipiqa.cli.commands import main
 from mst_clipiqa.data.datamodule import IQADataModule
+from mst_clipiqa.demo.tiny_clip import build_tiny_pair
 from mst_clipiqa.errors import BadModelError
-from mst_clipiqa.lit_module import MSTCLIPIQAModule, OptimConfig
+from mst_clipiqa.hub.pretrained import SavedModel, from_pretrained, push_to_hub, save_pretrained
 from mst_clipiqa.losses import LossConfig
 from mst_clipiqa.model import ModelConfig
-from mst_clipiqa.pretrained import SavedModel, from_pretrained, push_to_hub, save_pretrained
-from mst_clipiqa.tiny_clip import build_tiny_pair
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, OptimConfig
 
 
 def pixel_rows(n: int, seed: int = 0) -> list[dict]:

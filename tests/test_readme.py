@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from mst_clipiqa.cli import command_parser
+from mst_clipiqa.cli.commands import command_parser
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()

@@ -19,13 +19,13 @@ from scripts.runs import METRICS, cli_args, embedding_rows, in_process
 from torch.utils.data import DataLoader
 
 import mst_clipiqa
-from mst_clipiqa.checkpoints import ResumingModelCheckpoint, read_checkpoint
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.splits import Split, save_splits
 from mst_clipiqa.data.tables import load_source
 from mst_clipiqa.errors import BadCheckpointError
-from mst_clipiqa.lit_module import MSTCLIPIQAModule, OptimConfig
 from mst_clipiqa.model import ModelConfig
+from mst_clipiqa.training.checkpoints import ResumingModelCheckpoint, read_checkpoint
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, OptimConfig
 
 
 def make_module(clip, variant: str = "template", tau_init: float = 3.0, lr: float = 3e-3) -> MSTCLIPIQAModule:

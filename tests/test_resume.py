@@ -29,7 +29,7 @@ from scripts.runs import (
     wait_for,
 )
 
-from mst_clipiqa.checkpoints import find_last_checkpoint, read_checkpoint
+from mst_clipiqa.training.checkpoints import find_last_checkpoint, read_checkpoint
 
 EPOCHS = 3
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from scripts.runs import launch, one_thread, subprocess_env, wait_for
 
-from mst_clipiqa.cli import main
+from mst_clipiqa.cli.commands import main
 
 QUIET = ("--accelerator", "cpu", "--num_workers", "0")
 VARIANTS = ("template", "prompt")

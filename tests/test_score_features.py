@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-import mst_clipiqa.scorer as scorer
+import mst_clipiqa.scoring.scorer as scorer
 from mst_clipiqa.data.features import TableFeatures
 from mst_clipiqa.data.preprocess import ClipPreprocess
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.hub.pretrained import save_pretrained
 from mst_clipiqa.model import ModelConfig
-from mst_clipiqa.pretrained import save_pretrained
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mst_clipiqa.cli import main
+from mst_clipiqa.cli.commands import main
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.errors import BadImageError, BadRowError
-from mst_clipiqa.scorer import load_scorer
+from mst_clipiqa.scoring.scorer import load_scorer
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_the_package_imports_light_and_exports_the_api():
     check = "import sys, mst_clipiqa; assert 'torch' not in sys.modules and 'lightning' not in sys.modules"
     subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
     import mst_clipiqa
-    from mst_clipiqa.scorer import Scorer
+    from mst_clipiqa.scoring.scorer import Scorer
 
     assert mst_clipiqa.load_scorer is load_scorer and mst_clipiqa.Scorer is Scorer
     assert set(mst_clipiqa.__all__) <= set(dir(mst_clipiqa))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mst_clipiqa.cli import main
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
-from mst_clipiqa.saved_model import SavedModel
+from mst_clipiqa.cli.commands import main
+from mst_clipiqa.hub.saved_model import SavedModel
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 CONFIG = Path(__file__).parents[1] / "experiments" / "demo.yaml"
 

@@ -26,8 +26,8 @@ from lightning.pytorch.loggers import CSVLogger
 from scripts.ranks import UNEVEN_COUNTS, gathered_uneven_rows, run_ranks
 from scripts.runs import STEPS_PER_EPOCH, cli_args, in_process, standing_still, subprocess_env, wait_for
 
-from mst_clipiqa.callbacks import WandbEvaluationLogger
-from mst_clipiqa.checkpoints import read_checkpoint
+from mst_clipiqa.training.callbacks import WandbEvaluationLogger
+from mst_clipiqa.training.checkpoints import read_checkpoint
 
 WANDB_CONFIG = Path(__file__).parents[1] / "experiments" / "wandb.yaml"
 
@@ -42,8 +42,8 @@ def run(tiny_clip, demo_data, tmp_path_factory):
     """Fit 2 epochs and test on the demo data, logging to an offline W&B run; what the run holds on disk."""
     import wandb
 
-    from mst_clipiqa.demo import DEMO_CONFIG
-    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+    from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
+    from mst_clipiqa.demo.run import DEMO_CONFIG
 
     root = tmp_path_factory.mktemp("wandb")
     with pytest.MonkeyPatch.context() as env:

@@ -161,7 +161,7 @@ class IQADataModule(L.LightningDataModule):
 
     @property
     def run_dir(self) -> Path | None:
-        """The run's own folder, next to its checkpoints (`mst_clipiqa.checkpoints.run_dir`); None without a Trainer.
+        """The run's own folder, next to its checkpoints (`training.checkpoints.run_dir`); None without a Trainer.
         Read it on every rank: it is a broadcast."""
         trainer = self.trainer
         if trainer is None:
@@ -416,7 +416,7 @@ class IQADataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.loader(self.predict_rows(), train=False)
 
-    # ---- prediction files (see `mst_clipiqa.predictions.PredictionWriter`) -----------------------------------------
+    # ---- prediction files (see `scoring.predictions.PredictionWriter`) -----------------------------------------------
 
     @property
     def prediction_columns(self) -> tuple[str, ...]:

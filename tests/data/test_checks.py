@@ -22,11 +22,11 @@ from release_fixtures import (
     write_truncated,
 )
 
-from mst_clipiqa.cli import main
+from mst_clipiqa.cli.commands import main
 from mst_clipiqa.data.checks import check_dataset
 from mst_clipiqa.data.releases import load_agiqa1k, load_agiqa3k, load_aigiqa20k
 from mst_clipiqa.data.tables import Columns, load_table
-from mst_clipiqa.demo import DEMO_CONFIG
+from mst_clipiqa.demo.run import DEMO_CONFIG
 from mst_clipiqa.errors import BadImageError, BadRowError
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 import yaml
 from release_fixtures import make_agiqa3k
 
-from mst_clipiqa.cli import main
+from mst_clipiqa.cli.commands import main
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.tables import Columns
 from mst_clipiqa.errors import OptionError
@@ -101,7 +101,7 @@ def test_an_official_release_given_source_options_says_it_takes_none(tmp_path):
 
 
 def test_a_checkpoint_of_a_mapping_given_in_part_resumes_a_run_of_the_same_mapping():
-    from mst_clipiqa.checkpoints import _differences
+    from mst_clipiqa.training.checkpoints import _differences
 
     # Checkpoints of earlier versions stored only the fields a user gave; a run now holds every field.
     given = {"source_options": {"mos_columns": {"quality": "MOS"}}}

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mst_clipiqa.data import synthetic
 from mst_clipiqa.data.checks import check_dataset
 from mst_clipiqa.data.preprocess import open_image
 from mst_clipiqa.data.splits import make_splits
-from mst_clipiqa.data.synthetic import (
+from mst_clipiqa.data.tables import load_source
+from mst_clipiqa.demo import synthetic
+from mst_clipiqa.demo.synthetic import (
     HEADER,
     LEVELS,
     MARKER,
@@ -24,7 +25,6 @@ from mst_clipiqa.data.synthetic import (
     make_demo_dataset,
     make_standins,
 )
-from mst_clipiqa.data.tables import load_source
 
 
 def _rows(root: Path) -> list[dict[str, str]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning as L
 
-from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
 
 class StandStill(L.Callback):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
 from mst_clipiqa.model import ModelConfig
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 
 def trained_module(

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-PRELOADED = [__name__, "mst_clipiqa.metrics", "mst_clipiqa.data.samplers", "mst_clipiqa.callbacks"]
+PRELOADED = [__name__, "mst_clipiqa.metrics", "mst_clipiqa.data.samplers", "mst_clipiqa.training.callbacks"]
 """What the fork server imports once for every group of the session: the modules of the functions below."""
 
 
@@ -72,7 +72,7 @@ UNEVEN_COUNTS = ((3, 2), (2, 0), (0, 1))
 def gathered_uneven_rows(rank: int, init_file: str, out_file: str) -> None:
     """`gather_rows` on 2 ranks, once for each of `UNEVEN_COUNTS`: rank r holds its count of 4-wide float64 rows,
     numbered from 100 r; rank 0 saves the gathered tensors."""
-    from mst_clipiqa.callbacks import gather_rows
+    from mst_clipiqa.training.callbacks import gather_rows
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     results = []

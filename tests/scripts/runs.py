@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mst_clipiqa.demo import DEMO_CONFIG
+from mst_clipiqa.demo.run import DEMO_CONFIG
 
 SCRIPTS = Path(__file__).parent
 TRAIN_ROWS, VAL_ROWS, TEST_ROWS = 56, 11, 13
@@ -140,7 +140,7 @@ def one_thread() -> Iterator[None]:
 
 def in_process(subcommand: str, args: list[str]):
     """Run the CLI in this process and return it (its trainer, model and data module stay readable)."""
-    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+    from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

@@ -10,7 +10,7 @@ features come from the feature cache (`mst_clipiqa.data.features`): the first ru
 labelled rows) and the first run of the prompt head every distinct prompt; all others read them, so the whole protocol
 costs one encoder pass plus the heads' training. After the first run has decoded every image once, the others skip that
 check. With ``--together true`` the splits of each variant and target are one fit and one test instead
-(`mst_clipiqa.together`): the same results, one start-up and one training loop for all of them.
+(`training.together`): the same results, one start-up and one training loop for all of them.
 
 The output folder (``--output``, by default ``<trainer.default_root_dir>/<name>``) gets results.csv (one row per
 run: metrics, best checkpoint, what the feature cache read and encoded), summary.csv (median, mean and standard
@@ -38,9 +38,9 @@ from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from mst_clipiqa.callbacks import WandbEvaluationLogger
+from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 from mst_clipiqa.errors import OptionError
-from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+from mst_clipiqa.training.callbacks import WandbEvaluationLogger
 
 METRICS = ("srcc", "plcc", "krcc")
 """Metrics summarised over the splits (results.csv also keeps RMSE and the logistic-fitted PLCC)."""
@@ -158,7 +158,7 @@ class Benchmark:
         targets: targets to run; None keeps the config's.
         output: folder of the reports; None for ``<trainer.default_root_dir>/<name>``.
         name: name of the benchmark: the output folder, the loggers' run group; None for "benchmark-<time>".
-        together: train the splits of each head and target in one loop (`mst_clipiqa.together`): the same results,
+        together: train the splits of each head and target in one loop (`training.together`): the same results,
             one start-up and one loop for all of them instead of one per split.
     """
 
@@ -240,7 +240,7 @@ class Benchmark:
 
     def _fit_and_test_together(self, variant: str | None, target: str | None) -> None:
         """The protocol's splits (the first `splits`) in one fit and one test; their results join `results`."""
-        from mst_clipiqa.together import TogetherData, TogetherModule, check_trainer
+        from mst_clipiqa.training.together import TogetherData, TogetherModule, check_trainer
 
         cli = self._cli(variant, target, 0)
         trainer = cli.trainer

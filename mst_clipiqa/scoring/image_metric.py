@@ -28,9 +28,9 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from mst_clipiqa.data.preprocess import ClipPreprocess
 from mst_clipiqa.errors import BadImageError, BadModelError, BadRowError
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.hub.pretrained import from_pretrained
 from mst_clipiqa.model import freeze
-from mst_clipiqa.pretrained import from_pretrained
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 _RESIZE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 """Pillow filters that torch's antialiased interpolation reproduces (same kernels, same support)."""

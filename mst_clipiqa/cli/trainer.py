@@ -8,13 +8,13 @@ from pathlib import Path
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mst_clipiqa.callbacks import SaveConfigToWandb, WandbEvaluationLogger
-from mst_clipiqa.checkpoints import ResumingModelCheckpoint, continue_run, read_checkpoint, resolve_ckpt_path
+from mst_clipiqa.cli.parse_errors import SuggestingErrors
 from mst_clipiqa.data.datamodule import IQADataModule
-from mst_clipiqa.launch import check_world_size, take_launcher_options
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
-from mst_clipiqa.parse_errors import SuggestingErrors
-from mst_clipiqa.predictions import PredictionWriter
+from mst_clipiqa.scoring.predictions import PredictionWriter
+from mst_clipiqa.training.callbacks import SaveConfigToWandb, WandbEvaluationLogger
+from mst_clipiqa.training.checkpoints import ResumingModelCheckpoint, continue_run, read_checkpoint, resolve_ckpt_path
+from mst_clipiqa.training.launch import check_world_size, take_launcher_options
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 # Field docstrings of the config dataclasses become each option's --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -27,7 +27,7 @@ class ArgumentParser(SuggestingErrors, LightningArgumentParser):
 class MSTCLIPIQACLI(LightningCLI):
     """LightningCLI with the model's choices passed on to the data, and checkpoints ranked by validation SRCC.
 
-    A parse error raises `argparse.ArgumentError` (`mst_clipiqa.cli.main` reports it in one message) instead of
+    A parse error raises `argparse.ArgumentError` (`mst_clipiqa.cli.commands.main` reports it in one message) instead of
     printing the usage and exiting.
     """
 
@@ -81,7 +81,7 @@ class MSTCLIPIQACLI(LightningCLI):
             read_checkpoint(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
-        """Under `fabric run`, the launcher's options fill in the Trainer's left unset (see `mst_clipiqa.launch`)."""
+        """Under `fabric run`, the launcher's options fill in the Trainer's left unset (see `training.launch`)."""
         defaults = self._parser(self.subcommand).get_defaults()
         take_launcher_options(self._get(self.config, "trainer"), defaults["trainer"])
 
@@ -92,7 +92,7 @@ class MSTCLIPIQACLI(LightningCLI):
 
     def before_fit(self) -> None:
         """``--ckpt_path last`` finds this run's newest checkpoint in any earlier version folder, a fit from a
-        checkpoint goes on in that run's folder and W&B run (see `mst_clipiqa.checkpoints`), and Lightning loads
+        checkpoint goes on in that run's folder and W&B run (see `training.checkpoints`), and Lightning loads
         checkpoints with weights_only=True whatever torch's default."""
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), self.trainer, self.model, self.datamodule)

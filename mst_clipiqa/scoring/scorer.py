@@ -42,11 +42,11 @@ from mst_clipiqa.data.samplers import EvalDistributedSampler
 from mst_clipiqa.data.schema import IMAGE_EXTENSIONS
 from mst_clipiqa.data.tables import Columns, load_table
 from mst_clipiqa.errors import BadImageError, BadRowError
-from mst_clipiqa.launch import check_world_size, take_launcher_options
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.hub.pretrained import from_pretrained
 from mst_clipiqa.model import CPU_BATCH, GPU_BATCH, prefers_bf16
-from mst_clipiqa.predictions import PredictionWriter, checked_path, done_rows, parts_folder
-from mst_clipiqa.pretrained import from_pretrained
+from mst_clipiqa.scoring.predictions import PredictionWriter, checked_path, done_rows, parts_folder
+from mst_clipiqa.training.launch import check_world_size, take_launcher_options
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 Precision = Literal["32", "bf16", "16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -271,7 +271,7 @@ def _describe(item: ImageInput) -> str:
     return getattr(item, "filename", "") or f"<{type(item).__name__}>"
 
 
-# ---- what `mst-clipiqa score` runs (its options: `mst_clipiqa.cli.score`) --------------------------------------------
+# ---- what `mst-clipiqa score` runs (its options: `cli.commands.score`) -----------------------------------
 
 
 def collect_inputs(
@@ -555,7 +555,7 @@ def score_files(
     features: bool = False,
     cache_dir: str | Path | None = None,
 ) -> dict[str, float]:
-    """What `mst-clipiqa score` runs (see its options in `mst_clipiqa.cli.score`): `Trainer.predict` of the
+    """What `mst-clipiqa score` runs (see its options in `mst_clipiqa.cli.commands.score`): `Trainer.predict` of the
     model over the images of `inputs`, into `out`, one row per image in input order.
 
     Returns:

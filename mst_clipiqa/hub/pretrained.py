@@ -1,4 +1,4 @@
-"""Saving and loading trained models in the shareable format (`mst_clipiqa.saved_model`): `save_pretrained`,
+"""Saving and loading trained models in the shareable format (`mst_clipiqa.hub.saved_model`): `save_pretrained`,
 `from_pretrained`, `push_to_hub`, and what `mst-clipiqa export` runs.
 
     save_pretrained(module, "my-model")         # config.json, model.safetensors, README.md, copied encoders
@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from mst_clipiqa.errors import BadModelError
-from mst_clipiqa.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.hub.saved_model import CARD_NAME, CONFIG_NAME, ENCODERS, WEIGHTS_NAME, SavedModel
 from mst_clipiqa.model import MSTCLIPIQA
-from mst_clipiqa.saved_model import CARD_NAME, CONFIG_NAME, ENCODERS, WEIGHTS_NAME, SavedModel
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 __all__ = ["SavedModel", "export_main", "from_pretrained", "push_to_hub", "save_pretrained"]
 
@@ -100,7 +100,7 @@ def push_to_hub(
 
 
 def export_main(ckpt_path: str | Path, out: str | Path) -> None:
-    """`mst-clipiqa export --ckpt_path X.ckpt --out folder` (options: `mst_clipiqa.cli.export`): a Lightning
+    """`mst-clipiqa export --ckpt_path X.ckpt --out folder` (options: `mst_clipiqa.cli.commands.export`): a Lightning
     checkpoint to the shareable format."""
     folder = SavedModel.read(ckpt_path).save(out)
     print(f"saved {folder}: {', '.join(sorted(path.name for path in folder.iterdir()))}")

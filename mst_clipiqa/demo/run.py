@@ -1,4 +1,4 @@
-"""`mst-clipiqa demo` (options: `mst_clipiqa.cli.demo`): the whole pipeline offline, in minutes, on a CPU.
+"""`mst-clipiqa demo` (options: `mst_clipiqa.cli.commands.demo`): the whole pipeline offline, in minutes, on a CPU.
 
 Draws a small data set of scenes at several distortion levels (AGIQA-3K's official layout), saves two tiny random
 CLIP checkpoints, then fits and tests MST-CLIPIQA with the packaged `configs/demo.yaml`. The encoders are random, so
@@ -11,10 +11,10 @@ import warnings
 from importlib.resources import files
 from pathlib import Path
 
-from mst_clipiqa.data.synthetic import make_demo_dataset
-from mst_clipiqa.tiny_clip import build_tiny_pair
+from mst_clipiqa.demo.synthetic import make_demo_dataset
+from mst_clipiqa.demo.tiny_clip import build_tiny_pair
 
-DEMO_CONFIG = files("mst_clipiqa") / "configs" / "demo.yaml"
+DEMO_CONFIG = files("mst_clipiqa.demo") / "configs" / "demo.yaml"
 
 
 def prepare(workdir: str | Path, n_scenes: int = 40) -> dict[str, str]:
@@ -33,7 +33,7 @@ def prepare(workdir: str | Path, n_scenes: int = 40) -> dict[str, str]:
 
 def run(workdir: str | Path = "demo_run", extra: list[str] | None = None, n_scenes: int = 40) -> dict[str, float]:
     """Fit on the demo's training split, then test the best checkpoint; returns the test metrics."""
-    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+    from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
     overrides = [item for pair in prepare(workdir, n_scenes).items() for item in pair]
     with warnings.catch_warnings():

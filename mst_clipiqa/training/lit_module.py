@@ -13,11 +13,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from transformers import get_cosine_schedule_with_warmup
 
-from mst_clipiqa.checkpoints import read_checkpoint
+from mst_clipiqa.hub.saved_model import LEGACY_MOS_RANGE_KEY, MOS_RANGE_KEY, SavedModel
 from mst_clipiqa.losses import LossConfig, iqa_loss
 from mst_clipiqa.metrics import make_metrics
 from mst_clipiqa.model import MSTCLIPIQA, ModelConfig, QualityOutput
-from mst_clipiqa.saved_model import LEGACY_MOS_RANGE_KEY, MOS_RANGE_KEY, SavedModel
+from mst_clipiqa.training.checkpoints import read_checkpoint
 
 # The frozen towers are in eval mode on purpose; Lightning's generic notice about it would only alarm users.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")

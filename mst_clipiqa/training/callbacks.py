@@ -32,9 +32,9 @@ from PIL import ImageOps
 from torch import Tensor
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from mst_clipiqa.checkpoints import new_run_file, run_dir
 from mst_clipiqa.data.preprocess import open_image
 from mst_clipiqa.errors import BadImageError
+from mst_clipiqa.training.checkpoints import new_run_file, run_dir
 
 COLUMNS = ("index", "score", "mos", "coarse_share")
 """Per-sample values collected from each evaluation step, in the column order of the gathered tensor."""

@@ -37,11 +37,15 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor, nn
 
-from mst_clipiqa.checkpoints import run_dir
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.splits import Split
 from mst_clipiqa.errors import OptionError
-from mst_clipiqa.lit_module import (
+from mst_clipiqa.hub.saved_model import TRAINABLE
+from mst_clipiqa.losses import iqa_loss
+from mst_clipiqa.metrics import make_metrics
+from mst_clipiqa.model import MSTCLIPIQA
+from mst_clipiqa.training.checkpoints import run_dir
+from mst_clipiqa.training.lit_module import (
     MSTCLIPIQAModule,
     make_optimizer,
     make_schedule,
@@ -49,10 +53,6 @@ from mst_clipiqa.lit_module import (
     one_thread_for_cached_steps,
     restore_threads,
 )
-from mst_clipiqa.losses import iqa_loss
-from mst_clipiqa.metrics import make_metrics
-from mst_clipiqa.model import MSTCLIPIQA
-from mst_clipiqa.saved_model import TRAINABLE
 
 
 class TogetherData(L.LightningDataModule):

@@ -14,9 +14,9 @@ HF_HUB_OFFLINE is set), so the towers are exactly those the head was trained on.
 to the model folder, whatever the working directory. Nothing is pickled and no code is fetched.
 
 `SavedModel.read` also reads a Lightning checkpoint of `MSTCLIPIQAModule` (without unpickling any object, see
-`mst_clipiqa.checkpoints.read_checkpoint`), so a `.ckpt` can be scored, exported (`mst-clipiqa export`) or
+`mst_clipiqa.training.checkpoints.read_checkpoint`), so a `.ckpt` can be scored, exported (`mst-clipiqa export`) or
 fine-tuned from like a saved folder. What it holds is the trainable part of a `MSTCLIPIQA` network and its MOS
-scale; `mst_clipiqa.pretrained` saves and loads whole LightningModules with it.
+scale; `mst_clipiqa.hub.pretrained` saves and loads whole LightningModules with it.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from mst_clipiqa import __version__
-from mst_clipiqa.checkpoints import read_checkpoint
 from mst_clipiqa.data.features import TOKENIZER_FILES, checkpoint_fingerprint
 from mst_clipiqa.errors import BadCheckpointError, BadModelError, OptionError
 from mst_clipiqa.model import INTERNAL_HIGH, INTERNAL_LOW, MSTCLIPIQA, ModelConfig
+from mst_clipiqa.training.checkpoints import read_checkpoint
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

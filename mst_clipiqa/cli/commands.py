@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from mst_clipiqa.cli.parse_errors import SuggestingErrors, config_paths, did_you_mean, explain
 from mst_clipiqa.errors import MSTCLIPIQAError, OptionError
-from mst_clipiqa.parse_errors import SuggestingErrors, config_paths, did_you_mean, explain
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -76,7 +76,7 @@ def benchmark(
         together: train the splits of each head and target in one loop over the shared features: the same
             results as one fit per split, in less time; one device, one logger run per head and target
     """
-    from mst_clipiqa.benchmark import Benchmark
+    from mst_clipiqa.cli.benchmark import Benchmark
 
     Benchmark(
         fit_args, splits=splits, variants=variants, targets=targets, output=output, name=name, together=together
@@ -138,7 +138,7 @@ def score(
     missing = [given for given in inputs if not Path(given).exists()]
     if missing:
         raise FileNotFoundError(f"no such image, folder, list or table: {', '.join(missing)}")
-    from mst_clipiqa.scorer import score_files
+    from mst_clipiqa.scoring.scorer import score_files
 
     score_files(
         model,
@@ -167,7 +167,7 @@ def export(ckpt_path: str, out: str) -> None:
         ckpt_path: checkpoint written by `mst-clipiqa fit` (best-epochNN.ckpt or last.ckpt)
         out: folder to write; `mst-clipiqa score` and `load_scorer` read it
     """
-    from mst_clipiqa.pretrained import export_main
+    from mst_clipiqa.hub.pretrained import export_main
 
     export_main(ckpt_path, out)
 
@@ -184,7 +184,7 @@ def demo(fit_args: list[str], workdir: str = "demo_run", scenes: int = 40) -> No
         workdir: where the data, encoders and runs go
         scenes: scenes to draw, each at 5 distortion levels
     """
-    from mst_clipiqa.demo import run
+    from mst_clipiqa.demo.run import run
 
     results = run(workdir, fit_args, scenes)
     print(
@@ -347,7 +347,7 @@ def run(argv: list[str]) -> None:
         known = [*TRAINER_COMMANDS, *COMMANDS]
         suggestion = did_you_mean(argv[:1], known)
         raise ArgumentError(None, f"no command {argv[0]!r}{suggestion} (the commands: {', '.join(known)})")
-    from mst_clipiqa.trainer_cli import MSTCLIPIQACLI
+    from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
     with warnings.catch_warnings():
         # `argv` is sys.argv's, less --debug: args= is the point

@@ -1,7 +1,7 @@
 """jsonargparse's error messages said in the command line's terms, with what the user probably meant.
 
-`SuggestingErrors` is mixed into every parser of the `mst-clipiqa` command, the commands of `mst_clipiqa.cli` and the
-Trainer's of `mst_clipiqa.trainer_cli`. Neither torch nor Lightning is imported here.
+`SuggestingErrors` is mixed into every parser of the `mst-clipiqa` command, the commands of `cli.commands` and the
+Trainer's of `mst_clipiqa.cli.trainer`. Neither torch nor Lightning is imported here.
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from mst_clipiqa.checkpoints import new_run_file, run_dir
 from mst_clipiqa.errors import OptionError
+from mst_clipiqa.training.checkpoints import new_run_file, run_dir
 
 FORMATS = (".csv", ".jsonl", ".parquet")
 """File formats, chosen by the file's extension."""
@@ -72,7 +72,7 @@ class PredictionWriter(BasePredictionWriter):
 
     Args:
         path: the file, .csv, .jsonl or .parquet; None for predictions.csv in the run's own folder
-            (`mst_clipiqa.checkpoints.run_dir`), ``predictions-v1.csv`` ... where an earlier run left one there.
+            (`training.checkpoints.run_dir`), ``predictions-v1.csv`` ... where an earlier run left one there.
         resume: keep the shards an interrupted loop left for this file and add to them (the data must then leave
             out their rows: `done_rows`); otherwise they are removed first.
     """

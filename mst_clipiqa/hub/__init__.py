@@ -1,0 +1,2 @@
+"""Sharing a model: the saved model folder (config, weights, card, pinned encoders), `save_pretrained`,
+`from_pretrained`, `push_to_hub` and `export`."""

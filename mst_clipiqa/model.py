@@ -252,7 +252,7 @@ def prompt_attention(attn: nn.MultiheadAttention, z: Tensor, states: Tensor, mas
     if attn.dropout or attn.bias_k is not None or attn.in_proj_bias is None:
         raise ValueError("prompt_attention computes attention without dropout, with input biases, without bias_k/v")
     batch, dim, heads = z.shape[0], attn.embed_dim, attn.num_heads
-    if attn._qkv_same_embed_dim:
+    if attn.in_proj_weight is not None:  # one packed projection: query, key and value of the same width
         w_q, w_k, w_v = attn.in_proj_weight.chunk(3)  # (D, D) each
     else:
         w_q, w_k, w_v = attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight  # (D, D), (D, Dt), (D, Dt)

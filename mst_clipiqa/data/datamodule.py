@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mst_clipiqa import checkpoints
+from mst_clipiqa.training import checkpoints
 from mst_clipiqa.data.checks import check_dataset, image_problems
 from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_features
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels

@@ -159,7 +159,6 @@ class TogetherModule(L.LightningModule):
         optimizers = [make_optimizer(member, self.optim_config) for member in self.members]
         if self.optim_config.scheduler == "constant":
             return optimizers
-        self.trainer.fit_loop.setup_data()  # the loaders, whose lengths size each member's schedule
         loaders = self.trainer.datamodule.train_dataloader().iterables
         epochs = max(self.trainer.max_epochs, 1)
         schedules = [

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -21,6 +22,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # models make small operations, which a second thread slows down (it mostly waits, spinning, for the first), and far
 # more while the other core runs a test's other process. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Nothing the tests run writes into the user's home: W&B's data, cache and settings, and anything kept under the XDG
+# cache folder, go to one temporary folder of the session (removed at its end), in this process and its children.
+_HOME_DIRS = tempfile.mkdtemp(prefix="mst-clipiqa-tests-")
+for _name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "XDG_CACHE_HOME"):
+    os.environ[_name] = os.path.join(_HOME_DIRS, _name.lower())
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_HOME_DIRS, ignore_errors=True)
 
 from scripts.beside import Beside  # noqa: E402
 from scripts.ranks import start_fork_server  # noqa: E402

@@ -75,12 +75,6 @@ def test_mixed_precision_trains_and_the_metrics_get_float32(tiny_clip, tmp_path,
     assert results["val/plcc"] == pytest.approx(stats.pearsonr(preds, mos).statistic, abs=1e-6)
 
 
-def test_16_mixed_on_cpu_becomes_bf16_mixed():
-    with pytest.warns(UserWarning, match="bf16"):
-        trainer = L.Trainer(accelerator="cpu", devices=1, precision="16-mixed", logger=False)
-    assert trainer.precision == "bf16-mixed"
-
-
 def test_bf16_mixed_fit_and_test_on_the_demo_data(tiny_clip, demo_data, tmp_path):
     data = IQADataModule(
         source="agiqa-3k", root=demo_data, protocol="random", need_prompt=True, preprocess_from=tiny_clip[0],

@@ -330,6 +330,17 @@ def main(args: Sequence[str] | None = None) -> None:
             raise
         _report(command, err)
         sys.exit(2 if isinstance(err, OptionError) else 1)
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group a command's Trainer started (torchrun, srun, several devices). Lightning leaves it
+    for a next Trainer; left to the interpreter's exit, its communication threads can abort the process after its
+    work is done ("terminate called without an active exception"), and the job is reported as failed."""
+    distributed = sys.modules.get("torch.distributed")  # imported only where a command used it
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def run(argv: list[str]) -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from mst_clipiqa.data.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipPreprocess, load_pixels, open_image
+from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels, open_image
 
 try:  # the PIL backend, which CLIPImageProcessor resolves to without torchvision
     from transformers import CLIPImageProcessorPil as Reference

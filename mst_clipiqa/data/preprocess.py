@@ -23,13 +23,18 @@ from PIL import Image, ImageOps
 
 from mst_clipiqa.errors import BadImageError
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DRAFT_MIN_SIDE = 224
 """Short side below which draft decoding never goes, so the resize to 224 never upsamples a draft."""
 
 _WHITE = (255, 255, 255, 255)
 _REQUIRED_STEPS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")
+
+
+def _openai_clip(statistic: str) -> tuple[float, float, float]:
+    """OpenAI CLIP's per-channel "MEAN" or "STD", from transformers (imported here: it takes seconds to import)."""
+    from transformers import image_utils
+
+    return tuple(getattr(image_utils, f"OPENAI_CLIP_{statistic}"))
 
 
 def open_image(source: Any, *, draft: bool = False) -> Image.Image:
@@ -87,9 +92,9 @@ class ClipPreprocess:
     """Length the shorter side is resized to; the longer side keeps the aspect ratio, truncated to an integer."""
     crop_size: tuple[int, int] = (224, 224)
     """(height, width) of the centre crop; a smaller resized image is zero-padded, as transformers does."""
-    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    """Per-channel mean subtracted after rescaling."""
-    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    image_mean: tuple[float, float, float] = field(default_factory=lambda: _openai_clip("MEAN"))
+    """Per-channel mean subtracted after rescaling (OpenAI CLIP's, as transformers holds it, by default)."""
+    image_std: tuple[float, float, float] = field(default_factory=lambda: _openai_clip("STD"))
     """Per-channel standard deviation divided by after subtracting the mean."""
     rescale_factor: float = 1 / 255
     """Factor that maps uint8 values to [0, 1]."""
@@ -133,8 +138,8 @@ class ClipPreprocess:
         return cls(
             shortest_edge=size,
             crop_size=crop_size,
-            image_mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
-            image_std=tuple(config.get("image_std", OPENAI_CLIP_STD)),
+            image_mean=tuple(config.get("image_mean") or _openai_clip("MEAN")),
+            image_std=tuple(config.get("image_std") or _openai_clip("STD")),
             rescale_factor=config.get("rescale_factor", 1 / 255),
             resample=config.get("resample", Image.Resampling.BICUBIC),
         )

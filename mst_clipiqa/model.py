@@ -353,8 +353,16 @@ class MSTCLIPIQA(nn.Module):
     def needs_prompt(self) -> bool:
         return self.prompt_encoder is not None
 
+    TRAINABLE = ("fusion", "head")
+    """The parts that train. Everything else is a frozen CLIP tower, loaded by name from the config, never saved."""
+
     def frozen_modules(self) -> list[nn.Module]:
-        return [m for m in (self.encoder, self.prompt_encoder) if m is not None]
+        return [module for name, module in self.named_children() if name not in self.TRAINABLE]
+
+    def saved_state(self) -> dict[str, Tensor]:
+        """What a checkpoint or a saved model keeps: the trainable parts' weights and the MOS scale."""
+        kept = (*self.TRAINABLE, "mos_range")
+        return {name: value for name, value in self.state_dict().items() if name.split(".", 1)[0] in kept}
 
     def train(self, mode: bool = True) -> MSTCLIPIQA:
         super().train(mode)

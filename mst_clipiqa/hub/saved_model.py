@@ -54,8 +54,7 @@ FORMAT_VERSION = 2
 """Bump when the folder's layout changes in a way older readers would misread. 2: encoders recorded by hub id and
 commit, or copied into the folder."""
 
-TRAINABLE = ("fusion", "head")
-"""The parts of `MSTCLIPIQA` that train; everything else is a frozen CLIP tower named by the config."""
+TRAINABLE = MSTCLIPIQA.TRAINABLE
 STREAMS = ("coarse", "fine")
 """The two image streams; the coarse encoder also supplies the text tower, tokenizer and preprocessing."""
 

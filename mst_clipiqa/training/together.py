@@ -40,7 +40,6 @@ from torch import Tensor, nn
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.splits import Split
 from mst_clipiqa.errors import OptionError
-from mst_clipiqa.hub.saved_model import TRAINABLE
 from mst_clipiqa.losses import iqa_loss
 from mst_clipiqa.metrics import make_metrics
 from mst_clipiqa.model import MSTCLIPIQA
@@ -225,7 +224,7 @@ class TogetherModule(L.LightningModule):
         one; NaN counts as -inf."""
         srcc = -math.inf if math.isnan(srcc) else srcc
         if k not in self.best or srcc > self.best[k].srcc:
-            weights = {name: value.detach().clone() for name, value in _trainable_state(self.members[k]).items()}
+            weights = {name: value.detach().clone() for name, value in self.members[k].saved_state().items()}
             self.best[k] = Best(srcc, self.current_epoch, self.steps[k], weights)
 
     def on_fit_end(self) -> None:
@@ -276,10 +275,3 @@ def check_trainer(trainer: L.Trainer) -> None:
             f"--together trains each split exactly as alone, which it cannot with {', '.join(culprits)}: "
             "leave those at their defaults, or run the benchmark without --together"
         )
-
-
-def _trainable_state(member: MSTCLIPIQA) -> dict[str, Tensor]:
-    """The member's weights a checkpoint keeps, as `SavedModel` reads them back: the trainable parts and the MOS
-    range (the frozen towers are loaded by name)."""
-    kept = tuple(f"{part}." for part in TRAINABLE)
-    return {name: value for name, value in member.state_dict().items() if name.startswith(kept) or name == "mos_range"}

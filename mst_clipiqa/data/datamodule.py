@@ -61,7 +61,7 @@ def _columns(options: Columns | Mapping[str, Any] | None) -> Columns | None:
     return Columns(**options)
 
 
-def _model_config(model: Any) -> ModelConfig | None:
+def _network_config(model: Any) -> ModelConfig | None:
     """The network settings of an `MSTCLIPIQAModule`, an `MSTCLIPIQA` or a `ModelConfig`; None for anything else."""
     config = getattr(getattr(model, "net", model), "config", model)
     return config if isinstance(config, ModelConfig) else None
@@ -256,7 +256,7 @@ class IQADataModule(L.LightningDataModule):
         """Under a Trainer, `follow` its model, whose network may come from a saved one (`MSTCLIPIQAModule`'s
         ``init_from``) rather than from the options linked to these."""
         model = self.trainer.lightning_module if self.trainer is not None else None
-        if _model_config(model) is not None:
+        if _network_config(model) is not None:
             self.follow(model)
 
     def follow(self, model: Any) -> None:
@@ -268,7 +268,7 @@ class IQADataModule(L.LightningDataModule):
         Args:
             model: an `MSTCLIPIQAModule`, an `MSTCLIPIQA` or a `ModelConfig`.
         """
-        config = _model_config(model)
+        config = _network_config(model)
         if config is None:
             raise TypeError(f"follow takes an MSTCLIPIQAModule, an MSTCLIPIQA or a ModelConfig, not {type(model)}")
         wanted = {

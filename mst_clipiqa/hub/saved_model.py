@@ -460,8 +460,9 @@ def _training_of_checkpoint(path: Path, checkpoint: dict[str, Any]) -> dict[str,
 def _training_of_module(module: L.LightningModule) -> dict[str, Any]:
     """What the Trainer a module is attached to knows: its data module's settings, the best validation score and the
     last test metrics."""
-    trainer = module._trainer
-    if trainer is None:
+    try:
+        trainer = module.trainer
+    except RuntimeError:  # not attached to a Trainer
         return {}
     training: dict[str, Any] = {}
     if trainer.datamodule is not None and trainer.datamodule.hparams:

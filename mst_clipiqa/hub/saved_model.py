@@ -25,7 +25,6 @@ import csv
 import filecmp
 import json
 import math
-import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -554,9 +553,18 @@ def _hub_origin(name: str) -> tuple[str, str] | None:
     if not path.is_dir():
         return None
     path = path.resolve()
-    repo = path.parent.parent.name
-    if path.parent.name == "snapshots" and repo.startswith("models--") and re.fullmatch("[0-9a-f]{40}", path.name):
-        return repo.removeprefix("models--").replace("--", "/"), path.name  # hub names never hold "--"
+    if path.parent.name != "snapshots":  # the cache's layout, checked first: scanning a cache reads all of it
+        return None
+    from huggingface_hub import CacheNotFound, scan_cache_dir
+
+    try:
+        cache = scan_cache_dir(path.parents[2])
+    except (CacheNotFound, OSError, ValueError):
+        return None
+    for repo in cache.repos:
+        for revision in repo.revisions:
+            if repo.repo_type == "model" and revision.snapshot_path.resolve() == path:
+                return repo.repo_id, revision.commit_hash
     return None
 
 

@@ -160,6 +160,57 @@ def score(
     )
 
 
+def serve(
+    model: str,
+    port: int = 8000,
+    host: Literal["127.0.0.1", "0.0.0.0", "::"] = "127.0.0.1",
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    workers_per_device: int = 1,
+    max_batch_size: int = 32,
+    batch_timeout: float = 0.01,
+    precision: Literal["32", "bf16", "16"] | None = None,
+    api_key: str | None = None,
+    image_root: str | None = None,
+    max_images: int = 256,
+    max_request_mb: float = 64,
+    timeout: float = 60,
+    revision: str | None = None,
+    name: str | None = None,
+) -> None:
+    """Serve a saved model's scores over HTTP (LitServe): batched across requests, on every device given.
+
+    POST /predict with {"images": [base64, ...], "prompts": [...]} (or a multipart upload of "image" files and
+    "prompt" fields) answers {"model", "mos_range", "scores", "coarse_share"}, one score per image in order, as
+    `score` would give for the same bytes. A request that cannot be scored (a broken image, a missing prompt, too
+    large) gets a 4xx naming the image at fault. GET /health says when the workers are ready; /docs is the API page.
+    Stops on SIGTERM or Ctrl-C. Needs the serve extra: pip install 'mst-clipiqa[serve]'.
+
+    Args:
+        model: saved model folder, Hugging Face Hub repo id, or Lightning .ckpt
+        port: TCP port to listen on
+        host: 127.0.0.1 (this machine only) or 0.0.0.0 / :: (every interface: set an API key)
+        accelerator: cpu, cuda (gpu), mps (auto: the GPU when there is one)
+        devices: GPUs to serve on, each with its own workers (auto: all)
+        workers_per_device: model copies per device; on a CPU they share its cores
+        max_batch_size: requests LitServe gathers into one batch (their images are scored together)
+        batch_timeout: seconds a batch waits for more requests
+        precision: compute precision of the towers (null: bf16 on a GPU, else 32), as in `score`
+        api_key: the key requests must send as the X-API-Key header (null: $MST_CLIPIQA_API_KEY, else none)
+        image_root: a folder on this machine whose images requests may name by path ({"paths": [...]}, relative to
+            it); nothing outside it is read, symlinks and .. included (null: no paths)
+        max_images: images one request may carry
+        max_request_mb: largest request body (and file read by path), in MiB
+        timeout: seconds a request may wait for a worker before a 504
+        revision: branch, tag or commit of a hub model
+        name: the model's name in the answers (null: the folder's or file's name, or the hub id)
+    """
+    options = dict(locals())
+    from mst_clipiqa.scoring.serve import serve as run_server
+
+    run_server(options.pop("model"), **options)
+
+
 def export(ckpt_path: str, out: str) -> None:
     """Turn a checkpoint into a shareable model folder: config, weights (no pickle), model card.
 
@@ -193,9 +244,15 @@ def demo(fit_args: list[str], workdir: str = "demo_run", scenes: int = 40) -> No
     )
 
 
-COMMANDS: dict[str, Callable[..., None]] = {"benchmark": benchmark, "score": score, "export": export, "demo": demo}
+COMMANDS: dict[str, Callable[..., None]] = {
+    "benchmark": benchmark,
+    "score": score,
+    "serve": serve,
+    "export": export,
+    "demo": demo,
+}
 """Commands beyond the Trainer's. A first parameter `fit_args` receives every option the command does not declare."""
-POSITIONAL = {"score": ("model", "inputs")}
+POSITIONAL = {"score": ("model", "inputs"), "serve": ("model",)}
 PASSES_ON = "fit_args"
 
 

@@ -184,13 +184,23 @@ class Scorer:
 
     def _score_pixels(self, pixel_values: Tensor, prompts: list[str] | None) -> list[float]:
         """pixel_values (B, 3, 224, 224) → B scores on the MOS scale."""
-        batch: dict[str, Any] = {"pixel_values": pixel_values.to(self.device, non_blocking=True)}
+        return self.score_pixels(pixel_values, prompts)[0]
+
+    def score_pixels(self, pixel_values: Tensor, prompts: list[str] | None) -> tuple[list[float], list[float]]:
+        """The scores on the MOS scale and the gate's coarse shares of a (B, 3, 224, 224) batch of decoded images
+        (`pixels_or_error`), with the prompt head's B prompts (`checked_prompts`): the trained module's predict step,
+        as `score_files` runs it."""
+        batch: dict[str, Any] = {
+            "index": torch.arange(len(pixel_values)),
+            "pixel_values": pixel_values.to(self.device, non_blocking=True),
+        }
         if prompts is not None:
             batch["prompt"] = prompts
         dtype = AUTOCAST_DTYPES.get(self.precision)
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         with torch.inference_mode(), autocast:
-            return self.module.net.to_mos(self.module(batch).score).tolist()
+            rows = self.module.predict_step(batch, 0)
+        return rows["score"].tolist(), rows["coarse_share"].tolist()
 
 
 def load_scorer(

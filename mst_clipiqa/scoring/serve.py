@@ -1,0 +1,453 @@
+"""`mst-clipiqa serve`: a model's scores over HTTP, batched across requests by LitServe.
+
+``POST /predict`` takes ``{"images": [base64, ...], "prompts": [...]}`` (or one ``"image"`` and ``"prompt"``; or
+``"paths"`` inside the folder the operator allows; or a multipart upload of ``image`` files and ``prompt`` fields)
+and answers ``{"model", "mos_range", "scores", "coarse_share"}``, one score per image in request order. Decoding,
+preprocessing and the model call are `score`'s (`pixels_or_error`, `checked_prompts`, `Scorer.score_pixels`), so
+a served score is the file-scored one. A request that cannot be scored gets a 4xx whose detail is one line naming
+the image at fault; the other requests of its batch are scored as usual.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.parser
+import email.policy
+import json
+import multiprocessing
+import os
+import secrets
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mst_clipiqa.errors import BadImageError, BadRowError, MSTCLIPIQAError, OptionError
+
+try:
+    import litserve as ls
+    from fastapi import HTTPException, Request
+    from starlette.datastructures import Headers
+    from starlette.responses import JSONResponse
+except ImportError as err:
+    raise MSTCLIPIQAError("mst-clipiqa serve needs LitServe: pip install 'mst-clipiqa[serve]'") from err
+
+API_PATH = "/predict"
+HEALTH_PATH = "/health"
+API_KEY_ENV = "MST_CLIPIQA_API_KEY"
+FIELDS = ("image", "images", "path", "paths", "prompt", "prompts")
+USAGE = 'send {"images": [base64, ...], "prompts": [...]} as JSON, or a multipart upload of "image" files'
+
+
+class Refused(Exception):
+    """A request the server answers with `status` and the one-line `reason`, without scoring it."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass
+class Job:
+    """A request's decoded images, (3, 224, 224) each, and the prompt head's prompts."""
+
+    pixels: list[Any]
+    prompts: list[str] | None
+
+
+def key_refusal(api_key: str | None, headers: Any) -> str | None:
+    """Why a request's headers lack the API key (X-API-Key, or Authorization: Bearer), or None when they hold it."""
+    if api_key is None:
+        return None
+    given = headers.get("x-api-key") or ""
+    if not given and headers.get("authorization", "").lower().startswith("bearer "):
+        given = headers["authorization"][7:].strip()
+    if secrets.compare_digest(given.encode(), api_key.encode()):
+        return None
+    return "missing or wrong API key: send it in the X-API-Key header"
+
+
+class ScoreAPI(ls.LitAPI):
+    """The model behind LitServe: each worker loads it on its device; a batch is every image of the requests
+    LitServe gathered, scored `Scorer.default_batch_size` at a time.
+
+    Args:
+        model: saved model folder, hub repo id or .ckpt, loaded as `score` loads it.
+        name: the model's name in every answer.
+        mos_range: (low, high) of the scores.
+        needs_prompt: the model has the prompt head.
+        revision: branch, tag or commit of a hub model.
+        precision: the `Scorer`'s; None: bf16 on a GPU, else 32.
+        max_images: images one request may carry.
+        max_bytes: bytes one request body, or one file read by path, may have.
+        image_root: the resolved folder whose files requests may name by path; None: no paths.
+        api_key: what requests must send in X-API-Key; None: no key.
+        threads: torch threads of a CPU worker; None: torch's choice.
+        max_batch_size, batch_timeout: LitServe's batching (requests per batch, seconds to wait for them).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        name: str,
+        mos_range: tuple[float, float],
+        needs_prompt: bool,
+        revision: str | None,
+        precision: str | None,
+        max_images: int,
+        max_bytes: int,
+        image_root: Path | None,
+        api_key: str | None,
+        threads: int | None,
+        max_batch_size: int,
+        batch_timeout: float,
+    ):
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path=API_PATH)
+        self.model, self.revision, self.precision, self.threads = model, revision, precision, threads
+        self.about = {"model": name, "mos_range": list(mos_range)}
+        self.needs_prompt = needs_prompt
+        self.max_images, self.max_bytes, self.image_root, self.api_key = max_images, max_bytes, image_root, api_key
+
+    def setup(self, device: str) -> None:
+        import torch
+
+        from mst_clipiqa.hub.pretrained import from_pretrained
+        from mst_clipiqa.scoring.scorer import Scorer
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        module = from_pretrained(self.model, revision=self.revision)
+        self.scorer = Scorer(module, device=device, precision=self.precision)
+
+    def authorize(self, request: Request) -> None:
+        """LitServe's auth hook, on every route but the health check (which load balancers call without keys)."""
+        if request.url.path != HEALTH_PATH and (reason := key_refusal(self.api_key, request.headers)):
+            raise HTTPException(401, reason)
+
+    def decode_request(self, request):  # unannotated: LitServe hands over the parsed body then
+        # A refusal is returned, not raised: LitServe would answer every request of the batch with it.
+        try:
+            return self._job(request)
+        except Refused as refusal:
+            return refusal
+
+    def predict(self, jobs: list[Job | Refused]) -> list[dict[str, list[float]] | Refused]:
+        import torch
+
+        good = [job for job in jobs if isinstance(job, Job)]
+        pixels = [p for job in good for p in job.pixels]
+        prompts = [p for job in good for p in job.prompts] if self.needs_prompt else None
+        scores: list[float] = []
+        shares: list[float] = []
+        step = self.scorer.default_batch_size
+        for start in range(0, len(pixels), step):
+            chunk = torch.stack(pixels[start : start + step])
+            more_scores, more_shares = self.scorer.score_pixels(
+                chunk, prompts[start : start + step] if prompts is not None else None
+            )
+            scores += more_scores
+            shares += more_shares
+        outputs: list[dict[str, list[float]] | Refused] = []
+        start = 0
+        for job in jobs:
+            if isinstance(job, Refused):
+                outputs.append(job)
+                continue
+            end = start + len(job.pixels)
+            outputs.append({"scores": scores[start:end], "coarse_share": shares[start:end]})
+            start = end
+        return outputs
+
+    def encode_response(self, output):  # unannotated: LitServe would make the annotation the route's response model
+        if isinstance(output, Refused):
+            return JSONResponse({"detail": output.reason}, status_code=output.status)
+        return {**self.about, **output}
+
+    # ---- one request ---------------------------------------------------------------------------------------------
+
+    def _job(self, request: Any) -> Job:
+        from mst_clipiqa.scoring.scorer import checked_prompts, pixels_or_error
+
+        if not isinstance(request, dict):
+            raise Refused(400, f"the body is not a JSON object: {USAGE}")
+        unknown = sorted(set(request) - set(FIELDS))
+        if unknown:
+            raise Refused(400, f"unknown field {', '.join(map(repr, unknown))}: the fields are {', '.join(FIELDS)}")
+        kinds = [kind for kind in ("image", "images", "path", "paths") if kind in request]
+        if len(kinds) != 1:
+            raise Refused(400, f"give one of image, images, path or paths: {USAGE}")
+        kind = kinds[0]
+        items = [request[kind]] if kind in ("image", "path") else request[kind]
+        if not isinstance(items, list) or not items:
+            raise Refused(400, f"{kind} must be a non-empty list")
+        if len(items) > self.max_images:
+            raise Refused(413, f"{len(items)} images in one request; this server takes at most {self.max_images}")
+        if "prompt" in request and "prompts" in request:
+            raise Refused(400, "give prompt (one image) or prompts (one per image), not both")
+        prompts = [request["prompt"]] if "prompt" in request else request.get("prompts")
+        if prompts is not None and (
+            not isinstance(prompts, list) or not all(p is None or isinstance(p, str) for p in prompts)
+        ):
+            raise Refused(400, "prompts must be a list of strings, one per image")
+        read = self._read_path if kind.startswith("path") else _base64_image
+        sources = [read(item, f"image {i + 1} of {len(items)}") for i, item in enumerate(items)]
+        if self.needs_prompt:
+            try:
+                prompts = checked_prompts(sources, prompts)
+            except BadRowError as err:
+                raise Refused(422, str(err)) from err
+            except ValueError as err:
+                raise Refused(400, f"{err}: give one prompt per image") from err
+        else:
+            prompts = None  # the template head reads none, as `score` ignores a table's prompts for it
+        pixels = []
+        for i, source in enumerate(sources):
+            decoded = pixels_or_error(source, self.scorer.preprocess, self.scorer.draft_decode)
+            if isinstance(decoded, BadImageError):
+                raise Refused(422, f"image {i + 1} of {len(items)}: {decoded}")
+            pixels.append(decoded)
+        return Job(pixels, prompts)
+
+    def _read_path(self, given: Any, which: str) -> dict[str, Any]:
+        """The bytes of a file inside the image folder, as an image source named by the path as given: the same
+        decode as `score`'s of that file. Symlinks and .. are resolved first; nothing outside the folder is read."""
+        if self.image_root is None:
+            raise Refused(403, f"this server reads no paths (no --image_root): {USAGE}")
+        if not isinstance(given, str) or not given:
+            raise Refused(400, f"{which}: a path must be a non-empty string")
+        path = (self.image_root / given).resolve()
+        if not path.is_relative_to(self.image_root):
+            raise Refused(403, f"{which}: {given} is outside the image folder")
+        try:
+            size = path.stat().st_size
+            if size > self.max_bytes:
+                raise Refused(413, f"{which}: {given} has {size} bytes; the limit is {self.max_bytes}")
+            return {"path": given, "bytes": path.read_bytes()}
+        except FileNotFoundError as err:
+            raise Refused(422, f"{which}: image file not found: {given}") from err
+        except OSError as err:  # a folder, no permission
+            raise Refused(422, f"{which}: cannot read {given}: {err.strerror}") from err
+
+
+def _base64_image(given: Any, which: str) -> bytes:
+    if not isinstance(given, str):
+        raise Refused(400, f"{which}: an image must be a base64 string")
+    if given.startswith("data:") and "," in given:  # a data URL, as a browser's FileReader gives
+        given = given.split(",", 1)[1]
+    try:
+        return base64.b64decode(given, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise Refused(400, f"{which}: not base64 ({err})") from err
+
+
+class RequestGuard:
+    """ASGI middleware on the scoring route, before LitServe's handler: the API key (401), the body size, named in
+    the 413 before the body is read where Content-Length tells it, a body that is not JSON (400, not LitServe's
+    500), and a multipart upload, turned into the JSON request so one path decodes both (and no multipart parser is
+    needed). LitServe then reads every body as JSON."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_bytes: int):
+        self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != API_PATH:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if reason := key_refusal(self.api_key, headers):
+            await _answer(send, 401, reason)
+            return
+        too_large = f"the request body exceeds {self.max_bytes} bytes (--max_request_mb)"
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await _answer(send, 413, too_large)
+            return
+        body = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await _answer(send, 413, too_large)
+                return
+        content_type = headers.get("content-type", "")
+        try:
+            if content_type.startswith("multipart/form-data"):
+                body = multipart_to_json(content_type, bytes(body))
+            else:  # JSON under any other type too: `curl -d` labels it a form
+                json.loads(body)
+        except ValueError as err:
+            await _answer(send, 400, f"the body does not parse: {str(err).splitlines()[0]}; {USAGE}")
+            return
+        kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+        extra = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app({**scope, "headers": kept + extra}, replay, send)
+
+
+def multipart_to_json(content_type: str, body: bytes) -> bytes:
+    """A multipart/form-data upload of "image" files and "prompt" fields, in order, as the JSON request's body.
+
+    Raises:
+        ValueError: not a multipart body, or a field of another name.
+    """
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise ValueError("not a multipart body")
+    images: list[str] = []
+    prompts: list[str] = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if name == "image":
+            images.append(base64.b64encode(payload).decode("ascii"))
+        elif name == "prompt":
+            prompts.append(payload.decode("utf-8", errors="replace"))
+        else:
+            raise ValueError(f"form field {name!r}: upload images as 'image' files and prompts as 'prompt' fields")
+    if not images:
+        raise ValueError("no 'image' file in the upload")
+    return json.dumps({"images": images, **({"prompts": prompts} if prompts else {})}).encode()
+
+
+async def _answer(send: Any, status: int, reason: str) -> None:
+    await JSONResponse({"detail": reason}, status_code=status)({"type": "http"}, None, send)
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+
+
+def serve(
+    model: str,
+    *,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    workers_per_device: int = 1,
+    max_batch_size: int = 32,
+    batch_timeout: float = 0.01,
+    precision: str | None = None,
+    revision: str | None = None,
+    name: str | None = None,
+    api_key: str | None = None,
+    image_root: str | None = None,
+    max_images: int = 256,
+    max_request_mb: float = 64,
+    timeout: float = 60,
+) -> None:
+    """What `mst-clipiqa serve` runs (its options: `mst_clipiqa.cli.commands.serve`): the model is loaded here once,
+    so a wrong MODEL ends in one line before any worker starts, then LitServe serves it until SIGTERM or Ctrl-C."""
+    from mst_clipiqa.hub.pretrained import from_pretrained
+
+    if not 1024 <= port <= 65535:
+        raise OptionError(f"--port {port}: choose 1024 to 65535")
+    if host not in ("127.0.0.1", "0.0.0.0", "::"):
+        raise OptionError(f"--host {host}: choose 127.0.0.1 (this machine only), 0.0.0.0 or :: (every interface)")
+    for option, value in (("max_batch_size", max_batch_size), ("workers_per_device", workers_per_device),
+                          ("max_images", max_images)):  # fmt: skip
+        if value < 1:
+            raise OptionError(f"--{option} {value}: give 1 or more")
+    if batch_timeout < 0 or batch_timeout >= timeout or max_request_mb <= 0:
+        raise OptionError("--batch_timeout must be 0 or more and below --timeout; --max_request_mb above 0")
+    root = None
+    if image_root is not None:
+        root = Path(image_root).expanduser().resolve()
+        if not root.is_dir():
+            raise NotADirectoryError(f"--image_root {image_root}: no such folder")
+    accelerator = {"gpu": "cuda"}.get(accelerator, accelerator)
+    if accelerator not in ("auto", "cpu", "cuda", "mps"):
+        raise OptionError(f"--accelerator {accelerator}: choose auto, cpu, cuda (gpu) or mps")
+
+    module = from_pretrained(model, revision=revision)
+    mos_range, needs_prompt = tuple(module.net.mos_range.tolist()), module.net.needs_prompt
+    del module
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    max_bytes = int(max_request_mb * 2**20)
+    threads = None
+    if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // workers_per_device)  # the workers share the cores
+    name = name or _model_name(model)
+    api = ScoreAPI(
+        model,
+        name=name,
+        mos_range=mos_range,
+        needs_prompt=needs_prompt,
+        revision=revision,
+        precision=precision,
+        max_images=max_images,
+        max_bytes=max_bytes,
+        image_root=root,
+        api_key=api_key,
+        threads=threads,
+        max_batch_size=max_batch_size,
+        batch_timeout=batch_timeout,
+    )
+    server = ls.LitServer(
+        api,
+        accelerator=accelerator,
+        devices=devices,
+        workers_per_device=workers_per_device,
+        timeout=timeout,
+        max_payload_size=max_bytes,
+        middlewares=[(RequestGuard, {"api_key": api_key, "max_bytes": max_bytes})],
+        model_metadata={**api.about, "head": "prompt" if needs_prompt else "template"},
+    )
+    if api_key is None and host != "127.0.0.1":
+        print(f"warning: serving on {host} without an API key (--api_key or ${API_KEY_ENV})", file=sys.stderr)
+    print(
+        f"serving {name} (MOS {mos_range[0]:g} to {mos_range[1]:g}) at http://{host}:{port}{API_PATH}; "
+        f"{HEALTH_PATH} and /docs beside it",
+        file=sys.stderr,
+    )
+    _stop_on_sigterm()
+    try:
+        server.run(host=host, port=port, generate_client_file=False, log_level="warning")
+    finally:
+        _stop_children()
+
+
+def _model_name(model: str) -> str:
+    """A folder's or checkpoint file's name, or the hub repo id as given."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (docker stop, Kubernetes, kill) takes LitServe's Ctrl-C path, which stops its workers; the processes
+    this one forks inherit the handler and keep SIGTERM's default."""
+    main = os.getpid()
+
+    def stop(signum: int, frame: Any) -> None:
+        if os.getpid() != main:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _stop_children() -> None:
+    """End the worker processes a shutdown left behind (one during startup, say), so that none outlives the server."""
+    for child in multiprocessing.active_children():
+        child.terminate()
+    for child in multiprocessing.active_children():
+        child.join(5)
+        if child.is_alive():
+            child.kill()

@@ -277,13 +277,15 @@ class RequestGuard:
                 await _answer(send, 413, too_large)
                 return
         content_type = headers.get("content-type", "")
+        upload = content_type.startswith("multipart/form-data")
         try:
-            if content_type.startswith("multipart/form-data"):
+            if upload:
                 body = multipart_to_json(content_type, bytes(body))
             else:  # JSON under any other type too: `curl -d` labels it a form
                 json.loads(body)
         except ValueError as err:
-            await _answer(send, 400, f"the body does not parse: {str(err).splitlines()[0]}; {USAGE}")
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            await _answer(send, 400, f"the upload: {first}" if upload else f"the body is not JSON ({first}): {USAGE}")
             return
         kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         extra = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -353,6 +355,8 @@ def serve(
 ) -> None:
     """What `mst-clipiqa serve` runs (its options: `mst_clipiqa.cli.commands.serve`): the model is loaded here once,
     so a wrong MODEL ends in one line before any worker starts, then LitServe serves it until SIGTERM or Ctrl-C."""
+    import torch
+
     from mst_clipiqa.hub.pretrained import from_pretrained
 
     if not 1024 <= port <= 65535:
@@ -380,7 +384,8 @@ def serve(
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     max_bytes = int(max_request_mb * 2**20)
     threads = None
-    if accelerator == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // workers_per_device)  # the workers share the cores
     name = name or _model_name(model)
     api = ScoreAPI(

@@ -112,9 +112,11 @@ def requirement(text: str) -> tuple[str, list[str]]:
 def declared_distributions() -> set[str]:
     """pyproject.toml's dependencies, and the requirements of the extras they ask for (``jsonargparse[signatures]``
     asks for docstring-parser, which the command line's parsers read docstrings with): an extra is declared as
-    surely as a package, and what it brings is in its package's metadata."""
+    surely as a package, and what it brings is in its package's metadata. The serve extra's packages count too:
+    only `mst-clipiqa serve` imports them."""
     declared = set()
-    for text in tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for text in [*project["dependencies"], *project["optional-dependencies"]["serve"]]:
         distribution, extras = requirement(text)
         declared.add(distribution)
         brought = (importlib.metadata.requires(distribution) or []) if extras else []

@@ -28,14 +28,13 @@ from mst_clipiqa.errors import BadImageError, BadRowError, MSTCLIPIQAError, Opti
 
 try:
     import litserve as ls
-    from fastapi import HTTPException, Request
-    from starlette.datastructures import Headers
-    from starlette.responses import JSONResponse
 except ImportError as err:
     raise MSTCLIPIQAError("mst-clipiqa serve needs LitServe: pip install 'mst-clipiqa[serve]'") from err
 
 API_PATH = "/predict"
 HEALTH_PATH = "/health"
+OPEN_PATHS = frozenset({HEALTH_PATH, "/docs", "/openapi.json"})
+"""What answers without the API key: the health check (load balancers call it without keys) and the API page."""
 API_KEY_ENV = "MST_CLIPIQA_API_KEY"
 FIELDS = ("image", "images", "path", "paths", "prompt", "prompts")
 USAGE = 'send {"images": [base64, ...], "prompts": [...]} as JSON, or a multipart upload of "image" files'
@@ -51,13 +50,14 @@ class Refused(Exception):
 
 @dataclass
 class Job:
-    """A request's decoded images, (3, 224, 224) each, and the prompt head's prompts."""
+    """A request's images, as `pixels_or_error` reads them (bytes, or a file's {"path", "bytes"}), and the prompt
+    head's prompts."""
 
-    pixels: list[Any]
+    sources: list[Any]
     prompts: list[str] | None
 
 
-def key_refusal(api_key: str | None, headers: Any) -> str | None:
+def key_refusal(api_key: str | None, headers: dict[str, str]) -> str | None:
     """Why a request's headers lack the API key (X-API-Key, or Authorization: Bearer), or None when they hold it."""
     if api_key is None:
         return None
@@ -69,9 +69,14 @@ def key_refusal(api_key: str | None, headers: Any) -> str | None:
     return "missing or wrong API key: send it in the X-API-Key header"
 
 
+def error_response(status: int, reason: str) -> ls.Response:
+    """The answer to a request refused: its status and {"detail": the one-line reason}, as FastAPI's errors."""
+    return ls.Response(json.dumps({"detail": reason}), status_code=status, media_type="application/json")
+
+
 class ScoreAPI(ls.LitAPI):
-    """The model behind LitServe: each worker loads it on its device; a batch is every image of the requests
-    LitServe gathered, scored `Scorer.default_batch_size` at a time.
+    """The model behind LitServe: each worker loads it on its device; a request is checked as it comes
+    (`decode_request`), and a batch is every image of the requests LitServe gathered (`predict`).
 
     Args:
         model: saved model folder, hub repo id or .ckpt, loaded as `score` loads it.
@@ -83,7 +88,6 @@ class ScoreAPI(ls.LitAPI):
         max_images: images one request may carry.
         max_bytes: bytes one request body, or one file read by path, may have.
         image_root: the resolved folder whose files requests may name by path; None: no paths.
-        api_key: what requests must send in X-API-Key; None: no key.
         threads: torch threads of a CPU worker; None: torch's choice.
         max_batch_size, batch_timeout: LitServe's batching (requests per batch, seconds to wait for them).
     """
@@ -100,7 +104,6 @@ class ScoreAPI(ls.LitAPI):
         max_images: int,
         max_bytes: int,
         image_root: Path | None,
-        api_key: str | None,
         threads: int | None,
         max_batch_size: int,
         batch_timeout: float,
@@ -109,7 +112,7 @@ class ScoreAPI(ls.LitAPI):
         self.model, self.revision, self.precision, self.threads = model, revision, precision, threads
         self.about = {"model": name, "mos_range": list(mos_range)}
         self.needs_prompt = needs_prompt
-        self.max_images, self.max_bytes, self.image_root, self.api_key = max_images, max_bytes, image_root, api_key
+        self.max_images, self.max_bytes, self.image_root = max_images, max_bytes, image_root
 
     def setup(self, device: str) -> None:
         import torch
@@ -122,11 +125,6 @@ class ScoreAPI(ls.LitAPI):
         module = from_pretrained(self.model, revision=self.revision)
         self.scorer = Scorer(module, device=device, precision=self.precision)
 
-    def authorize(self, request: Request) -> None:
-        """LitServe's auth hook, on every route but the health check (which load balancers call without keys)."""
-        if request.url.path != HEALTH_PATH and (reason := key_refusal(self.api_key, request.headers)):
-            raise HTTPException(401, reason)
-
     def decode_request(self, request):  # unannotated: LitServe hands over the parsed body then
         # A refusal is returned, not raised: LitServe would answer every request of the batch with it.
         try:
@@ -135,41 +133,52 @@ class ScoreAPI(ls.LitAPI):
             return refusal
 
     def predict(self, jobs: list[Job | Refused]) -> list[dict[str, list[float]] | Refused]:
+        """Every image of the batch's requests, decoded and scored `Scorer.default_batch_size` at a time, so that
+        memory holds one such batch of pixels however many requests LitServe gathered. An image that does not decode
+        refuses its request; the others' are scored as usual."""
         import torch
 
-        good = [job for job in jobs if isinstance(job, Job)]
-        pixels = [p for job in good for p in job.pixels]
-        prompts = [p for job in good for p in job.prompts] if self.needs_prompt else None
-        scores: list[float] = []
-        shares: list[float] = []
+        from mst_clipiqa.scoring.scorer import pixels_or_error
+
+        outputs: list[dict[str, list[float]] | Refused] = [
+            job if isinstance(job, Refused) else {"scores": [], "coarse_share": []} for job in jobs
+        ]
+        rows = [
+            (k, i, source, job.prompts[i] if job.prompts is not None else None)
+            for k, job in enumerate(jobs)
+            if isinstance(job, Job)
+            for i, source in enumerate(job.sources)
+        ]
         step = self.scorer.default_batch_size
-        for start in range(0, len(pixels), step):
-            chunk = torch.stack(pixels[start : start + step])
-            more_scores, more_shares = self.scorer.score_pixels(
-                chunk, prompts[start : start + step] if prompts is not None else None
-            )
-            scores += more_scores
-            shares += more_shares
-        outputs: list[dict[str, list[float]] | Refused] = []
-        start = 0
-        for job in jobs:
-            if isinstance(job, Refused):
-                outputs.append(job)
+        for start in range(0, len(rows), step):
+            decoded = []
+            for k, i, source, prompt in rows[start : start + step]:
+                if isinstance(outputs[k], Refused):
+                    continue
+                pixels = pixels_or_error(source, self.scorer.preprocess, self.scorer.draft_decode)
+                if isinstance(pixels, BadImageError):
+                    outputs[k] = Refused(422, f"image {i + 1} of {len(jobs[k].sources)}: {pixels}")
+                    continue
+                decoded.append((k, pixels, prompt))
+            decoded = [row for row in decoded if not isinstance(outputs[row[0]], Refused)]
+            if not decoded:
                 continue
-            end = start + len(job.pixels)
-            outputs.append({"scores": scores[start:end], "coarse_share": shares[start:end]})
-            start = end
+            prompts = [prompt for _, _, prompt in decoded] if self.needs_prompt else None
+            scores, shares = self.scorer.score_pixels(torch.stack([pixels for _, pixels, _ in decoded]), prompts)
+            for (k, _, _), score, share in zip(decoded, scores, shares):
+                outputs[k]["scores"].append(score)
+                outputs[k]["coarse_share"].append(share)
         return outputs
 
     def encode_response(self, output):  # unannotated: LitServe would make the annotation the route's response model
         if isinstance(output, Refused):
-            return JSONResponse({"detail": output.reason}, status_code=output.status)
+            return error_response(output.status, output.reason)
         return {**self.about, **output}
 
     # ---- one request ---------------------------------------------------------------------------------------------
 
     def _job(self, request: Any) -> Job:
-        from mst_clipiqa.scoring.scorer import checked_prompts, pixels_or_error
+        from mst_clipiqa.scoring.scorer import checked_prompts
 
         if not isinstance(request, dict):
             raise Refused(400, f"the body is not a JSON object: {USAGE}")
@@ -196,20 +205,14 @@ class ScoreAPI(ls.LitAPI):
         sources = [read(item, f"image {i + 1} of {len(items)}") for i, item in enumerate(items)]
         if self.needs_prompt:
             try:
-                prompts = checked_prompts(sources, prompts)
+                prompts = checked_prompts(items if kind.startswith("path") else sources, prompts)
             except BadRowError as err:
                 raise Refused(422, str(err)) from err
             except ValueError as err:
                 raise Refused(400, f"{err}: give one prompt per image") from err
         else:
             prompts = None  # the template head reads none, as `score` ignores a table's prompts for it
-        pixels = []
-        for i, source in enumerate(sources):
-            decoded = pixels_or_error(source, self.scorer.preprocess, self.scorer.draft_decode)
-            if isinstance(decoded, BadImageError):
-                raise Refused(422, f"image {i + 1} of {len(items)}: {decoded}")
-            pixels.append(decoded)
-        return Job(pixels, prompts)
+        return Job(sources, prompts)
 
     def _read_path(self, given: Any, which: str) -> dict[str, Any]:
         """The bytes of a file inside the image folder, as an image source named by the path as given: the same
@@ -244,26 +247,29 @@ def _base64_image(given: Any, which: str) -> bytes:
 
 
 class RequestGuard:
-    """ASGI middleware on the scoring route, before LitServe's handler: the API key (401), the body size, named in
-    the 413 before the body is read where Content-Length tells it, a body that is not JSON (400, not LitServe's
-    500), and a multipart upload, turned into the JSON request so one path decodes both (and no multipart parser is
-    needed). LitServe then reads every body as JSON."""
+    """ASGI middleware before LitServe's routes: the API key on all but `OPEN_PATHS` (401), then, on the scoring
+    route, the body size, named in the 413 before the body is read where Content-Length tells it, a body that is not
+    JSON (400, not LitServe's 500), and a multipart upload, turned into the JSON request so one path decodes both
+    (and no multipart parser is needed). LitServe then reads every body as JSON."""
 
     def __init__(self, app: Any, *, api_key: str | None, max_bytes: int):
         self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != API_PATH:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = Headers(scope=scope)
-        if reason := key_refusal(self.api_key, headers):
-            await _answer(send, 401, reason)
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        if scope["path"] not in OPEN_PATHS and (reason := key_refusal(self.api_key, headers)):
+            await _answer(scope, receive, send, 401, reason)
+            return
+        if scope["method"] != "POST" or scope["path"] != API_PATH:
+            await self.app(scope, receive, send)
             return
         too_large = f"the request body exceeds {self.max_bytes} bytes (--max_request_mb)"
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_bytes:
-            await _answer(send, 413, too_large)
+            await _answer(scope, receive, send, 413, too_large)
             return
         body = bytearray()
         more = True
@@ -274,7 +280,7 @@ class RequestGuard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                await _answer(send, 413, too_large)
+                await _answer(scope, receive, send, 413, too_large)
                 return
         content_type = headers.get("content-type", "")
         upload = content_type.startswith("multipart/form-data")
@@ -285,7 +291,8 @@ class RequestGuard:
                 json.loads(body)
         except ValueError as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            await _answer(send, 400, f"the upload: {first}" if upload else f"the body is not JSON ({first}): {USAGE}")
+            reason = f"the upload: {first}" if upload else f"the body is not JSON ({first}): {USAGE}"
+            await _answer(scope, receive, send, 400, reason)
             return
         kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         extra = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -327,8 +334,8 @@ def multipart_to_json(content_type: str, body: bytes) -> bytes:
     return json.dumps({"images": images, **({"prompts": prompts} if prompts else {})}).encode()
 
 
-async def _answer(send: Any, status: int, reason: str) -> None:
-    await JSONResponse({"detail": reason}, status_code=status)({"type": "http"}, None, send)
+async def _answer(scope: dict, receive: Any, send: Any, status: int, reason: str) -> None:
+    await error_response(status, reason)(scope, receive, send)
 
 
 # ---- the command ---------------------------------------------------------------------------------------------------
@@ -398,7 +405,6 @@ def serve(
         max_images=max_images,
         max_bytes=max_bytes,
         image_root=root,
-        api_key=api_key,
         threads=threads,
         max_batch_size=max_batch_size,
         batch_timeout=batch_timeout,

@@ -281,7 +281,9 @@ def test_sigterm_stops_the_server_and_its_workers(server):
 def test_a_missing_litserve_is_one_line(saved_models):
     code = (
         "import sys; sys.modules['litserve'] = None\n"
-        "from mst_clipiqa.cli.commands import main\n"
+        "from mst_clipiqa.cli.commands import main, overview\n"
+        "import mst_clipiqa.scoring.scorer  # the rest of the package does without LitServe\n"
+        "assert 'serve' in overview()\n"
         f"main(['serve', {str(saved_models['template'][1])!r}])\n"
     )
     done = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)

@@ -6,6 +6,7 @@ import base64
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -299,3 +300,15 @@ def test_a_wrong_model_is_one_line_before_any_worker(tmp_path, capsys):
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("mst-clipiqa serve: error: ") and "Traceback" not in err, err
+
+
+def test_a_port_in_use_is_one_line(saved_models, capsys):
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        with pytest.raises(SystemExit) as exit_:
+            main(["serve", str(saved_models["template"][1]), "--port", str(port)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mst-clipiqa serve: error: --port {port}: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "choose another port"
+    )

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import secrets
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -381,6 +382,11 @@ def serve(
         root = Path(image_root).expanduser().resolve()
         if not root.is_dir():
             raise NotADirectoryError(f"--image_root {image_root}: no such folder")
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as err:
+        why = os.strerror(err.errno) if err.errno else str(err)
+        raise OptionError(f"--port {port}: cannot listen on {host}:{port}: {why}; choose another port") from err
     accelerator = {"gpu": "cuda"}.get(accelerator, accelerator)
     if accelerator not in ("auto", "cpu", "cuda", "mps"):
         raise OptionError(f"--accelerator {accelerator}: choose auto, cpu, cuda (gpu) or mps")
@@ -423,7 +429,7 @@ def serve(
         print(f"warning: serving on {host} without an API key (--api_key or ${API_KEY_ENV})", file=sys.stderr)
     print(
         f"serving {name} (MOS {mos_range[0]:g} to {mos_range[1]:g}) at http://{host}:{port}{API_PATH}; "
-        f"{HEALTH_PATH} and /docs beside it",
+        f"{HEALTH_PATH} answers 200 once the workers are ready, /docs is the API page",
         file=sys.stderr,
     )
     _stop_on_sigterm()

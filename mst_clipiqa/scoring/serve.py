@@ -121,6 +121,9 @@ class ScoreAPI(ls.LitAPI):
         from mst_clipiqa.hub.pretrained import from_pretrained
         from mst_clipiqa.scoring.scorer import Scorer
 
+        # Ctrl-C reaches every process of the terminal's group: the server's own process stops this one, which
+        # would otherwise die mid-call with a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.threads:
             torch.set_num_threads(self.threads)
         module = from_pretrained(self.model, revision=self.revision)
@@ -432,7 +435,7 @@ def serve(
         f"{HEALTH_PATH} answers 200 once the workers are ready, /docs is the API page",
         file=sys.stderr,
     )
-    _stop_on_sigterm()
+    _stop_on_signals()
     try:
         server.run(host=host, port=port, generate_client_file=False, log_level="warning")
     finally:
@@ -445,9 +448,10 @@ def _model_name(model: str) -> str:
     return path.resolve().name if path.exists() else model
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (docker stop, Kubernetes, kill) takes LitServe's Ctrl-C path, which stops its workers; the processes
-    this one forks inherit the handler and keep SIGTERM's default."""
+def _stop_on_signals() -> None:
+    """SIGTERM (docker stop, Kubernetes, kill) and SIGINT (Ctrl-C) take LitServe's Ctrl-C path, which stops its
+    workers; the processes this one forks inherit the handler and keep the signals' defaults. (Under Python's own
+    SIGINT handler, LitServe 0.2.19's shutdown waited forever on its manager process.)"""
     main = os.getpid()
 
     def stop(signum: int, frame: Any) -> None:
@@ -458,6 +462,7 @@ def _stop_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def _stop_children() -> None:

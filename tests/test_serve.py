@@ -191,7 +191,7 @@ def bad_images(tmp_path_factory) -> dict[str, bytes]:
     }
 
 
-def bad_requests(good: str, bad_images: dict[str, bytes]) -> dict[str, tuple]:
+def bad_requests(good: str, name: str, bad_images: dict[str, bytes]) -> dict[str, tuple]:
     """kind → (body, or raw bytes to send as is; the status; words of the reason)."""
     return {
         "not JSON": (b"{images: [", 400, "the body is not JSON (Expecting property name"),
@@ -206,6 +206,7 @@ def bad_requests(good: str, bad_images: dict[str, bytes]) -> dict[str, tuple]:
         ),
         "decompression bomb": ({"images": [b64(bad_images["bomb"])], "prompts": ["a"]}, 422, "decompression bomb"),
         "missing prompt": ({"images": [good, good], "prompts": ["a", None]}, 422, "no prompt for <bytes> (row 2"),
+        "missing prompt by path": ({"paths": [name, name], "prompts": ["a", " "]}, 422, f"no prompt for {name} (row 2"),
         "no prompts": ({"images": [good]}, 422, "pass one prompt per image"),
         "prompt count": ({"images": [good, good], "prompts": ["a"]}, 400, "2 images but 1 prompts"),
         "too many images": (
@@ -221,7 +222,7 @@ def bad_requests(good: str, bad_images: dict[str, bytes]) -> dict[str, tuple]:
 
 def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(server, images, bad_images):
     good = b64(images[0].read_bytes())
-    cases = bad_requests(good, bad_images)
+    cases = bad_requests(good, images[0].name, bad_images)
 
     def send(body):
         if isinstance(body, bytes):

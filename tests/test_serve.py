@@ -102,22 +102,27 @@ def server(saved_models, images, tmp_path_factory) -> Server:
         "--image_root", str(images[0].parent), "--max_images", str(MAX_IMAGES), "--max_request_mb", "1",
         "--batch_timeout", "0.05",
     ]  # fmt: skip
-    with log.open("w") as out:
+    with log.open("w") as out:  # its own process group, so that nothing it starts outlives a failed test
         process = subprocess.Popen(
-            command, env=subprocess_env(MST_CLIPIQA_API_KEY=KEY), stdout=out, stderr=subprocess.STDOUT
+            command,
+            env=subprocess_env(MST_CLIPIQA_API_KEY=KEY),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     served = Server(process, port, log, images[0].parent)
-    deadline = time.monotonic() + 120
-    while not served.healthy():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not come up:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
-    yield served
-    if process.poll() is None:
-        for pid in descendants(process.pid):
-            os.kill(pid, signal.SIGKILL)
-        process.kill()
+    try:
+        deadline = time.monotonic() + 120
+        while not served.healthy():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not come up:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield served
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # stopped by the test, workers and all
         process.wait(30)
 
 

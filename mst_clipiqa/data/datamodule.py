@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from mst_clipiqa import checkpoints
 from mst_clipiqa.data.checks import check_dataset, image_problems
 from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_features
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
@@ -26,6 +25,7 @@ from mst_clipiqa.data.splits import Split, load_splits, make_splits, predict_ind
 from mst_clipiqa.data.tables import Columns, load_source
 from mst_clipiqa.errors import BadImageError, OptionError
 from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
+from mst_clipiqa.training import checkpoints
 
 log = logging.getLogger(__name__)
 

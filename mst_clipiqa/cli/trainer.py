@@ -10,11 +10,15 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mst_clipiqa.cli.parse_errors import SuggestingErrors
 from mst_clipiqa.data.datamodule import IQADataModule
+from mst_clipiqa.errors import OptionError
 from mst_clipiqa.scoring.predictions import PredictionWriter
 from mst_clipiqa.training.callbacks import SaveConfigToWandb, WandbEvaluationLogger
 from mst_clipiqa.training.checkpoints import ResumingModelCheckpoint, continue_run, read_checkpoint, resolve_ckpt_path
 from mst_clipiqa.training.launch import check_world_size, take_launcher_options
 from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
+
+NEED_WEIGHTS = ("validate", "test", "predict")
+"""The commands that evaluate a trained model: without weights they would score with an untrained head."""
 
 # Field docstrings of the config dataclasses become each option's --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -77,6 +81,11 @@ class MSTCLIPIQACLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand in NEED_WEIGHTS and not ckpt_path and not self.config[subcommand].get("model.init_from"):
+            raise OptionError(
+                f"{subcommand} needs trained weights: pass --ckpt_path (a .ckpt file of a fit, or last) or "
+                "--model.init_from (a saved model folder or hub id)"
+            )
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)
 

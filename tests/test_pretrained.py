@@ -108,6 +108,41 @@ def test_checkpoint_loads_and_exports_like_the_module(tiny_clip, tmp_path, capsy
         assert torch.equal(scores(from_pretrained(source), rows), scores(module, rows))
 
 
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_export_replaces_an_existing_model_folder_only_when_asked_and_never_half_way(tiny_clip, tmp_path, capsys):
+    clip = own_copy(tiny_clip, tmp_path)
+    module = trained_module(clip, mos_range=(0.0, 5.0))
+    first, second = tmp_path / "first.ckpt", tmp_path / "second.ckpt"
+    for checkpoint in (first, second):
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(module, DataLoader(pixel_rows(4), batch_size=4))
+        trainer.save_checkpoint(checkpoint)
+    out = tmp_path / "models" / "model"
+    main(["export", "--ckpt_path", str(first), "--out", str(out)])
+    kept = folder_bytes(out)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", str(second), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"--out {out} already exists: pass --overwrite true" in capsys.readouterr().err
+    assert folder_bytes(out) == kept
+
+    shutil.rmtree(clip[1])  # the second export fails when it copies the encoders: the folder stays as it was
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", str(second), "--out", str(out), "--overwrite", "true"])
+    assert exit_info.value.code == 1 and folder_bytes(out) == kept
+    shutil.copytree(tiny_clip[1], clip[1])
+    main(["export", "--ckpt_path", str(second), "--out", str(out), "--overwrite", "true"])
+    replaced = folder_bytes(out)
+    assert replaced["model.safetensors"] != kept["model.safetensors"] and replaced.keys() == kept.keys()
+    assert "# model" in replaced["README.md"].decode()  # the card names the folder, not the one it was written in
+    assert [path.name for path in out.parent.iterdir()] == ["model"]  # nothing left beside it
+
+
 @pytest.mark.parametrize("variant", ["template", "prompt"])
 def test_files_written_before_the_network_held_the_mos_scale_score_the_same(tiny_clip, tmp_path, variant):
     """Checkpoints and folders in the layout written before the MOS scale moved into the network, made by hand: a

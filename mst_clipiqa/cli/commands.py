@@ -160,16 +160,17 @@ def score(
     )
 
 
-def export(ckpt_path: str, out: str) -> None:
+def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
     """Turn a checkpoint into a shareable model folder: config, weights (no pickle), model card.
 
     Args:
         ckpt_path: checkpoint written by `mst-clipiqa fit` (best-epochNN.ckpt or last.ckpt)
         out: folder to write; `mst-clipiqa score` and `load_scorer` read it
+        overwrite: replace the folder if it exists (the new one is written beside it, then renamed into place)
     """
     from mst_clipiqa.hub.pretrained import export_main
 
-    export_main(ckpt_path, out)
+    export_main(ckpt_path, out, overwrite)
 
 
 def demo(fit_args: list[str], workdir: str = "demo_run", scenes: int = 40) -> None:

@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
-from mst_clipiqa.errors import BadModelError
+from mst_clipiqa.errors import BadModelError, OptionError
 from mst_clipiqa.hub.saved_model import CARD_NAME, CONFIG_NAME, ENCODERS, WEIGHTS_NAME, SavedModel
 from mst_clipiqa.model import MSTCLIPIQA
 from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
@@ -99,8 +101,29 @@ def push_to_hub(
     return commit.commit_url
 
 
-def export_main(ckpt_path: str | Path, out: str | Path) -> None:
+def export_main(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> None:
     """`mst-clipiqa export --ckpt_path X.ckpt --out folder` (options: `mst_clipiqa.cli.commands.export`): a Lightning
-    checkpoint to the shareable format."""
-    folder = SavedModel.read(ckpt_path).save(out)
-    print(f"saved {folder}: {', '.join(sorted(path.name for path in folder.iterdir()))}")
+    checkpoint to the shareable format.
+
+    An existing folder (other than an empty one) is replaced only with `overwrite`; the model is written in a folder
+    beside `out` and renamed into place, so `out` is never half-written.
+
+    Raises:
+        OptionError: `out` exists and `overwrite` is not set, or `out` is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file: give the folder to write the model to")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OptionError(f"--out {out} already exists: pass --overwrite true to replace it, or give another folder")
+    saved = SavedModel.read(ckpt_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        saved.save(staging / out.name)  # the card names the folder it is written to: the same name as `out`
+        if out.exists():
+            out.rename(staging / "replaced")
+        (staging / out.name).rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"saved {out}: {', '.join(sorted(path.name for path in out.iterdir()))}")

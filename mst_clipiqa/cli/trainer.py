@@ -4,8 +4,9 @@ module, checkpointing and W&B reporting."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from mst_clipiqa.cli.parse_errors import SuggestingErrors
@@ -106,11 +107,20 @@ class MSTCLIPIQACLI(LightningCLI):
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), self.trainer, self.model, self.datamodule)
         if self.subcommand == "fit":
-            continue_run(self.trainer, config["ckpt_path"])
+            continue_run(self.trainer, config["ckpt_path"], self._logger_args())
         if config.get("weights_only") is None:
             config["weights_only"] = True
 
     before_validate = before_test = before_fit
+
+    def _logger_args(self) -> list[dict[str, Any] | None]:
+        """Each logger's init_args as configured; None for Lightning's default logger (``logger: true``)."""
+        configs = self.config[self.subcommand]["trainer"]["logger"]
+        configs = configs if isinstance(configs, list) else [configs]
+        return [
+            config.init_args.as_dict() if isinstance(config, Namespace) and "init_args" in config else None
+            for config in configs
+        ]
 
     def before_predict(self) -> None:
         """As `before_fit`; then the predictions are written to ``--predictions_path`` (see `PredictionWriter`)."""

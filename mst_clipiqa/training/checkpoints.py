@@ -21,9 +21,11 @@ goes on in the same folder and the same W&B run (same id, steps continuing), aft
 
 from __future__ import annotations
 
+import csv
 import pickle
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mst_clipiqa.data.tables import Columns
@@ -218,11 +220,15 @@ def new_run_file(trainer: L.Trainer, folder: Path, name: str) -> Path:
     return path
 
 
-def continue_run(trainer: L.Trainer, ckpt_path: str | None) -> None:
+def continue_run(
+    trainer: L.Trainer, ckpt_path: str | None, logger_args: Sequence[dict[str, Any] | None] = ()
+) -> None:
     """Before a fit from the checkpoint `ckpt_path`: go on in the run it was saved by, its folder and its W&B run.
 
     The checkpoint's `ResumingModelCheckpoint` state holds the run's folder and W&B run id. The folder, if it still
-    exists, becomes this run's `run_dir`; every `WandbLogger` without an id of its own takes the run id, with
+    exists, becomes this run's `run_dir`, and a CSV or TensorBoard logger about to open a new version folder beside
+    it logs on in it instead (`log_on_in`; `logger_args` are the loggers' arguments, None for Lightning's default
+    logger); every `WandbLogger` without an id of its own takes the run id, with
     ``resume="allow"``, so the W&B run continues (offline, wandb writes a new ``offline-run-*-<id>`` folder that
     `wandb sync` uploads into the same run). Call it before the fit starts: Lightning starts the W&B run at setup.
     Does nothing without a checkpoint file or a `ResumingModelCheckpoint`.
@@ -230,10 +236,13 @@ def continue_run(trainer: L.Trainer, ckpt_path: str | None) -> None:
     callback = trainer.checkpoint_callback
     if not (ckpt_path and Path(ckpt_path).is_file() and isinstance(callback, ResumingModelCheckpoint)):
         return
-    state = read_checkpoint(ckpt_path).get("callbacks", {}).get(callback.state_key, {})
+    checkpoint = read_checkpoint(ckpt_path)
+    state = checkpoint.get("callbacks", {}).get(callback.state_key, {})
     folder, run_id = state.get("run_dir"), state.get("wandb_id")
     if folder and Path(folder).is_dir():
         callback.resumed_run_dir = Path(folder)
+        args = list(logger_args) + [None] * len(trainer.loggers)
+        trainer.loggers = [log_on_in(lg, Path(folder), args[i], checkpoint) for i, lg in enumerate(trainer.loggers)]
         rank_zero_info(f"Resuming: the run's files and checkpoints go on in {folder}")
     loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger) and logger.version is None]
     if run_id and loggers:
@@ -242,6 +251,35 @@ def continue_run(trainer: L.Trainer, ckpt_path: str | None) -> None:
             logger._id = run_id
             logger._wandb_init.update(id=run_id, resume="allow")
         rank_zero_info(f"Resuming: W&B run {run_id} continues")
+
+
+def log_on_in(logger: Logger, folder: Path, args: dict[str, Any] | None, checkpoint: dict[str, Any]) -> Logger:
+    """`logger`, or, if it is a CSV or TensorBoard logger about to open a new version folder beside `folder`, the run
+    it resumes, the same logger made anew (from `args`, its arguments, or as Lightning's default logger) on `folder`.
+
+    Lightning's CSV writer starts metrics.csv afresh in a folder that has one: the rows logged up to the checkpoint
+    (`checkpoint`'s epoch and step) are written back, so the file reads as one run; those of the epoch it was killed
+    in are logged again by the resumed fit.
+    """
+    if not isinstance(logger, CSVLogger | TensorBoardLogger) or Path(logger.log_dir).exists():
+        return logger
+    if Path(logger.root_dir).resolve() != folder.resolve().parent:
+        return logger
+    kept = []
+    if isinstance(logger, CSVLogger) and (folder / "metrics.csv").is_file():
+        with (folder / "metrics.csv").open(newline="") as file:
+            rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(file)]
+        epoch, step = checkpoint.get("epoch", -1), checkpoint.get("global_step", -1)
+        kept = [row for row in rows if int(row["step"]) <= step and int(row.get("epoch", epoch)) <= epoch]
+    resumed = type(logger)(**{**(args or {"save_dir": logger.save_dir, "name": logger.name}), "version": folder.name})
+    if kept:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            writer = resumed.experiment  # rank 0's; the others' is a stand-in that does nothing
+        for row in kept:
+            writer.log_metrics({key: value for key, value in row.items() if key != "step"}, int(row["step"]))
+        writer.save()
+    return resumed
 
 
 class ResumingModelCheckpoint(ModelCheckpoint):

@@ -220,9 +220,7 @@ def new_run_file(trainer: L.Trainer, folder: Path, name: str) -> Path:
     return path
 
 
-def continue_run(
-    trainer: L.Trainer, ckpt_path: str | None, logger_args: Sequence[dict[str, Any] | None] = ()
-) -> None:
+def continue_run(trainer: L.Trainer, ckpt_path: str | None, logger_args: Sequence[dict[str, Any] | None] = ()) -> None:
     """Before a fit from the checkpoint `ckpt_path`: go on in the run it was saved by, its folder and its W&B run.
 
     The checkpoint's `ResumingModelCheckpoint` state holds the run's folder and W&B run id. The folder, if it still

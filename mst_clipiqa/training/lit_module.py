@@ -94,7 +94,7 @@ def _as(cls: type, value: Any) -> Any:
     return cls(**{k: v for k, v in dict(value).items() if k in names})
 
 
-def _settings_from(saved: ModelConfig, net: ModelConfig, source: str) -> ModelConfig:
+def settings_from(saved: ModelConfig, net: ModelConfig, source: str) -> ModelConfig:
     """`net` with each setting left at its default taken from the saved model's network."""
     default = ModelConfig()
     taken = {
@@ -133,7 +133,7 @@ class MSTCLIPIQAModule(L.LightningModule):
         saved = None
         if init_from is not None:
             saved = SavedModel.read(init_from)
-            self.net_config = _settings_from(saved.net, self.net_config, init_from)
+            self.net_config = settings_from(saved.net, self.net_config, init_from)
         self.loss_config = _as(LossConfig, loss)
         self.optim_config = _as(OptimConfig, optim)
         self.save_hyperparameters(

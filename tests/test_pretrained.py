@@ -408,5 +408,17 @@ def test_fine_tuning_starts_from_the_saved_weights_and_mos_range(tiny_clip, demo
     # The demo's MOS span about 0.1..4.9, beyond the saved model's 1..4: training maps the data's range onto the head.
     trainer.fit(module, datamodule=data)
     assert module.net.mos_range.tolist() == list(data.mos_range)
+    # Its card says what it was fine-tuned from, saved directly or exported from a checkpoint.
+    trainer.save_checkpoint(tmp_path / "fine-tuned.ckpt")
+    main(["export", "--ckpt_path", str(tmp_path / "fine-tuned.ckpt"), "--out", str(tmp_path / "exported")])
+    for folder in (save_pretrained(module, tmp_path / "fine-tuned"), tmp_path / "exported"):
+        card = (folder / "README.md").read_text()
+        assert "Fine-tuned from `model`, a local model" in card, card
+        assert json.loads((folder / "config.json").read_text())["training"]["fine_tuned_from"] == {"name": "model"}
+    saved = SavedModel.read(tmp_path / "exported")  # as if it had been fine-tuned from a hub model
+    saved.training["fine_tuned_from"] = {"hub_id": "org/base", "name": "org/base"}
+    card = ModelCard((saved.save(tmp_path / "from-hub") / "README.md").read_text())
+    assert "Fine-tuned from [`org/base`](https://huggingface.co/org/base)" in card.text
+    assert card.data.base_model == ["org/base"]
     after = module.net.fusion.state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in start.items())

@@ -215,6 +215,7 @@ def test_push_to_hub_checks_the_folder_then_uploads_it_with_card_and_encoders(ti
             return type("Commit", (), {"commit_url": "https://hub/commit/1"})()
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     assert push_to_hub(folder, "me/model", token="t") == "https://hub/commit/1"
     *start, (_, repo_id, uploaded, patterns) = calls
     assert start == [("token", "t"), ("create", "me/model", True)] and (repo_id, uploaded) == ("me/model", folder)
@@ -233,6 +234,49 @@ def test_push_to_hub_checks_the_folder_then_uploads_it_with_card_and_encoders(ti
     with pytest.raises(BadModelError, match="outside it"):
         push_to_hub(old, "me/model")
     assert len(calls) == 3
+
+
+def test_push_command_says_in_one_line_why_it_cannot_push(tiny_clip, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    folder = str(save_pretrained(trained_module(tiny_clip), tmp_path / "model"))
+
+    def push(*args: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["push", *args])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        return exit_info.value.code, err.strip()
+
+    assert constants.HF_HUB_OFFLINE  # the tests run offline
+    assert push(folder, "me/model") == (1, "mst-clipiqa push: error: cannot push to me/model: HF_HUB_OFFLINE is set; "
+                                           "unset it on a machine online")  # fmt: skip
+    missing = push(str(tmp_path / "modle"), "me/model")[1]
+    assert missing.endswith(f"no such model folder: {tmp_path / 'modle'} (export a checkpoint first: mst-clipiqa "
+                            "export --help)")  # fmt: skip
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, as far as the command can tell; no token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    no_token = push(folder, "me/model")[1]
+    assert no_token.endswith("no Hugging Face token; run `hf auth login` or set HF_TOKEN (a write token)")
+
+    NOT_FOUND = SimpleNamespace(headers={}, status_code=404, request=None)  # what the hub's HTTP client answered
+
+    class NoSuchRepo:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            raise RepositoryNotFoundError("404 Client Error", response=NOT_FOUND)
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr("huggingface_hub.HfApi", NoSuchRepo)
+    status, said = push(folder, "nobody/model")
+    assert status == 1 and "repo nobody/model not found, or the token may not write to it" in said
 
 
 def test_exported_model_scores_offline_anywhere_without_its_original_encoders(

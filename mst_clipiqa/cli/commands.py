@@ -173,6 +173,24 @@ def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
     export_main(ckpt_path, out, overwrite)
 
 
+def push(model: str, repo: str, private: bool | None = None, message: str = "Upload MST-CLIPIQA model") -> None:
+    """Upload a saved model folder to a Hugging Face Hub model repo, with its card and encoders.
+
+    Needs a write token (`hf auth login`, or HF_TOKEN). The repo is created if missing.
+
+    Args:
+        model: saved model folder (from `mst-clipiqa export` or `save_pretrained`)
+        repo: hub repo id: user/name or org/name
+        private: create the repo private (null: the hub's default, or the existing repo's setting)
+        message: commit message
+    """
+    from mst_clipiqa.hub.pretrained import push_to_hub
+
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"no such model folder: {model} (export a checkpoint first: {PROG} export --help)")
+    print(f"pushed {model} to {repo}: {push_to_hub(model, repo, private=private, commit_message=message)}")
+
+
 def demo(fit_args: list[str], workdir: str = "demo_run", scenes: int = 40) -> None:
     """Run the whole pipeline offline in minutes on a CPU: draw a small data set, fit, test.
 
@@ -194,9 +212,15 @@ def demo(fit_args: list[str], workdir: str = "demo_run", scenes: int = 40) -> No
     )
 
 
-COMMANDS: dict[str, Callable[..., None]] = {"benchmark": benchmark, "score": score, "export": export, "demo": demo}
+COMMANDS: dict[str, Callable[..., None]] = {
+    "benchmark": benchmark,
+    "score": score,
+    "export": export,
+    "push": push,
+    "demo": demo,
+}
 """Commands beyond the Trainer's. A first parameter `fit_args` receives every option the command does not declare."""
-POSITIONAL = {"score": ("model", "inputs")}
+POSITIONAL = {"score": ("model", "inputs"), "push": ("model", "repo")}
 PASSES_ON = "fit_args"
 
 
@@ -306,6 +330,7 @@ def refuse_run_config(command: str, argv: Sequence[str]) -> None:
             takes = {
                 "score": f"MODEL, e.g. {PROG} score {example} IMAGES --out scores.csv",
                 "export": f"--ckpt_path and --out, e.g. {PROG} export --ckpt_path {example} --out my-model",
+                "push": f"MODEL REPO, a folder that {PROG} export wrote and a hub repo id",
             }[command]
             raise OptionError(f"--config {path} configures training (fit, test, ...); {command} takes {takes}")
 

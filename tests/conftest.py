@@ -31,8 +31,10 @@ from mst_clipiqa.demo.tiny_clip import build_tiny_pair  # noqa: E402
 
 @pytest.fixture(scope="session", autouse=True)
 def feature_cache(tmp_path_factory):
-    """The session's own feature cache folder, so no test reads or fills the user's cache."""
+    """The session's own feature cache folder, and user cache folder (the help's), so no test reads or fills the
+    user's caches."""
     os.environ["MST_CLIPIQA_FEATURES"] = str(tmp_path_factory.mktemp("feature-cache"))
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
     return os.environ["MST_CLIPIQA_FEATURES"]
 
 

@@ -207,11 +207,11 @@ def median_seconds(args: list[str], times: int) -> float:
     return statistics.median(seconds)
 
 
-def imported(args: list[str]) -> set[str]:
+def imported(args: list[str], env: dict[str, str] | None = None) -> set[str]:
     """The modules `python -m mst_clipiqa ARGS` imports."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "mst_clipiqa", *args], env=subprocess_env(), capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, "-X", "importtime", "-m", "mst_clipiqa", *args], env=env or subprocess_env(),
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
@@ -232,3 +232,14 @@ def test_the_help_answers_at_once_without_torch_or_lightning(args, limit):
     heavy = {name for name in imported(args) if name.split(".")[0] in ("torch", "lightning", "transformers")}
     assert not heavy, sorted(heavy)[:10]
     assert median_seconds(args, times=5 if args == ["--help"] else 3) < limit
+
+
+def test_a_trainer_commands_help_is_rendered_once_then_read_back_without_lightning(tmp_path):
+    env = subprocess_env(XDG_CACHE_HOME=str(tmp_path))
+    first = console("fit", "--help", env=env)
+    assert first.returncode == 0 and "--model.net.variant" in first.stdout, first.stderr[-2000:]
+    assert len(list((tmp_path / "mst_clipiqa" / "help").glob("fit-*.txt"))) == 1
+    heavy = {name for name in imported(["fit", "--help"], env) if name.split(".")[0] in ("torch", "lightning")}
+    assert not heavy, sorted(heavy)[:10]
+    again = console("fit", "--help", env=env)
+    assert (again.returncode, again.stdout) == (0, first.stdout)

@@ -373,12 +373,65 @@ def run(argv: list[str]) -> None:
         known = [*TRAINER_COMMANDS, *COMMANDS]
         suggestion = did_you_mean(argv[:1], known)
         raise ArgumentError(None, f"no command {argv[0]!r}{suggestion} (the commands: {', '.join(known)})")
+    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+        print(trainer_help(argv[0]), end="")
+        sys.exit(0)  # as argparse does after a help
     from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
     with warnings.catch_warnings():
         # `argv` is sys.argv's, less --debug: args= is the point
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         MSTCLIPIQACLI(args=argv)
+
+
+def trainer_help(command: str) -> str:
+    """The help of a Trainer command, from the user's cache when this installation rendered it before.
+
+    Rendering it builds LightningCLI's parser (Lightning's import, every configurable class's docstrings): seconds,
+    for the same text every time. The text is kept under ``$XDG_CACHE_HOME/mst_clipiqa/help`` (else ~/.cache), keyed
+    by the versions of what writes it, the package's source files and the terminal's width.
+    """
+    path = _help_cache() / f"{command}-{_help_key()}.txt"
+    try:
+        return path.read_text()
+    except OSError:
+        pass
+    import contextlib
+    import io
+
+    from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        try:
+            MSTCLIPIQACLI(args=[command, "--help"])
+        except SystemExit as exit_info:
+            if exit_info.code not in (0, None):
+                raise
+    text = out.getvalue()
+    with contextlib.suppress(OSError):  # a read-only home still gets the help, rendered each time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        partial.replace(path)
+    return text
+
+
+def _help_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mst_clipiqa" / "help"
+
+
+def _help_key() -> str:
+    import hashlib
+    import shutil
+    from importlib.metadata import version
+
+    package = Path(__file__).parents[1]
+    parts = [sys.version, str(shutil.get_terminal_size().columns)]
+    parts += [f"{name}={version(name)}" for name in ("mst-clipiqa", "lightning", "jsonargparse", "torch")]
+    parts += [f"{path}:{path.stat().st_mtime_ns}:{path.stat().st_size}" for path in sorted(package.rglob("*.py"))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def run_command(name: str, argv: list[str]) -> None:

@@ -37,7 +37,8 @@ def main() -> None:
             read_back.append(seconds(["fit", "--help"], cache))
             score.append(seconds(["score", "--help"], cache))
     print(f"load average {os.getloadavg()[0]:.2f}; median of {runs}:")
-    for name, times in (("fit --help, rendered", rendered), ("fit --help, read back", read_back), ("score --help", score)):
+    timed = {"fit --help, rendered": rendered, "fit --help, read back": read_back, "score --help": score}
+    for name, times in timed.items():
         print(f"  {name + ':':22} {statistics.median(times):6.2f} s  ({', '.join(f'{t:.2f}' for t in times)})")
 
 

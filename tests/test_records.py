@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 import yaml
 from scripts.models import trained_module
-from scripts.runs import cli_args, in_process, one_thread
+from scripts.runs import cli_args, in_process, one_thread, subprocess_env
 
 from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
+from mst_clipiqa.demo.run import DEMO_CONFIG
 from mst_clipiqa.hub.pretrained import save_pretrained
 from mst_clipiqa.model import ModelConfig
 from mst_clipiqa.training.checkpoints import read_checkpoint
@@ -71,3 +75,22 @@ def test_a_strategy_left_to_auto_is_recorded_as_the_one_used(tiny_clip, demo_dat
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         cli = MSTCLIPIQACLI(args=cli_args(demo_data, tiny_clip, tmp_path, epochs=1), run=False)
     assert cli.config["trainer"]["strategy"] == "auto"  # one device: nothing was chosen that a rerun would not
+
+
+def test_a_fit_prints_what_its_user_needs_and_no_third_party_noise(tiny_clip, demo_data, tmp_path):
+    # The demo's config less its choices of logger and model summary: Lightning's defaults (without tensorboard, a
+    # CSVLogger) but for what the command sets.
+    config = yaml.safe_load(DEMO_CONFIG.read_text())
+    del config["trainer"]["logger"], config["trainer"]["enable_model_summary"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    args = cli_args(demo_data, tiny_clip, tmp_path, epochs=1)
+    args[args.index(str(DEMO_CONFIG))] = str(tmp_path / "config.yaml")
+    at = args.index("--trainer.logger.init_args.save_dir")
+    del args[at : at + 2]  # the default logger writes under --trainer.default_root_dir, given too
+    console = shutil.which("mst-clipiqa", path=str(Path(sys.executable).parent))
+    run = subprocess.run([console, "fit", *args], env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, said[-3000:]
+    assert "MST-CLIPIQA (template head):" in said and "trainable" in said
+    for noise in ("Tip:", "litlogger", "LeafSpec", "tensorboardX", "Trainable params", "┃ Name"):
+        assert noise not in said, said

@@ -4,6 +4,8 @@ module, checkpointing and W&B reporting."""
 from __future__ import annotations
 
 import inspect
+import logging
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,9 +32,32 @@ LINKS = {
 }
 """Data options that follow the network's: target → (source, how it follows, None for the same value)."""
 
-TRAINER_DEFAULTS = {"devices": 1}
-"""Trainer options whose default here is not Lightning's: one device unless asked (every config says so too); a
-launcher's LT_DEVICES fills it in."""
+TRAINER_DEFAULTS = {"devices": 1, "enable_model_summary": False}
+"""Trainer options whose default here is not Lightning's: one device unless asked (every config says so too; a
+launcher's LT_DEVICES fills it in); no model summary table (the module prints its trainable and frozen counts)."""
+
+NOISE = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's, about Lightning's own code
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # logger=True without tensorboard: a CSVLogger
+)
+"""Third-party warnings that a user of the commands can do nothing about."""
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertisements for its cloud services ("💡 Tip: ... litlogger", "... litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+_NO_TIPS = _NoTips()
+
+
+def quiet_third_party() -> None:
+    """Keep a command's output to what its user needs; called as the command starts, for the process it runs."""
+    for message in NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NO_TIPS)
 
 NEED_WEIGHTS = ("validate", "test", "predict")
 """The commands that evaluate a trained model: without weights they would score with an untrained head."""
@@ -53,6 +78,7 @@ class MSTCLIPIQACLI(LightningCLI):
     """
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs):
+        quiet_third_party()
         super().__init__(
             MSTCLIPIQAModule,
             IQADataModule,

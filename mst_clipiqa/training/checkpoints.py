@@ -32,6 +32,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -340,6 +341,6 @@ class ResumingModelCheckpoint(ModelCheckpoint):
         if not self._fitting:
             return
         previous = state_dict.get("dirpath")
-        if previous and previous != self.dirpath and self._fs.isdir(previous):
+        if previous and previous != self.dirpath and get_filesystem(previous).isdir(previous):
             self.dirpath = previous
         super().load_state_dict(state_dict)

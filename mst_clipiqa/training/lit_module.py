@@ -173,7 +173,10 @@ class MSTCLIPIQAModule(L.LightningModule):
         split's min and max) onto the head, also when the weights it starts from were trained on another scale;
         evaluating and predicting keep the scale the model was trained on (restored from a checkpoint after this
         hook), or take the data's when it has none."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            datamodule = getattr(self.trainer, "datamodule", None)
+        except RuntimeError:  # not attached to a Trainer
+            datamodule = None
         data_range = getattr(datamodule, "mos_range", None)
         net = self.net
         if data_range is not None and (stage == "fit" or not net.has_mos_range):

@@ -47,6 +47,9 @@ USER_ERRORS = (MSTCLIPIQAError, FileNotFoundError, NotADirectoryError, IsADirect
 
 SCORE_FORMATS = (".csv", ".jsonl", ".parquet")
 
+NEED_WEIGHTS = ("validate", "test", "predict")
+"""The Trainer's commands that evaluate a trained model: without weights they would score with an untrained head."""
+
 
 # ---- the commands beyond the Trainer's ---------------------------------------------------------------------------
 
@@ -373,6 +376,8 @@ def run(argv: list[str]) -> None:
         known = [*TRAINER_COMMANDS, *COMMANDS]
         suggestion = did_you_mean(argv[:1], known)
         raise ArgumentError(None, f"no command {argv[0]!r}{suggestion} (the commands: {', '.join(known)})")
+    if argv[0] in NEED_WEIGHTS and not weights_maybe_given(argv[1:]):
+        raise no_weights(argv[0])  # before the seconds of building the Trainer's parser
     if len(argv) == 2 and argv[1] in ("-h", "--help"):
         print(trainer_help(argv[0]), end="")
         sys.exit(0)  # as argparse does after a help
@@ -382,6 +387,35 @@ def run(argv: list[str]) -> None:
         # `argv` is sys.argv's, less --debug: args= is the point
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         MSTCLIPIQACLI(args=argv)
+
+
+def no_weights(command: str) -> OptionError:
+    """The error of `command` (validate, test, predict) given no trained weights."""
+    return OptionError(
+        f"{command} needs trained weights: pass --ckpt_path (a .ckpt file of a fit, or last) or --model.init_from (a "
+        "saved model folder or hub id)"
+    )
+
+
+def weights_maybe_given(argv: Sequence[str]) -> bool:
+    """Whether `argv` may give trained weights (--ckpt_path, --model.init_from), itself or in a config file; False
+    only where it surely does not. The parse decides the rest (`MSTCLIPIQACLI.parse_arguments`)."""
+    import yaml
+
+    options = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
+    if options & {"--ckpt_path", "--model.init_from", "--model", "-h", "--help", "--print_config"}:
+        return True
+    for path in config_paths(argv):
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            return True  # the parser reports it
+        model = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(config, dict) or config.get("ckpt_path") or not isinstance(model or {}, dict):
+            return True
+        if (model or {}).get("init_from"):
+            return True
+    return False
 
 
 def trainer_help(command: str) -> str:

@@ -14,9 +14,9 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 
+from mst_clipiqa.cli.commands import NEED_WEIGHTS, no_weights
 from mst_clipiqa.cli.parse_errors import SuggestingErrors
 from mst_clipiqa.data.datamodule import IQADataModule
-from mst_clipiqa.errors import OptionError
 from mst_clipiqa.hub.saved_model import SavedModel
 from mst_clipiqa.model import ModelConfig
 from mst_clipiqa.scoring.predictions import PredictionWriter
@@ -59,8 +59,6 @@ def quiet_third_party() -> None:
         warnings.filterwarnings("ignore", message=message)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NO_TIPS)
 
-NEED_WEIGHTS = ("validate", "test", "predict")
-"""The commands that evaluate a trained model: without weights they would score with an untrained head."""
 
 # Field docstrings of the config dataclasses become each option's --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -123,10 +121,7 @@ class MSTCLIPIQACLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if subcommand in NEED_WEIGHTS and not ckpt_path and not self.config[subcommand].get("model.init_from"):
-            raise OptionError(
-                f"{subcommand} needs trained weights: pass --ckpt_path (a .ckpt file of a fit, or last) or "
-                "--model.init_from (a saved model folder or hub id)"
-            )
+            raise no_weights(subcommand)
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)
 

@@ -15,8 +15,9 @@ in a new folder Lightning forgets the best score and the first epoch after a res
 
 The run's folder. Every run keeps its own files (config.yaml, splits.json, reports) in `run_dir`, next to its
 ``checkpoints/``, and never writes over an earlier run's (`new_run_file`). Each checkpoint records that folder and
-the id of the W&B run it logs to; `continue_run` takes both back before a resumed fit starts, so the resumed run
-goes on in the same folder and the same W&B run (same id, steps continuing), after a kill as after a SLURM requeue.
+the id and step of the W&B run it logs to; `continue_run` takes them back before a resumed fit starts, so the resumed
+run goes on in the same folder, CSV or TensorBoard log and W&B run (same id, steps continuing), after a kill as
+after a SLURM requeue.
 """
 
 from __future__ import annotations

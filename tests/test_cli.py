@@ -46,7 +46,7 @@ def test_a_wrong_key_a_misspelled_option_or_a_bad_value_says_what_was_meant(tmp_
     assert "'model.net.fusion_width'; did you mean model.net.fusion_dim?" in said
     said = error_of(["fit", "--config", DEMO, "--trainer.max_epohcs", "2"], capsys)
     assert said.endswith("unrecognized arguments: --trainer.max_epohcs 2; did you mean --trainer.max_epochs?")
-    said = error_of(["validate", "--config", DEMO, "--data.protocol", "randm"], capsys)
+    said = error_of(["validate", "--config", DEMO, "--ckpt_path", "last", "--data.protocol", "randm"], capsys)
     assert said.endswith("--data.protocol: 'randm' is not one of random, prompt, kfold, official; did you mean random?")
     bad.write_text("trainer:\n  max_epochs: [3\n")
     assert f"--config {bad}: not a readable YAML file" in error_of(["test", "--config", str(bad)], capsys)

@@ -22,7 +22,7 @@ from mst_clipiqa.cli.commands import main
 
 ROOT = Path(__file__).parents[1]
 CONSOLE = shutil.which("mst-clipiqa", path=str(Path(sys.executable).parent))
-COMMANDS = ("fit", "validate", "test", "predict", "benchmark", "score", "export", "demo")
+COMMANDS = ("fit", "validate", "test", "predict", "benchmark", "score", "export", "push", "demo")
 
 
 @dataclass
@@ -55,6 +55,7 @@ def mistakes(tiny_clip: tuple[str, str], demo_data: str, tmp: Path) -> dict[str,
     return {
         "unknown command": Mistake(["fti", "--config", "x.yaml"], 2, ("'fti'", "did you mean fit?")),
         "misspelled option": Mistake([*score, "s.csv", "--batch-size", "2"], 2, ("--batch-size", "--batch_size?")),
+        "shortened option": Mistake([*score, "s.csv", "--batch", "2"], 2, ("--batch", "--batch_size?")),
         "bad choice": Mistake([*score, "s.csv", "--precision", "bf61"], 2, ("--precision", "'bf61'", "bf16?")),
         "bad output extension": Mistake([*score, "s.txt"], 2, ("--out s.txt", ".csv")),
         "a training config for score": Mistake(
@@ -63,6 +64,16 @@ def mistakes(tiny_clip: tuple[str, str], demo_data: str, tmp: Path) -> dict[str,
         "missing input folder": Mistake(["score", "my-model", str(tmp / "no-pics"), "--out", "s.csv"], 1, ("no-pics",)),
         # These load Lightning and the model.
         "missing config file": Mistake(["fit", "--config", str(tmp / "experiment.yaml")], 2, ("experiment.yaml",)),
+        "shortened trainer option": Mistake(
+            ["fit", *cli_args(demo_data, tiny_clip, runs, "--trainer.max_epoch", "1")],
+            2,
+            ("--trainer.max_epoch 1", "did you mean --trainer.max_epochs?"),
+        ),
+        "no trained weights": Mistake(
+            ["predict", *cli_args(demo_data, tiny_clip, tmp / "predictions")],
+            2,
+            ("predict needs trained weights", "--ckpt_path", "--model.init_from"),
+        ),
         "missing data root": Mistake(
             ["fit", *cli_args(demo_data, tiny_clip, runs, "--data.root", str(tmp / "AGIQA-3K"))],
             1,
@@ -132,7 +143,8 @@ def made(tiny_clip, demo_data, tmp_path_factory) -> dict[str, tuple[Mistake, sub
 
 @pytest.mark.parametrize(
     "name",
-    ["unknown command", "misspelled option", "bad choice", "bad output extension", "a training config for score",
+    ["unknown command", "misspelled option", "shortened option", "shortened trainer option", "no trained weights",
+     "bad choice", "bad output extension", "a training config for score",
      "missing input folder", "missing config file", "missing data root", "wrong column", "bad data", "missing model",
      "damaged model", "damaged checkpoint (test)", "damaged checkpoint (export)"],
 )  # fmt: skip
@@ -145,6 +157,15 @@ def test_a_mistake_ends_in_one_message_that_names_the_culprit(made, name):
     assert all(part in first for part in mistake.culprit), said
     assert all(part in result.stderr[result.stderr.index(first) :] for part in mistake.details), said
     assert first.startswith(f"mst-clipiqa{' ' + mistake.args[0] if mistake.args[0] in COMMANDS else ''}: error: ")
+
+
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_evaluating_without_trained_weights_stops_before_writing_anything(command, tiny_clip, demo_data, tmp_path):
+    """(predict is among the mistakes above.) An untrained head's metrics would look like a model's."""
+    result = in_this_process([command, *cli_args(demo_data, tiny_clip, tmp_path / "runs")])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert error_line(result.stderr).startswith(f"mst-clipiqa {command}: error: {command} needs trained weights")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_debug_shows_the_traceback(made):
@@ -186,11 +207,11 @@ def median_seconds(args: list[str], times: int) -> float:
     return statistics.median(seconds)
 
 
-def imported(args: list[str]) -> set[str]:
+def imported(args: list[str], env: dict[str, str] | None = None) -> set[str]:
     """The modules `python -m mst_clipiqa ARGS` imports."""
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "mst_clipiqa", *args], env=subprocess_env(), capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, "-X", "importtime", "-m", "mst_clipiqa", *args], env=env or subprocess_env(),
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
@@ -211,3 +232,14 @@ def test_the_help_answers_at_once_without_torch_or_lightning(args, limit):
     heavy = {name for name in imported(args) if name.split(".")[0] in ("torch", "lightning", "transformers")}
     assert not heavy, sorted(heavy)[:10]
     assert median_seconds(args, times=5 if args == ["--help"] else 3) < limit
+
+
+def test_a_trainer_commands_help_is_rendered_once_then_read_back_without_lightning(tmp_path):
+    env = subprocess_env(XDG_CACHE_HOME=str(tmp_path))
+    first = console("fit", "--help", env=env)
+    assert first.returncode == 0 and "--model.net.variant" in first.stdout, first.stderr[-2000:]
+    assert len(list((tmp_path / "mst_clipiqa" / "help").glob("fit-*.txt"))) == 1
+    heavy = {name for name in imported(["fit", "--help"], env) if name.split(".")[0] in ("torch", "lightning")}
+    assert not heavy, sorted(heavy)[:10]
+    again = console("fit", "--help", env=env)
+    assert (again.returncode, again.stdout) == (0, first.stdout)

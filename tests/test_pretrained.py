@@ -108,6 +108,41 @@ def test_checkpoint_loads_and_exports_like_the_module(tiny_clip, tmp_path, capsy
         assert torch.equal(scores(from_pretrained(source), rows), scores(module, rows))
 
 
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_export_replaces_an_existing_model_folder_only_when_asked_and_never_half_way(tiny_clip, tmp_path, capsys):
+    clip = own_copy(tiny_clip, tmp_path)
+    module = trained_module(clip, mos_range=(0.0, 5.0))
+    first, second = tmp_path / "first.ckpt", tmp_path / "second.ckpt"
+    for checkpoint in (first, second):
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(module, DataLoader(pixel_rows(4), batch_size=4))
+        trainer.save_checkpoint(checkpoint)
+    out = tmp_path / "models" / "model"
+    main(["export", "--ckpt_path", str(first), "--out", str(out)])
+    kept = folder_bytes(out)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", str(second), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"--out {out} already exists: pass --overwrite true" in capsys.readouterr().err
+    assert folder_bytes(out) == kept
+
+    shutil.rmtree(clip[1])  # the second export fails when it copies the encoders: the folder stays as it was
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--ckpt_path", str(second), "--out", str(out), "--overwrite", "true"])
+    assert exit_info.value.code == 1 and folder_bytes(out) == kept
+    shutil.copytree(tiny_clip[1], clip[1])
+    main(["export", "--ckpt_path", str(second), "--out", str(out), "--overwrite", "true"])
+    replaced = folder_bytes(out)
+    assert replaced["model.safetensors"] != kept["model.safetensors"] and replaced.keys() == kept.keys()
+    assert "# model" in replaced["README.md"].decode()  # the card names the folder, not the one it was written in
+    assert [path.name for path in out.parent.iterdir()] == ["model"]  # nothing left beside it
+
+
 @pytest.mark.parametrize("variant", ["template", "prompt"])
 def test_files_written_before_the_network_held_the_mos_scale_score_the_same(tiny_clip, tmp_path, variant):
     """Checkpoints and folders in the layout written before the MOS scale moved into the network, made by hand: a
@@ -180,6 +215,7 @@ def test_push_to_hub_checks_the_folder_then_uploads_it_with_card_and_encoders(ti
             return type("Commit", (), {"commit_url": "https://hub/commit/1"})()
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     assert push_to_hub(folder, "me/model", token="t") == "https://hub/commit/1"
     *start, (_, repo_id, uploaded, patterns) = calls
     assert start == [("token", "t"), ("create", "me/model", True)] and (repo_id, uploaded) == ("me/model", folder)
@@ -198,6 +234,49 @@ def test_push_to_hub_checks_the_folder_then_uploads_it_with_card_and_encoders(ti
     with pytest.raises(BadModelError, match="outside it"):
         push_to_hub(old, "me/model")
     assert len(calls) == 3
+
+
+def test_push_command_says_in_one_line_why_it_cannot_push(tiny_clip, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    folder = str(save_pretrained(trained_module(tiny_clip), tmp_path / "model"))
+
+    def push(*args: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["push", *args])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        return exit_info.value.code, err.strip()
+
+    assert constants.HF_HUB_OFFLINE  # the tests run offline
+    assert push(folder, "me/model") == (1, "mst-clipiqa push: error: cannot push to me/model: HF_HUB_OFFLINE is set; "
+                                           "unset it on a machine online")  # fmt: skip
+    missing = push(str(tmp_path / "modle"), "me/model")[1]
+    assert missing.endswith(f"no such model folder: {tmp_path / 'modle'} (export a checkpoint first: mst-clipiqa "
+                            "export --help)")  # fmt: skip
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, as far as the command can tell; no token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    no_token = push(folder, "me/model")[1]
+    assert no_token.endswith("no Hugging Face token; run `hf auth login` or set HF_TOKEN (a write token)")
+
+    NOT_FOUND = SimpleNamespace(headers={}, status_code=404, request=None)  # what the hub's HTTP client answered
+
+    class NoSuchRepo:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            raise RepositoryNotFoundError("404 Client Error", response=NOT_FOUND)
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr("huggingface_hub.HfApi", NoSuchRepo)
+    status, said = push(folder, "nobody/model")
+    assert status == 1 and "repo nobody/model not found, or the token may not write to it" in said
 
 
 def test_exported_model_scores_offline_anywhere_without_its_original_encoders(
@@ -373,5 +452,17 @@ def test_fine_tuning_starts_from_the_saved_weights_and_mos_range(tiny_clip, demo
     # The demo's MOS span about 0.1..4.9, beyond the saved model's 1..4: training maps the data's range onto the head.
     trainer.fit(module, datamodule=data)
     assert module.net.mos_range.tolist() == list(data.mos_range)
+    # Its card says what it was fine-tuned from, saved directly or exported from a checkpoint.
+    trainer.save_checkpoint(tmp_path / "fine-tuned.ckpt")
+    main(["export", "--ckpt_path", str(tmp_path / "fine-tuned.ckpt"), "--out", str(tmp_path / "exported")])
+    for folder in (save_pretrained(module, tmp_path / "fine-tuned"), tmp_path / "exported"):
+        card = (folder / "README.md").read_text()
+        assert "Fine-tuned from `model`, a local model" in card, card
+        assert json.loads((folder / "config.json").read_text())["training"]["fine_tuned_from"] == {"name": "model"}
+    saved = SavedModel.read(tmp_path / "exported")  # as if it had been fine-tuned from a hub model
+    saved.training["fine_tuned_from"] = {"hub_id": "org/base", "name": "org/base"}
+    card = ModelCard((saved.save(tmp_path / "from-hub") / "README.md").read_text())
+    assert "Fine-tuned from [`org/base`](https://huggingface.co/org/base)" in card.text
+    assert card.data.base_model == ["org/base"]
     after = module.net.fusion.state_dict()
     assert any(not torch.equal(v, after[k]) for k, v in start.items())

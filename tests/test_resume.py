@@ -136,9 +136,28 @@ def test_sigkill_mid_epoch_then_fit_ckpt_path_last_ends_like_an_uninterrupted_ru
     assert_same_run(resumed, uninterrupted)
     # Checkpoints went on in the first run's folder, so the best-k bookkeeping survived the kill ...
     assert Path(resumed["dirpath"]) == last.parent
-    # ... and so did the run's config (rewritten by the resumed command, which did not fail on it) and splits; the
-    # logger's new version folder holds the resumed part's metrics only.
+    # ... and so did the run's config (rewritten by the resumed command, which did not fail on it), splits and
+    # metrics: no second version folder.
     assert_files_in_one_run_folder(run_dir, last.parents[1])
+
+
+def test_a_csv_logged_fit_resumed_with_ckpt_path_last_logs_on_in_its_folder_as_one_run(
+    uninterrupted, tiny_clip, demo_data, tmp_path
+):
+    args = cli_args(demo_data, tiny_clip, tmp_path / "run", epochs=EPOCHS - 1)
+    folder = tmp_path / "run" / "lightning_logs" / "version_0"
+    with one_thread():
+        in_process("fit", args)
+        first = logged_metrics(folder)
+        resumed = in_process("fit", [*args, "--trainer.max_epochs", str(EPOCHS), "--ckpt_path", "last"])
+    assert Path(resumed.trainer.log_dir) == folder
+    assert_files_in_one_run_folder(tmp_path / "run", folder)
+    got = logged_metrics(folder)
+    assert got[: len(first)] == first and {row["epoch"] for row in got[len(first) :]} == {EPOCHS - 1}
+    want = [row for row in logged_metrics(uninterrupted["last_path"].parents[1]) if "test/srcc" not in row]
+    assert [(row["epoch"], row["step"], row.keys()) for row in got] == [
+        (row["epoch"], row["step"], row.keys()) for row in want
+    ]
 
 
 def test_ckpt_path_last_takes_the_newest_readable_checkpoint_of_the_same_network_and_split(uninterrupted):
@@ -176,14 +195,17 @@ def test_sigusr1_under_slurm_saves_and_requeues_and_the_rerun_resumes_from_it(st
     assert isinstance(cli.trainer._accelerator_connector.cluster_environment, SLURMEnvironment)
     assert cli.trainer.ckpt_path == str(hpc)
     assert cli.trainer.global_step == EPOCHS * STEPS_PER_EPOCH
+    assert Path(cli.trainer.log_dir) == run_dir / "lightning_logs" / "version_0"
+    # The killed part's CSV writer may not have flushed its rows: the resumed part's are all there, once.
     resumed_epochs = [row["epoch"] for row in logged_metrics(Path(cli.trainer.log_dir)) if "val/srcc" in row]
-    assert resumed_epochs == list(range(1, EPOCHS))
+    assert resumed_epochs[-(EPOCHS - 1) :] == list(range(1, EPOCHS)) and len(set(resumed_epochs)) == len(resumed_epochs)
     assert_files_in_one_run_folder(run_dir, run_dir / "lightning_logs" / "version_0")
 
 
 def assert_files_in_one_run_folder(root: Path, folder: Path) -> None:
-    """`folder` holds the run's config.yaml (the resumed command's: ``--ckpt_path last``) and splits.json, and no other
-    folder under `root` holds one."""
+    """`folder` holds the run's config.yaml (the resumed command's: ``--ckpt_path last``), splits.json and metrics, and
+    no other folder under `root` holds any."""
+    assert [path.name for path in folder.parent.iterdir()] == [folder.name]
     assert sorted(root.rglob("config.yaml")) == [folder / "config.yaml"]
     assert sorted(root.rglob("splits.json")) == [folder / "splits.json"]
     assert yaml.safe_load((folder / "config.yaml").read_text())["ckpt_path"] == "last"

@@ -256,6 +256,10 @@ def test_a_killed_fit_resumed_with_ckpt_path_last_continues_its_wandb_run(journe
     assert min(steps) == STEPS_PER_EPOCH and max(steps) == 2 * STEPS_PER_EPOCH
     assert all(item["trainer/global_step"] <= STEPS_PER_EPOCH + 1 for item in killed.history)
     assert [item["epoch"] for item in resumed.history if "val/srcc" in item] == [1]
+    # Its rows are numbered (W&B's _step) on from the killed part's at the checkpoint, as they would be online:
+    # `wandb sync` uploads them after the killed part's rows instead of over them (epoch 0 logged at least 2 rows).
+    numbers = [item["_step"] for item in resumed.history]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))) and numbers[0] >= 2
     last = read_checkpoint(journey.killed / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 2 * STEPS_PER_EPOCH
 

@@ -47,6 +47,9 @@ USER_ERRORS = (MSTCLIPIQAError, FileNotFoundError, NotADirectoryError, IsADirect
 
 SCORE_FORMATS = (".csv", ".jsonl", ".parquet")
 
+NEED_WEIGHTS = ("validate", "test", "predict")
+"""The Trainer's commands that evaluate a trained model: without weights they would score with an untrained head."""
+
 
 # ---- the commands beyond the Trainer's ---------------------------------------------------------------------------
 
@@ -211,16 +214,35 @@ def serve(
     run_server(options.pop("model"), **options)
 
 
-def export(ckpt_path: str, out: str) -> None:
+def export(ckpt_path: str, out: str, overwrite: bool = False) -> None:
     """Turn a checkpoint into a shareable model folder: config, weights (no pickle), model card.
 
     Args:
         ckpt_path: checkpoint written by `mst-clipiqa fit` (best-epochNN.ckpt or last.ckpt)
         out: folder to write; `mst-clipiqa score` and `load_scorer` read it
+        overwrite: replace the folder if it exists (the new one is written beside it, then renamed into place)
     """
     from mst_clipiqa.hub.pretrained import export_main
 
-    export_main(ckpt_path, out)
+    export_main(ckpt_path, out, overwrite)
+
+
+def push(model: str, repo: str, private: bool | None = None, message: str = "Upload MST-CLIPIQA model") -> None:
+    """Upload a saved model folder to a Hugging Face Hub model repo, with its card and encoders.
+
+    Needs a write token (`hf auth login`, or HF_TOKEN). The repo is created if missing.
+
+    Args:
+        model: saved model folder (from `mst-clipiqa export` or `save_pretrained`)
+        repo: hub repo id: user/name or org/name
+        private: create the repo private (null: the hub's default, or the existing repo's setting)
+        message: commit message
+    """
+    from mst_clipiqa.hub.pretrained import push_to_hub
+
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"no such model folder: {model} (export a checkpoint first: {PROG} export --help)")
+    print(f"pushed {model} to {repo}: {push_to_hub(model, repo, private=private, commit_message=message)}")
 
 
 def demo(fit_args: list[str], workdir: str = "demo_run", scenes: int = 40) -> None:
@@ -249,10 +271,11 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "score": score,
     "serve": serve,
     "export": export,
+    "push": push,
     "demo": demo,
 }
 """Commands beyond the Trainer's. A first parameter `fit_args` receives every option the command does not declare."""
-POSITIONAL = {"score": ("model", "inputs"), "serve": ("model",)}
+POSITIONAL = {"score": ("model", "inputs"), "serve": ("model",), "push": ("model", "repo")}
 PASSES_ON = "fit_args"
 
 
@@ -362,6 +385,7 @@ def refuse_run_config(command: str, argv: Sequence[str]) -> None:
             takes = {
                 "score": f"MODEL, e.g. {PROG} score {example} IMAGES --out scores.csv",
                 "export": f"--ckpt_path and --out, e.g. {PROG} export --ckpt_path {example} --out my-model",
+                "push": f"MODEL REPO, a folder that {PROG} export wrote and a hub repo id",
             }[command]
             raise OptionError(f"--config {path} configures training (fit, test, ...); {command} takes {takes}")
 
@@ -415,12 +439,96 @@ def run(argv: list[str]) -> None:
         known = [*TRAINER_COMMANDS, *COMMANDS]
         suggestion = did_you_mean(argv[:1], known)
         raise ArgumentError(None, f"no command {argv[0]!r}{suggestion} (the commands: {', '.join(known)})")
+    if argv[0] in NEED_WEIGHTS and not weights_maybe_given(argv[1:]):
+        raise no_weights(argv[0])  # before the seconds of building the Trainer's parser
+    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+        print(trainer_help(argv[0]), end="")
+        sys.exit(0)  # as argparse does after a help
     from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
     with warnings.catch_warnings():
         # `argv` is sys.argv's, less --debug: args= is the point
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         MSTCLIPIQACLI(args=argv)
+
+
+def no_weights(command: str) -> OptionError:
+    """The error of `command` (validate, test, predict) given no trained weights."""
+    return OptionError(
+        f"{command} needs trained weights: pass --ckpt_path (a .ckpt file of a fit, or last) or --model.init_from (a "
+        "saved model folder or hub id)"
+    )
+
+
+def weights_maybe_given(argv: Sequence[str]) -> bool:
+    """Whether `argv` may give trained weights (--ckpt_path, --model.init_from), itself or in a config file; False
+    only where it surely does not. The parse decides the rest (`MSTCLIPIQACLI.parse_arguments`)."""
+    import yaml
+
+    options = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
+    if options & {"--ckpt_path", "--model.init_from", "--model", "-h", "--help", "--print_config"}:
+        return True
+    for path in config_paths(argv):
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            return True  # the parser reports it
+        model = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(config, dict) or config.get("ckpt_path") or not isinstance(model or {}, dict):
+            return True
+        if (model or {}).get("init_from"):
+            return True
+    return False
+
+
+def trainer_help(command: str) -> str:
+    """The help of a Trainer command, from the user's cache when this installation rendered it before.
+
+    Rendering it builds LightningCLI's parser (Lightning's import, every configurable class's docstrings): seconds,
+    for the same text every time. The text is kept under ``$XDG_CACHE_HOME/mst_clipiqa/help`` (else ~/.cache), keyed
+    by the versions of what writes it, the package's source files and the terminal's width.
+    """
+    path = _help_cache() / f"{command}-{_help_key()}.txt"
+    try:
+        return path.read_text()
+    except OSError:
+        pass
+    import contextlib
+    import io
+
+    from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        try:
+            MSTCLIPIQACLI(args=[command, "--help"])
+        except SystemExit as exit_info:
+            if exit_info.code not in (0, None):
+                raise
+    text = out.getvalue()
+    with contextlib.suppress(OSError):  # a read-only home still gets the help, rendered each time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(text)
+        partial.replace(path)
+    return text
+
+
+def _help_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mst_clipiqa" / "help"
+
+
+def _help_key() -> str:
+    import hashlib
+    import shutil
+    from importlib.metadata import version
+
+    package = Path(__file__).parents[1]
+    parts = [sys.version, str(shutil.get_terminal_size().columns)]
+    parts += [f"{name}={version(name)}" for name in ("mst-clipiqa", "lightning", "jsonargparse", "torch")]
+    parts += [f"{path}:{path.stat().st_mtime_ns}:{path.stat().st_size}" for path in sorted(package.rglob("*.py"))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def run_command(name: str, argv: list[str]) -> None:

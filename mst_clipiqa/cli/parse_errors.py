@@ -19,7 +19,12 @@ if TYPE_CHECKING:
 
 class SuggestingErrors:
     """Mixed into a jsonargparse parser: a misspelled option or key, or a value that is not one of the choices, gets
-    a "did you mean" in the error message."""
+    a "did you mean" in the error message. A shortened option is such a misspelling too (``allow_abbrev=False``):
+    argparse would otherwise take ``--trainer.max_epoch`` for ``--trainer.max_epochs`` without a word."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # subcommand parsers inherit it (jsonargparse)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or _chosen_subcommand(self) or self

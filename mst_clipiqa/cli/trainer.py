@@ -3,18 +3,62 @@ module, checkpointing and W&B reporting."""
 
 from __future__ import annotations
 
+import inspect
+import logging
+import warnings
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import DDPStrategy
 
+from mst_clipiqa.cli.commands import NEED_WEIGHTS, no_weights
 from mst_clipiqa.cli.parse_errors import SuggestingErrors
 from mst_clipiqa.data.datamodule import IQADataModule
+from mst_clipiqa.hub.saved_model import SavedModel
+from mst_clipiqa.model import ModelConfig
 from mst_clipiqa.scoring.predictions import PredictionWriter
 from mst_clipiqa.training.callbacks import SaveConfigToWandb, WandbEvaluationLogger
 from mst_clipiqa.training.checkpoints import ResumingModelCheckpoint, continue_run, read_checkpoint, resolve_ckpt_path
 from mst_clipiqa.training.launch import check_world_size, take_launcher_options
-from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, settings_from
+
+LINKS = {
+    "data.need_prompt": ("model.net.variant", lambda variant: variant == "prompt"),
+    "data.preprocess_from": ("model.net.coarse_encoder", None),
+    "data.draft_decode": ("model.net.draft_decode", None),
+}
+"""Data options that follow the network's: target → (source, how it follows, None for the same value)."""
+
+TRAINER_DEFAULTS = {"devices": 1, "enable_model_summary": False}
+"""Trainer options whose default here is not Lightning's: one device unless asked (every config says so too; a
+launcher's LT_DEVICES fills it in); no model summary table (the module prints its trainable and frozen counts)."""
+
+NOISE = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's, about Lightning's own code
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # logger=True without tensorboard: a CSVLogger
+)
+"""Third-party warnings that a user of the commands can do nothing about."""
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertisements for its cloud services ("💡 Tip: ... litlogger", "... litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+_NO_TIPS = _NoTips()
+
+
+def quiet_third_party() -> None:
+    """Keep a command's output to what its user needs; called as the command starts, for the process it runs."""
+    for message in NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NO_TIPS)
+
 
 # Field docstrings of the config dataclasses become each option's --help text.
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -32,6 +76,7 @@ class MSTCLIPIQACLI(LightningCLI):
     """
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs):
+        quiet_third_party()
         super().__init__(
             MSTCLIPIQAModule,
             IQADataModule,
@@ -46,9 +91,8 @@ class MSTCLIPIQACLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.net.variant", "data.need_prompt", compute_fn=lambda variant: variant == "prompt")
-        parser.link_arguments("model.net.coarse_encoder", "data.preprocess_from")
-        parser.link_arguments("model.net.draft_decode", "data.draft_decode")
+        for target, (source, compute) in LINKS.items():
+            parser.link_arguments(source, target, compute_fn=compute)
         parser.add_lightning_class_args(ResumingModelCheckpoint, "checkpoint")
         # Idle unless the run logs to W&B (see experiments/wandb.yaml).
         parser.add_lightning_class_args(WandbEvaluationLogger, "wandb_eval")
@@ -66,8 +110,7 @@ class MSTCLIPIQACLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:02d}",
                 "checkpoint.auto_insert_metric_name": False,
-                # One device unless asked (every config says so too); a launcher's LT_DEVICES fills it in.
-                "trainer.devices": 1,
+                **{f"trainer.{option}": value for option, value in TRAINER_DEFAULTS.items()},
             }
         )
 
@@ -77,18 +120,42 @@ class MSTCLIPIQACLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand in NEED_WEIGHTS and not ckpt_path and not self.config[subcommand].get("model.init_from"):
+            raise no_weights(subcommand)
         if ckpt_path and Path(ckpt_path).is_file():
             read_checkpoint(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
-        """Under `fabric run`, the launcher's options fill in the Trainer's left unset (see `training.launch`)."""
-        defaults = self._parser(self.subcommand).get_defaults()
-        take_launcher_options(self._get(self.config, "trainer"), defaults["trainer"])
+        """Under `fabric run`, the launcher's options fill in the Trainer's left unset (see `training.launch`); a
+        fit from ``--model.init_from`` records the network settings the saved model puts in place (see
+        `MSTCLIPIQAModule`), so that config.yaml reruns the run."""
+        config = self._run_config()
+        take_launcher_options(config["trainer"], self._trainer_defaults())
+        init_from = config.get("model.init_from")
+        if init_from:
+            net = config["model.net"]
+            resolved = settings_from(SavedModel.read(init_from).net, ModelConfig(**net.as_dict()), init_from)
+            for key, value in asdict(resolved).items():
+                net[key] = value
+            for target, (source, compute) in LINKS.items():  # as the parser links them
+                config[target] = compute(config[source]) if compute else config[source]
 
     def after_instantiate_classes(self) -> None:
-        """Under any launcher, stop before touching data unless the Trainer's devices and nodes are its processes."""
-        strategy = self._get(self.config, "trainer")["strategy"]
-        check_world_size(self.trainer.num_devices, self.trainer.num_nodes, strategy)
+        """Under any launcher, stop before touching data unless the Trainer's devices and nodes are its processes;
+        a strategy left to "auto" is recorded as the one the Trainer chose where that is DDP."""
+        trainer = self._run_config()["trainer"]
+        check_world_size(self.trainer.num_devices, self.trainer.num_nodes, trainer["strategy"])
+        if trainer["strategy"] == "auto" and isinstance(self.trainer.strategy, DDPStrategy):
+            trainer["strategy"] = "ddp"  # what "auto" resolves to for several devices outside a notebook
+
+    def _run_config(self) -> Namespace:
+        """The parsed options of the command being run (the whole config without a subcommand)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def _trainer_defaults(self) -> dict[str, Any]:
+        """Each Trainer option's default on this command line."""
+        parameters = inspect.signature(self.trainer_class).parameters.items()
+        return {name: parameter.default for name, parameter in parameters} | TRAINER_DEFAULTS
 
     def before_fit(self) -> None:
         """``--ckpt_path last`` finds this run's newest checkpoint in any earlier version folder, a fit from a
@@ -97,11 +164,20 @@ class MSTCLIPIQACLI(LightningCLI):
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), self.trainer, self.model, self.datamodule)
         if self.subcommand == "fit":
-            continue_run(self.trainer, config["ckpt_path"])
+            continue_run(self.trainer, config["ckpt_path"], self._logger_args())
         if config.get("weights_only") is None:
             config["weights_only"] = True
 
     before_validate = before_test = before_fit
+
+    def _logger_args(self) -> list[dict[str, Any] | None]:
+        """Each logger's init_args as configured; None for Lightning's default logger (``logger: true``)."""
+        configs = self.config[self.subcommand]["trainer"]["logger"]
+        configs = configs if isinstance(configs, list) else [configs]
+        return [
+            config.init_args.as_dict() if isinstance(config, Namespace) and "init_args" in config else None
+            for config in configs
+        ]
 
     def before_predict(self) -> None:
         """As `before_fit`; then the predictions are written to ``--predictions_path`` (see `PredictionWriter`)."""

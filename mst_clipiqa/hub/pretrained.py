@@ -8,9 +8,13 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from mst_clipiqa.errors import BadModelError
+from mst_clipiqa.errors import BadModelError, MSTCLIPIQAError, OptionError
 from mst_clipiqa.hub.saved_model import CARD_NAME, CONFIG_NAME, ENCODERS, WEIGHTS_NAME, SavedModel
 from mst_clipiqa.model import MSTCLIPIQA
 from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
@@ -70,10 +74,14 @@ def push_to_hub(
         folder: a folder written by `save_pretrained` or `mst-clipiqa export`, checked before anything is uploaded.
         repo_id: "user/name" or "org/name".
         private: create the repo private; None keeps the hub's default (or the existing repo's setting).
-        token: hub token; None uses the one `hf auth login` stored.
+        token: hub token; None uses HF_TOKEN or the one `hf auth login` stored.
         commit_message: message of the upload commit.
+
+    Raises:
+        BadModelError: the folder is not a complete saved model, or names encoders outside it.
+        MSTCLIPIQAError: offline, no token, the hub unreachable, the repo not found or not writable with the token.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants, get_token
 
     folder = Path(folder)
     net = SavedModel.read(folder).net
@@ -88,19 +96,75 @@ def push_to_hub(
             f"{folder} names local encoder folders outside it ({', '.join(outside)}): save it again with "
             "`save_pretrained` or `mst-clipiqa export`, which copy them into the folder"
         )
+    if constants.HF_HUB_OFFLINE:
+        raise MSTCLIPIQAError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine online")
+    token = token or get_token()
+    if not token:
+        raise MSTCLIPIQAError(
+            f"cannot push to {repo_id}: no Hugging Face token; run `hf auth login` or set HF_TOKEN (a write token)"
+        )
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, f"{ENCODERS}/*"],
-        commit_message=commit_message,
-    )
+    with _hub_errors(repo_id):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, f"{ENCODERS}/*"],
+            commit_message=commit_message,
+        )
     return commit.commit_url
 
 
-def export_main(ckpt_path: str | Path, out: str | Path) -> None:
+@contextmanager
+def _hub_errors(repo_id: str) -> Iterator[None]:
+    """The hub's failures said in one line that names the repo and what to do."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        yield
+    except OfflineModeIsEnabled as err:
+        raise MSTCLIPIQAError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine online") from err
+    except RepositoryNotFoundError as err:
+        raise MSTCLIPIQAError(
+            f"repo {repo_id} not found, or the token may not write to it: check the name (user/name or org/name) and "
+            "that the token has write access to that user or organisation"
+        ) from err
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        what = {401: "the hub refused the token (run `hf auth login` again)", 403: "the token may not write to it"}
+        raise MSTCLIPIQAError(f"cannot push to {repo_id}: {what.get(status, str(err).splitlines()[0])}") from err
+    except Exception as err:
+        # The hub's HTTP client reports an unreachable host in its own exception types.
+        if not isinstance(err, OSError) and type(err).__module__.split(".")[0] not in ("httpx", "httpx2", "requests"):
+            raise
+        raise MSTCLIPIQAError(
+            f"cannot push to {repo_id}: the Hugging Face Hub could not be reached ({str(err).splitlines()[0]})"
+        ) from err
+
+
+def export_main(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> None:
     """`mst-clipiqa export --ckpt_path X.ckpt --out folder` (options: `mst_clipiqa.cli.commands.export`): a Lightning
-    checkpoint to the shareable format."""
-    folder = SavedModel.read(ckpt_path).save(out)
-    print(f"saved {folder}: {', '.join(sorted(path.name for path in folder.iterdir()))}")
+    checkpoint to the shareable format.
+
+    An existing folder (other than an empty one) is replaced only with `overwrite`; the model is written in a folder
+    beside `out` and renamed into place, so `out` is never half-written.
+
+    Raises:
+        OptionError: `out` exists and `overwrite` is not set, or `out` is a file.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out} is a file: give the folder to write the model to")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OptionError(f"--out {out} already exists: pass --overwrite true to replace it, or give another folder")
+    saved = SavedModel.read(ckpt_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        saved.save(staging / out.name)  # the card names the folder it is written to: the same name as `out`
+        if out.exists():
+            out.rename(staging / "replaced")
+        (staging / out.name).rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"saved {out}: {', '.join(sorted(path.name for path in out.iterdir()))}")

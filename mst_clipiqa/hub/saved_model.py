@@ -80,6 +80,8 @@ MOS_RANGE_KEY = "net.mos_range"
 """Where a checkpoint of `MSTCLIPIQAModule` holds the MOS scale: the network's buffer."""
 LEGACY_MOS_RANGE_KEY = "mos_range"
 """Where checkpoints written before the network held the MOS scale hold it: at the top of the LightningModule."""
+FINE_TUNED_FROM = "fine_tuned_from"
+"""Where a checkpoint (at its top) and config.json's training record name the saved model a fit started from."""
 
 
 @dataclass
@@ -356,7 +358,9 @@ def model_card(saved: SavedModel, encoders: dict[str, dict[str, str | None]], na
 
     data = saved.training.get("data", {})
     low, high = saved.mos_range
-    hub_ids = list(dict.fromkeys(entry["hub_id"] for entry in encoders.values() if entry.get("hub_id")))
+    base = saved.training.get(FINE_TUNED_FROM)
+    hub_ids = [base["hub_id"]] if base and base.get("hub_id") else []
+    hub_ids = list(dict.fromkeys([*hub_ids, *(entry["hub_id"] for entry in encoders.values() if entry.get("hub_id"))]))
     hub_data = [data["root"]] if data.get("source") == "hf" and "/" in str(data.get("root")) else None
     metadata = ModelCardData(
         library_name=FORMAT,
@@ -372,6 +376,7 @@ def model_card(saved: SavedModel, encoders: dict[str, dict[str, str | None]], na
         f"# {name}", "",
         f"An [MST-CLIPIQA](https://arxiv.org/abs/2606.16799) model: it predicts {what} of an AI-generated image, with "
         f"the {HEAD_TEXT[saved.net.variant]}.", "",
+        *(_fine_tuned_text(base) if base else []),
         "## Scale", "",
         f"Scores are on the MOS scale of the training data, from **{low:g}** (low) to **{high:g}** (high): the head's "
         f"internal 1..5 maps linearly onto it.{bounded}", "",
@@ -394,6 +399,15 @@ def model_card(saved: SavedModel, encoders: dict[str, dict[str, str | None]], na
     lines += ["", "## Metrics", "", *_metrics_text(saved.training), "", "## Usage", ""]
     lines += _usage_text(name, saved.net.variant)
     return "\n".join(lines) + "\n"
+
+
+def _fine_tuned_text(base: dict[str, str]) -> list[str]:
+    """The card's line on the saved model a fit started from (`FINE_TUNED_FROM`)."""
+    if base.get("hub_id"):
+        where = f"[`{base['hub_id']}`](https://huggingface.co/{base['hub_id']})"
+    else:
+        where = f"`{base['name']}`, a local model (not published)"
+    return [f"Fine-tuned from {where}: its weights were the starting point of this model's training.", ""]
 
 
 def _metrics_text(training: dict[str, Any]) -> list[str]:
@@ -453,6 +467,8 @@ def _training_of_checkpoint(path: Path, checkpoint: dict[str, Any]) -> dict[str,
             }
     if test := _logged_test_metrics(path):
         training["test"] = test
+    if checkpoint.get(FINE_TUNED_FROM):
+        training[FINE_TUNED_FROM] = checkpoint[FINE_TUNED_FROM]
     return training
 
 
@@ -464,6 +480,8 @@ def _training_of_module(module: L.LightningModule) -> dict[str, Any]:
     except RuntimeError:  # not attached to a Trainer
         return {}
     training: dict[str, Any] = {}
+    if getattr(module, FINE_TUNED_FROM, None):
+        training[FINE_TUNED_FROM] = getattr(module, FINE_TUNED_FROM)
     if trainer.datamodule is not None and trainer.datamodule.hparams:
         training["data"] = _data_summary(dict(trainer.datamodule.hparams))
     callback = trainer.checkpoint_callback

@@ -15,23 +15,27 @@ in a new folder Lightning forgets the best score and the first epoch after a res
 
 The run's folder. Every run keeps its own files (config.yaml, splits.json, reports) in `run_dir`, next to its
 ``checkpoints/``, and never writes over an earlier run's (`new_run_file`). Each checkpoint records that folder and
-the id of the W&B run it logs to; `continue_run` takes both back before a resumed fit starts, so the resumed run
-goes on in the same folder and the same W&B run (same id, steps continuing), after a kill as after a SLURM requeue.
+the id and step of the W&B run it logs to; `continue_run` takes them back before a resumed fit starts, so the resumed
+run goes on in the same folder, CSV or TensorBoard log and W&B run (same id, steps continuing), after a kill as
+after a SLURM requeue.
 """
 
 from __future__ import annotations
 
+import csv
 import pickle
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mst_clipiqa.data.tables import Columns
@@ -218,30 +222,69 @@ def new_run_file(trainer: L.Trainer, folder: Path, name: str) -> Path:
     return path
 
 
-def continue_run(trainer: L.Trainer, ckpt_path: str | None) -> None:
+def continue_run(trainer: L.Trainer, ckpt_path: str | None, logger_args: Sequence[dict[str, Any] | None] = ()) -> None:
     """Before a fit from the checkpoint `ckpt_path`: go on in the run it was saved by, its folder and its W&B run.
 
-    The checkpoint's `ResumingModelCheckpoint` state holds the run's folder and W&B run id. The folder, if it still
-    exists, becomes this run's `run_dir`; every `WandbLogger` without an id of its own takes the run id, with
-    ``resume="allow"``, so the W&B run continues (offline, wandb writes a new ``offline-run-*-<id>`` folder that
-    `wandb sync` uploads into the same run). Call it before the fit starts: Lightning starts the W&B run at setup.
-    Does nothing without a checkpoint file or a `ResumingModelCheckpoint`.
+    The checkpoint's `ResumingModelCheckpoint` state holds the run's folder, W&B run id and W&B step. The folder, if
+    it still exists, becomes this run's `run_dir`, and a CSV or TensorBoard logger about to open a new version folder
+    beside it logs on in it instead (`log_on_in`). Every `WandbLogger` without an id of its own is made anew with the
+    run's id and ``resume="allow"``, and its step counter goes on from the checkpoint's (see
+    `ResumingModelCheckpoint.setup`): offline, wandb writes a new ``offline-run-*-<id>`` folder, which `wandb sync`
+    uploads into the same run after the first, its rows numbered after the first's rather than over them.
+
+    `logger_args` are the loggers' arguments as configured, in order (None for Lightning's default logger). Call it
+    before the fit starts: Lightning starts the W&B run at setup. Does nothing without a checkpoint file or a
+    `ResumingModelCheckpoint`.
     """
     callback = trainer.checkpoint_callback
     if not (ckpt_path and Path(ckpt_path).is_file() and isinstance(callback, ResumingModelCheckpoint)):
         return
-    state = read_checkpoint(ckpt_path).get("callbacks", {}).get(callback.state_key, {})
+    checkpoint = read_checkpoint(ckpt_path)
+    state = checkpoint.get("callbacks", {}).get(callback.state_key, {})
     folder, run_id = state.get("run_dir"), state.get("wandb_id")
+    args = list(logger_args) + [None] * len(trainer.loggers)
     if folder and Path(folder).is_dir():
         callback.resumed_run_dir = Path(folder)
+        trainer.loggers = [log_on_in(lg, Path(folder), args[i], checkpoint) for i, lg in enumerate(trainer.loggers)]
         rank_zero_info(f"Resuming: the run's files and checkpoints go on in {folder}")
-    loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger) and logger.version is None]
-    if run_id and loggers:
-        for logger in loggers:
-            # WandbLogger reads these when it starts its run (lazily, at setup); it takes no id after construction.
-            logger._id = run_id
-            logger._wandb_init.update(id=run_id, resume="allow")
+    resumable = [i for i, lg in enumerate(trainer.loggers) if isinstance(lg, WandbLogger) and lg.version is None]
+    if run_id and resumable:
+        loggers = list(trainer.loggers)
+        for i in resumable:
+            if args[i] is not None:  # WandbLogger takes an id at construction only
+                loggers[i] = type(loggers[i])(**{**args[i], "id": run_id, "resume": "allow"})
+        trainer.loggers = loggers
+        callback.resumed_wandb_step = state.get("wandb_step")
         rank_zero_info(f"Resuming: W&B run {run_id} continues")
+
+
+def log_on_in(logger: Logger, folder: Path, args: dict[str, Any] | None, checkpoint: dict[str, Any]) -> Logger:
+    """`logger`, or, if it is a CSV or TensorBoard logger about to open a new version folder beside `folder`, the run
+    it resumes, the same logger made anew (from `args`, its arguments, or as Lightning's default logger) on `folder`.
+
+    Lightning's CSV writer starts metrics.csv afresh in a folder that has one: the rows logged up to the checkpoint
+    (`checkpoint`'s epoch and step) are written back, so the file reads as one run; those of the epoch it was killed
+    in are logged again by the resumed fit.
+    """
+    if not isinstance(logger, CSVLogger | TensorBoardLogger) or Path(logger.log_dir).exists():
+        return logger
+    if Path(logger.root_dir).resolve() != folder.resolve().parent:
+        return logger
+    kept = []
+    if isinstance(logger, CSVLogger) and (folder / "metrics.csv").is_file():
+        with (folder / "metrics.csv").open(newline="") as file:
+            rows = [{key: value for key, value in row.items() if value != ""} for row in csv.DictReader(file)]
+        epoch, step = checkpoint.get("epoch", -1), checkpoint.get("global_step", -1)
+        kept = [row for row in rows if int(row["step"]) <= step and int(row.get("epoch", epoch)) <= epoch]
+    resumed = type(logger)(**{**(args or {"save_dir": logger.save_dir, "name": logger.name}), "version": folder.name})
+    if kept:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            writer = resumed.experiment  # rank 0's; the others' is a stand-in that does nothing
+        for row in kept:
+            writer.log_metrics({key: value for key, value in row.items() if key != "step"}, int(row["step"]))
+        writer.save()
+    return resumed
 
 
 class ResumingModelCheckpoint(ModelCheckpoint):
@@ -257,9 +300,12 @@ class ResumingModelCheckpoint(ModelCheckpoint):
 
     resumed_run_dir: Path | None = None
     """The folder of the run this fit resumes, set by `continue_run`; None for a new run."""
+    resumed_wandb_step: int | None = None
+    """The W&B step counter at the checkpoint this fit resumes, set by `continue_run`."""
     _fitting = False
     _run_dir: str | None = None
     _wandb_id: str | None = None
+    _wandb: WandbLogger | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._fitting = stage == "fit"
@@ -269,10 +315,22 @@ class ResumingModelCheckpoint(ModelCheckpoint):
             super().setup(trainer, pl_module, stage)
         if self._fitting:
             self._run_dir = str(run_dir(trainer))
-            self._wandb_id = next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+            self._wandb = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+            self._wandb_id = self._wandb.version if self._wandb is not None else None
+            step = self.resumed_wandb_step
+            for logger in trainer.loggers if trainer.is_global_zero and step else ():
+                # A run resumed offline starts its counter at 0: its rows would land on the first part's steps.
+                if isinstance(logger, WandbLogger) and logger.experiment.step < step:
+                    logger.experiment.log({}, step=step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "run_dir": self._run_dir, "wandb_id": self._wandb_id}
+        step = self._wandb.experiment.step if self._wandb is not None else None  # rank 0's; elsewhere a stand-in
+        return {
+            **super().state_dict(),
+            "run_dir": self._run_dir,
+            "wandb_id": self._wandb_id,
+            "wandb_step": step if isinstance(step, int) else None,
+        }
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
         super()._save_topk_checkpoint(trainer, monitor_candidates)
@@ -284,6 +342,6 @@ class ResumingModelCheckpoint(ModelCheckpoint):
         if not self._fitting:
             return
         previous = state_dict.get("dirpath")
-        if previous and previous != self.dirpath and self._fs.isdir(previous):
+        if previous and previous != self.dirpath and get_filesystem(previous).isdir(previous):
             self.dirpath = previous
         super().load_state_dict(state_dict)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -13,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from transformers import get_cosine_schedule_with_warmup
 
-from mst_clipiqa.hub.saved_model import LEGACY_MOS_RANGE_KEY, MOS_RANGE_KEY, SavedModel
+from mst_clipiqa.hub.saved_model import FINE_TUNED_FROM, LEGACY_MOS_RANGE_KEY, MOS_RANGE_KEY, SavedModel
 from mst_clipiqa.losses import LossConfig, iqa_loss
 from mst_clipiqa.metrics import make_metrics
 from mst_clipiqa.model import MSTCLIPIQA, ModelConfig, QualityOutput
@@ -94,7 +95,7 @@ def _as(cls: type, value: Any) -> Any:
     return cls(**{k: v for k, v in dict(value).items() if k in names})
 
 
-def _settings_from(saved: ModelConfig, net: ModelConfig, source: str) -> ModelConfig:
+def settings_from(saved: ModelConfig, net: ModelConfig, source: str) -> ModelConfig:
     """`net` with each setting left at its default taken from the saved model's network."""
     default = ModelConfig()
     taken = {
@@ -106,6 +107,13 @@ def _settings_from(saved: ModelConfig, net: ModelConfig, source: str) -> ModelCo
         settings = ", ".join(f"{name}={value!r}" for name, value in taken.items())
         rank_zero_info(f"network settings taken from {source}: {settings}")
     return replace(net, **taken)
+
+
+def base_model(init_from: str) -> dict[str, str]:
+    """How a model card names the saved model `init_from`: a hub id as it is, a local folder or checkpoint by its
+    name (where it lay on the training machine says nothing to a reader)."""
+    local = Path(init_from).expanduser()
+    return {"name": local.resolve().name} if local.exists() else {"hub_id": init_from, "name": init_from}
 
 
 class MSTCLIPIQAModule(L.LightningModule):
@@ -131,9 +139,12 @@ class MSTCLIPIQAModule(L.LightningModule):
         super().__init__()
         self.net_config = _as(ModelConfig, net)
         saved = None
+        self.fine_tuned_from: dict[str, str] | None = None
+        """The saved model this module started from (`init_from`), as its model card names it; kept in checkpoints."""
         if init_from is not None:
             saved = SavedModel.read(init_from)
-            self.net_config = _settings_from(saved.net, self.net_config, init_from)
+            self.net_config = settings_from(saved.net, self.net_config, init_from)
+            self.fine_tuned_from = base_model(init_from)
         self.loss_config = _as(LossConfig, loss)
         self.optim_config = _as(OptimConfig, optim)
         self.save_hyperparameters(
@@ -162,7 +173,10 @@ class MSTCLIPIQAModule(L.LightningModule):
         split's min and max) onto the head, also when the weights it starts from were trained on another scale;
         evaluating and predicting keep the scale the model was trained on (restored from a checkpoint after this
         hook), or take the data's when it has none."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        try:
+            datamodule = getattr(self.trainer, "datamodule", None)
+        except RuntimeError:  # not attached to a Trainer
+            datamodule = None
         data_range = getattr(datamodule, "mos_range", None)
         net = self.net
         if data_range is not None and (stage == "fit" or not net.has_mos_range):
@@ -257,7 +271,10 @@ class MSTCLIPIQAModule(L.LightningModule):
         return tuple(named[m] + "." for m in self.net.frozen_modules())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the trainable weights only: the frozen towers are referenced by id or path in the config."""
+        """Keep the trainable weights only: the frozen towers are referenced by id or path in the config; and the
+        saved model the fit started from, for the model card."""
+        if self.fine_tuned_from:
+            checkpoint[FINE_TUNED_FROM] = self.fine_tuned_from
         prefixes = self._frozen_prefixes()
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(prefixes)]:
@@ -268,6 +285,7 @@ class MSTCLIPIQAModule(L.LightningModule):
 
         Checkpoints written before the network held the MOS scale keep it at the top, as ``mos_range``.
         """
+        self.fine_tuned_from = checkpoint.get(FINE_TUNED_FROM, self.fine_tuned_from)
         prefixes = self._frozen_prefixes()
         state = checkpoint["state_dict"]
         if LEGACY_MOS_RANGE_KEY in state:

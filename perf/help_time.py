@@ -30,14 +30,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     runs = parser.parse_args().runs
-    rendered, read_back, score = [], [], []
+    rendered, read_back, score, overview, export = [], [], [], [], []
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as cache:
             rendered.append(seconds(["fit", "--help"], cache))
             read_back.append(seconds(["fit", "--help"], cache))
             score.append(seconds(["score", "--help"], cache))
+            overview.append(seconds(["--help"], cache))
+            export.append(seconds(["export", "--help"], cache))
     print(f"load average {os.getloadavg()[0]:.2f}; median of {runs}:")
-    timed = {"fit --help, rendered": rendered, "fit --help, read back": read_back, "score --help": score}
+    timed = {
+        "fit --help, rendered": rendered,
+        "fit --help, read back": read_back,
+        "score --help": score,
+        "export --help": export,
+        "--help": overview,
+    }
     for name, times in timed.items():
         print(f"  {name + ':':22} {statistics.median(times):6.2f} s  ({', '.join(f'{t:.2f}' for t in times)})")
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import io
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -197,16 +195,6 @@ def test_under_several_processes_rank_0_reports_all_and_the_others_their_first_l
 # ---- the help ----------------------------------------------------------------------------------------------------
 
 
-def median_seconds(args: list[str], times: int) -> float:
-    seconds = []
-    for _ in range(times):
-        start = time.perf_counter()
-        result = console(*args)
-        seconds.append(time.perf_counter() - start)
-        assert result.returncode == 0, result.stderr[-2000:]
-    return statistics.median(seconds)
-
-
 def imported(args: list[str], env: dict[str, str] | None = None) -> set[str]:
     """The modules `python -m mst_clipiqa ARGS` imports."""
     result = subprocess.run(
@@ -227,11 +215,11 @@ def test_the_overview_lists_every_command_with_one_line():
     assert bare.returncode == 2 and bare.stderr == result.stdout
 
 
-@pytest.mark.parametrize(("args", "limit"), [(["--help"], 1.5), (["score", "--help"], 3), (["export", "--help"], 3)])
-def test_the_help_answers_at_once_without_torch_or_lightning(args, limit):
+@pytest.mark.parametrize("args", [["--help"], ["score", "--help"], ["export", "--help"]])
+def test_the_help_answers_without_torch_or_lightning(args):
+    """Its time is measured by perf/help_time.py; here, that it imports none of the heavy libraries."""
     heavy = {name for name in imported(args) if name.split(".")[0] in ("torch", "lightning", "transformers")}
     assert not heavy, sorted(heavy)[:10]
-    assert median_seconds(args, times=5 if args == ["--help"] else 3) < limit
 
 
 def test_a_trainer_commands_help_is_rendered_once_then_read_back_without_lightning(tmp_path):

@@ -729,7 +729,7 @@ class TableFeatures:
         process has claimed is left to it and waited for after this process's own, then only what that process did
         not store is encoded (an image that does not decode, or all of it if the process died)."""
         claims, failed = Claims(self.root), {}
-        shelves = self.shelves["coarse"], self.shelves["fine"]
+        shelves, coarse, fine = (self.shelves["coarse"], self.shelves["fine"]), set(coarse), set(fine)
         spaces = f"{shelves[0].folder.name}\n{shelves[1].folder.name}\n"
         runs = [items[start : start + SHARD_SIZE] for start in range(0, len(items), SHARD_SIZE)]
         names = ["images-" + _digest((spaces + "\n".join(key for key, _ in run)).encode()) for run in runs]
@@ -737,19 +737,19 @@ class TableFeatures:
         with tqdm(total=len(items), desc="Encoding images", unit="img", disable=not progress) as bar:
             while pending:
                 later = []
-                todo_coarse = {key for key in coarse if key not in shelves[0].index}
-                todo_fine = {key for key in fine if key not in shelves[1].index}
                 for name, run in pending:
-                    todo = [(key, row) for key, row in run if (key in todo_coarse or key in todo_fine)]
-                    todo = [(key, row) for key, row in todo if key not in failed]
-                    if not todo:
-                        bar.update(len(run))
-                        continue
                     claim = claims.take(name)
                     if claim is None:
                         later.append((name, run))
                         continue
                     with claim:
+                        # Under the claim, what is still missing: the last holder may have stored it just before.
+                        for shelf in shelves:
+                            shelf.refresh()
+                        todo_coarse = {key for key, _ in run if key in coarse and key not in shelves[0].index}
+                        todo_fine = {key for key, _ in run if key in fine and key not in shelves[1].index}
+                        left = (todo_coarse | todo_fine) - failed.keys()
+                        todo = [item for item in run if item[0] in left]
                         failed.update(self._encode_images(net, todo, todo_coarse, todo_fine, bar))
                     bar.update(len(run) - len(todo))
                 while later and all(claims.held(name) for name, _ in later):

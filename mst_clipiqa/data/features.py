@@ -52,7 +52,7 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -725,9 +725,9 @@ class TableFeatures:
     def _encode_claimed(
         self, net: MSTCLIPIQA, items: list[tuple[str, int]], coarse: list[str], fine: list[str], progress: bool
     ) -> dict[str, str]:
-        """`_encode_images` of `items` one `SHARD_SIZE` run at a time, each under a claim (`Claims`): a run another
-        process has claimed is left to it and waited for after this process's own, then only what that process did
-        not store is encoded (an image that does not decode, or all of it if the process died)."""
+        """`_encode_images` of `items` under claims (`Claims`), one per `SHARD_SIZE` run of them: this process
+        encodes the runs it could claim, in one pass (one loader), then waits for those another process holds and
+        encodes only what that process did not store (an image that does not decode, or everything if it died)."""
         claims, failed = Claims(self.root), {}
         shelves, coarse, fine = (self.shelves["coarse"], self.shelves["fine"]), set(coarse), set(fine)
         spaces = f"{shelves[0].folder.name}\n{shelves[1].folder.name}\n"
@@ -736,27 +736,27 @@ class TableFeatures:
         pending = list(zip(names, runs))
         with tqdm(total=len(items), desc="Encoding images", unit="img", disable=not progress) as bar:
             while pending:
-                later = []
-                for name, run in pending:
-                    claim = claims.take(name)
-                    if claim is None:
-                        later.append((name, run))
-                        continue
-                    with claim:
-                        # Under the claim, what is still missing: the last holder may have stored it just before.
-                        for shelf in shelves:
-                            shelf.refresh()
-                        todo_coarse = {key for key, _ in run if key in coarse and key not in shelves[0].index}
-                        todo_fine = {key for key, _ in run if key in fine and key not in shelves[1].index}
-                        left = (todo_coarse | todo_fine) - failed.keys()
-                        todo = [item for item in run if item[0] in left]
-                        failed.update(self._encode_images(net, todo, todo_coarse, todo_fine, bar))
-                    bar.update(len(run) - len(todo))
-                while later and all(claims.held(name) for name, _ in later):
+                mine, later = [], []
+                with ExitStack() as held:
+                    for name, run in pending:
+                        claim = claims.take(name)
+                        if claim is None:
+                            later.append(name)
+                        else:
+                            held.enter_context(claim)
+                            mine += run
+                    # Under the claims, what is still missing: their last holder may have stored it just before.
+                    for shelf in shelves:
+                        shelf.refresh()
+                    todo_coarse = {key for key, _ in mine if key in coarse and key not in shelves[0].index}
+                    todo_fine = {key for key, _ in mine if key in fine and key not in shelves[1].index}
+                    left = (todo_coarse | todo_fine) - failed.keys()
+                    todo = [item for item in mine if item[0] in left]
+                    failed.update(self._encode_images(net, todo, todo_coarse, todo_fine, bar))
+                    bar.update(len(mine) - len(todo))
+                while later and all(claims.held(name) for name in later):
                     time.sleep(CLAIM_POLL_SECONDS)
-                for shelf in shelves:
-                    shelf.refresh()
-                pending = later
+                pending = [(name, run) for name, run in pending if name in later]
         return failed
 
     def _encode_images(

@@ -25,6 +25,7 @@ import csv
 import filecmp
 import json
 import math
+import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace

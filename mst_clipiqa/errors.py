@@ -23,3 +23,15 @@ class OptionError(MSTCLIPIQAError, ValueError):
 
 class BadModelError(MSTCLIPIQAError, ValueError):
     """A saved model is incomplete or damaged (config.json, weights, encoders), or its encoders cannot be found."""
+
+
+class WriteError(MSTCLIPIQAError, OSError):
+    """A file cannot be written: its folder is read-only or not the user's, the disk is full, or a file-size or quota
+    limit is reached. The message names the file and the cause."""
+
+
+def write_error(path: str | object, err: OSError) -> WriteError:
+    """`err`, met writing `path`, as a `WriteError` naming the path and the cause."""
+    error = WriteError(f"cannot write {path}: {(err.strerror or str(err)).lower()}")
+    error.errno = err.errno
+    return error

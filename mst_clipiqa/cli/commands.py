@@ -99,6 +99,7 @@ def score(
     num_nodes: int = 1,
     precision: Literal["32", "bf16", "16"] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     revision: str | None = None,
     compile: bool = False,
     features: bool = False,
@@ -128,6 +129,7 @@ def score(
             (AMX), bf16 is much faster, with scores slightly off float32's: see docs/PERFORMANCE.md)
         resume: go on with a job that was stopped (killed, out of time): score only the images its partial output
             lacks, then write the whole file; run the same command with --resume true
+        overwrite: replace --out if it exists (without --resume, an existing file is never replaced)
         revision: branch, tag or commit of a hub model
         compile: compile the image towers first (torch.compile, which takes a while before the first batch): faster
             towers, which pays on large jobs where decoding keeps up (docs/PERFORMANCE.md)
@@ -141,6 +143,9 @@ def score(
     missing = [given for given in inputs if not Path(given).exists()]
     if missing:
         raise FileNotFoundError(f"no such image, folder, list or table: {', '.join(missing)}")
+    if not resume and not overwrite and Path(out).exists():
+        raise OptionError(f"--out {out} exists (an earlier job's scores): --overwrite true replaces it, --resume true "
+                          "completes it if that job was stopped")  # fmt: skip
     from mst_clipiqa.scoring.scorer import score_files
 
     score_files(

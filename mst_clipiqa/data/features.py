@@ -21,9 +21,16 @@ absolute path, size and modification time (or, with ``content_hash``, by a hash 
 still hit), and embedded image bytes by their hash; a prompt by a hash of its text.
 
 Each namespace holds ``shard-*`` folders, each a `datasets` Arrow table of (key, length, value) rows, memory-mapped
-when read. A shard is written to a ``.tmp-*`` folder and renamed into place, so a crash (or a kill) never leaves a
-half-written shard behind a ``shard-*`` name; it leaves at most a ``.tmp-*`` folder, which is never read and may be
-deleted. Shards are written every `SHARD_SIZE` items, so a crash loses at most that much work.
+when read. A shard is written to a ``.tmp-*`` folder with the size and CRC-32 of each of its files, and renamed into
+place, so a crash (or a kill) never leaves a half-written shard behind a ``shard-*`` name; it leaves at most a
+``.tmp-*`` folder, which is never read and may be deleted. A shard is verified against its record when it is opened:
+one damaged since (cut short, overwritten) is renamed ``damaged-*``, named in a warning, and its features are encoded
+again. Shards are written every `SHARD_SIZE` items, so a crash loses at most that much work.
+
+Processes sharing a cache (two fits, or the ranks of one) claim each `SHARD_SIZE` run of missing images before
+encoding it, with a file created exclusively under ``claims/``: another process that needs the same images waits for
+that shard instead of encoding them too. A claim whose process is gone (on this machine), or that has not been
+renewed for `CLAIM_STALE_SECONDS`, is taken over.
 
 Under DDP, rank 0 lists what is missing, every rank encodes its own slice (rank::world_size) and writes its own
 shards, then all ranks meet at a barrier and read the union: the encoding is shared, not repeated. The cache folder
@@ -37,10 +44,15 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import socket
+import threading
 import time
 import uuid
+import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,15 +71,26 @@ from transformers.utils.hub import extract_commit_hash
 from mst_clipiqa.data.checks import image_problem
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.data.schema import target_column
-from mst_clipiqa.errors import BadImageError
+from mst_clipiqa.errors import BadImageError, write_error
 from mst_clipiqa.model import CPU_BATCH, MSTCLIPIQA, prefers_bf16, tower_autocast
 
 CACHE_ENV = "MST_CLIPIQA_FEATURES"
 """Environment variable naming the cache folder (the `cache_dir` option, when given, wins)."""
 SHARD_SIZE = 512
 """Items per shard: a crash mid-way loses at most this many encoded items."""
-FORMAT_VERSION = 1
-"""Version of the shard layout; part of every namespace's hash, so a new layout never reads an old one."""
+FORMAT_VERSION = 2
+"""Version of the shard layout; part of every namespace's hash, so a new layout never reads an old one. 2: each shard
+records its files' sizes and CRC-32 (`CHECKSUMS`)."""
+CHECKSUMS = "checksums.json"
+"""In each shard: {file name: [size, CRC-32]} of its other files, written before the shard is renamed into place."""
+CLAIMS = "claims"
+"""Sub-folder of the cache holding the claims of shards being encoded."""
+CLAIM_STALE_SECONDS = 120.0
+"""A claim not renewed for this long is taken over: its process died on another machine (or hangs)."""
+CLAIM_RENEW_SECONDS = 10.0
+"""How often a process renews its claims while it encodes."""
+CLAIM_POLL_SECONDS = 0.5
+"""How often a process waiting for another's shard looks again."""
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -214,11 +237,17 @@ class Shelf:
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the shards written since the last look, by this or any other process."""
+        """Read the shards written since the last look, by this or any other process; a damaged one is set aside
+        (`set_aside`) and its keys stay missing."""
         for path in sorted(self.folder.glob("shard-*")):
             if path.name in self._read:
                 continue
-            table = datasets.load_from_disk(str(path)).data
+            try:
+                verify_shard(path)
+                table = datasets.load_from_disk(str(path)).data
+            except (DamagedShard, OSError, ValueError) as err:
+                set_aside(path, str(err))
+                continue
             shard = len(self._values)
             self._values.append(table.column("value"))
             self._lengths.append(table.column("length").to_numpy())
@@ -244,10 +273,164 @@ class Shelf:
             "value": [np.ascontiguousarray(v, dtype=np.float32).ravel() for v in values],
         }
         temporary = self.folder / f".tmp-{uuid.uuid4().hex}"
-        with _quiet_datasets():
-            datasets.Dataset.from_dict(rows, features=_SCHEMA).save_to_disk(str(temporary))
-        # A rename within one folder is atomic: readers see the whole shard or nothing.
-        os.rename(temporary, self.folder / f"shard-{uuid.uuid4().hex}")
+        try:
+            with _quiet_datasets():
+                datasets.Dataset.from_dict(rows, features=_SCHEMA).save_to_disk(str(temporary))
+            record = {path.name: _size_and_crc(path) for path in sorted(temporary.iterdir())}
+            (temporary / CHECKSUMS).write_text(json.dumps(record))
+            # A rename within one folder is atomic: readers see the whole shard or nothing.
+            os.rename(temporary, self.folder / f"shard-{uuid.uuid4().hex}")
+        except OSError as err:  # full disk, read-only cache, quota: the cache folder is named
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise write_error(self.folder, err) from err
+
+
+class DamagedShard(Exception):
+    """A shard's files differ from what was recorded when it was written."""
+
+
+def _size_and_crc(path: Path) -> list[int]:
+    crc = 0
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return [path.stat().st_size, crc]
+
+
+def verify_shard(path: Path) -> None:
+    """Check a shard's files against the sizes and CRC-32 recorded when it was written.
+
+    Raises:
+        DamagedShard: a file is missing, added, of another size or another CRC, or the record is unreadable.
+    """
+    try:
+        record = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, ValueError) as err:
+        raise DamagedShard(f"no readable {CHECKSUMS}: {err}") from err
+    present = sorted(file.name for file in path.iterdir() if file.name != CHECKSUMS)
+    if not isinstance(record, dict) or present != sorted(record):
+        raise DamagedShard(f"it holds {', '.join(present) or 'nothing'}, not the files recorded")
+    for name, (size, crc) in record.items():
+        file = path / name
+        if file.stat().st_size != size:
+            raise DamagedShard(f"{name} is {file.stat().st_size} bytes, not {size}")
+        if _size_and_crc(file)[1] != crc:
+            raise DamagedShard(f"{name} does not match its checksum")
+
+
+def set_aside(path: Path, why: str) -> None:
+    """Never read the damaged shard `path` again: rename it ``damaged-*`` (where the cache is writable) and say so."""
+    aside = path.with_name("damaged-" + path.name.removeprefix("shard-"))
+    try:
+        os.rename(path, aside)
+        done = f"renamed {aside.name}"
+    except FileNotFoundError:
+        return  # another process set it aside first, and said so
+    except OSError as err:
+        done = f"not read ({err.strerror.lower()} renaming it)"
+    warnings.warn(
+        f"feature cache shard {path} is damaged ({why}): {done}; its features are encoded again", stacklevel=3
+    )
+
+
+class Claims:
+    """Exclusive claims of work on a cache folder shared by processes, maybe on several machines: a claim is a file
+    created with O_CREAT | O_EXCL (atomic on local and NFS v3+ file systems) holding its owner's host and pid, and
+    renewed (its mtime) while the owner works.
+
+    Args:
+        root: the cache folder; claims go to its ``claims/`` sub-folder.
+    """
+
+    def __init__(self, root: Path):
+        self.folder = Path(root) / CLAIMS
+        self.host, self.pid = socket.gethostname(), os.getpid()
+
+    def take(self, name: str) -> _Claim | None:
+        """The claim `name`, now held by this process, or None while another process holds it (a stale claim is
+        taken over)."""
+        path = self.folder / name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._break_if_stale(path):
+                    return None
+                continue
+            with os.fdopen(fd, "w") as file:
+                file.write(json.dumps({"host": self.host, "pid": self.pid, "token": uuid.uuid4().hex}))
+            return _Claim(path)
+        return None
+
+    def held(self, name: str) -> bool:
+        """Whether another process holds the claim `name`, alive (a stale claim is removed)."""
+        path = self.folder / name
+        return path.exists() and not self._break_if_stale(path)
+
+    def _break_if_stale(self, path: Path) -> bool:
+        """Remove the claim at `path` if its owner is gone; whether it is gone (or was already)."""
+        try:
+            owner, age = path.read_text(), time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        try:
+            about = json.loads(owner)
+        except ValueError:
+            about = {}  # being written this instant, or torn by a crash: let age decide
+        dead = about.get("host") == self.host and not _alive(about.get("pid", -1))
+        if not dead and age < CLAIM_STALE_SECONDS:
+            return False
+        # Moved aside first, so that of two processes that find it stale only one removes it; a fresh claim moved
+        # aside by mistake (created between the read above and the rename) is put back.
+        aside = path.with_name(f".stale-{uuid.uuid4().hex}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return True
+        if aside.read_text() != owner:
+            try:
+                os.link(aside, path)
+            except FileExistsError:
+                pass
+        aside.unlink()
+        return True
+
+
+class _Claim:
+    """A claim held by this process: renewed in the background until released."""
+
+    def __init__(self, path: Path):
+        self.path, self._done = path, threading.Event()
+        self._renewer = threading.Thread(target=self._renew, daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._done.wait(CLAIM_RENEW_SECONDS):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def __enter__(self) -> _Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (one of another user's counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def image_shelves(
@@ -482,7 +665,7 @@ class TableFeatures:
         )
         images = list(dict.fromkeys(plan["coarse"] + plan["fine"]))  # need at least one tower
         first_row = dict(zip(reversed(keys), reversed(rows)))
-        failed = self._encode_images(
+        failed = self._encode_claimed(
             net, [(key, first_row[key]) for key in images[rank::world_size]], plan["coarse"], plan["fine"], progress
         )
         missing = set(plan["prompts"])
@@ -539,18 +722,55 @@ class TableFeatures:
             bad[row] = why
         return bad, lost
 
-    def _encode_images(
+    def _encode_claimed(
         self, net: MSTCLIPIQA, items: list[tuple[str, int]], coarse: list[str], fine: list[str], progress: bool
     ) -> dict[str, str]:
-        """Decode each (key, row) image once and run the towers whose embedding of it is missing; returns
-        {key: why} of the images that do not decode."""
+        """`_encode_images` of `items` under claims (`Claims`), one per `SHARD_SIZE` run of them: this process
+        encodes the runs it could claim, in one pass (one loader), then waits for those another process holds and
+        encodes only what that process did not store (an image that does not decode, or everything if it died)."""
+        claims, failed = Claims(self.root), {}
+        shelves, coarse, fine = (self.shelves["coarse"], self.shelves["fine"]), set(coarse), set(fine)
+        spaces = f"{shelves[0].folder.name}\n{shelves[1].folder.name}\n"
+        runs = [items[start : start + SHARD_SIZE] for start in range(0, len(items), SHARD_SIZE)]
+        names = ["images-" + _digest((spaces + "\n".join(key for key, _ in run)).encode()) for run in runs]
+        pending = list(zip(names, runs))
+        with tqdm(total=len(items), desc="Encoding images", unit="img", disable=not progress) as bar:
+            while pending:
+                mine, later = [], []
+                with ExitStack() as held:
+                    for name, run in pending:
+                        claim = claims.take(name)
+                        if claim is None:
+                            later.append(name)
+                        else:
+                            held.enter_context(claim)
+                            mine += run
+                    # Under the claims, what is still missing: their last holder may have stored it just before.
+                    for shelf in shelves:
+                        shelf.refresh()
+                    todo_coarse = {key for key, _ in mine if key in coarse and key not in shelves[0].index}
+                    todo_fine = {key for key, _ in mine if key in fine and key not in shelves[1].index}
+                    left = (todo_coarse | todo_fine) - failed.keys()
+                    todo = [item for item in mine if item[0] in left]
+                    failed.update(self._encode_images(net, todo, todo_coarse, todo_fine, bar))
+                    bar.update(len(mine) - len(todo))
+                while later and all(claims.held(name) for name in later):
+                    time.sleep(CLAIM_POLL_SECONDS)
+                pending = [(name, run) for name, run in pending if name in later]
+        return failed
+
+    def _encode_images(
+        self, net: MSTCLIPIQA, items: list[tuple[str, int]], coarse: set[str], fine: set[str], bar: tqdm
+    ) -> dict[str, str]:
+        """Decode each (key, row) image once and run the towers whose embedding of it is missing (its key in `coarse`,
+        `fine`); returns {key: why} of the images that do not decode."""
         failed: dict[str, str] = {}
         if not items:
             return failed
         device = next(net.encoder.parameters()).device
         towers = [
-            (net.encoder.coarse, set(coarse), ShardWriter(self.shelves["coarse"])),
-            (net.encoder.fine, set(fine), ShardWriter(self.shelves["fine"])),
+            (net.encoder.coarse, coarse, ShardWriter(self.shelves["coarse"])),
+            (net.encoder.fine, fine, ShardWriter(self.shelves["fine"])),
         ]
         images = _Pixels(self.table.select([row for _, row in items]), self.preprocess, self.draft)
         loader = DataLoader(
@@ -561,26 +781,25 @@ class TableFeatures:
             pin_memory=device.type == "cuda",
         )
         waiting = time.perf_counter()
-        with tqdm(total=len(items), desc="Encoding images", unit="img", disable=not progress) as bar:
-            for decoded, pixels, errors in loader:  # pixels (B, 3, 224, 224)
-                self.stats.decode_seconds += time.perf_counter() - waiting
-                failed.update((items[i][0], why) for i, why in errors)
-                batch = [items[i][0] for i in decoded]
-                if pixels is not None:
-                    pixels = pixels.to(device, non_blocking=True)
-                for tower, todo, writer in towers:
-                    chosen = [i for i, key in enumerate(batch) if key in todo]
-                    if not chosen:
-                        continue
-                    began = time.perf_counter()
-                    with torch.inference_mode(), tower_autocast(device):
-                        embeds = tower(pixel_values=pixels if len(chosen) == len(batch) else pixels[chosen])
-                    values = embeds.image_embeds.float().cpu().numpy()  # (b, D)
-                    self.stats.tower_seconds += time.perf_counter() - began
-                    writer.add([batch[i] for i in chosen], [row[None] for row in values])
-                self.stats.images_decoded += len(decoded) + len(errors)
-                bar.update(len(decoded) + len(errors))
-                waiting = time.perf_counter()
+        for decoded, pixels, errors in loader:  # pixels (B, 3, 224, 224)
+            self.stats.decode_seconds += time.perf_counter() - waiting
+            failed.update((items[i][0], why) for i, why in errors)
+            batch = [items[i][0] for i in decoded]
+            if pixels is not None:
+                pixels = pixels.to(device, non_blocking=True)
+            for tower, todo, writer in towers:
+                chosen = [i for i, key in enumerate(batch) if key in todo]
+                if not chosen:
+                    continue
+                began = time.perf_counter()
+                with torch.inference_mode(), tower_autocast(device):
+                    embeds = tower(pixel_values=pixels if len(chosen) == len(batch) else pixels[chosen])
+                values = embeds.image_embeds.float().cpu().numpy()  # (b, D)
+                self.stats.tower_seconds += time.perf_counter() - began
+                writer.add([batch[i] for i in chosen], [row[None] for row in values])
+            self.stats.images_decoded += len(decoded) + len(errors)
+            bar.update(len(decoded) + len(errors))
+            waiting = time.perf_counter()
         for _, _, writer in towers:
             writer.close()
         return failed

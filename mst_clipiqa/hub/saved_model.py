@@ -25,6 +25,7 @@ import csv
 import filecmp
 import json
 import math
+import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -208,12 +209,18 @@ class SavedModel:
         if path.is_dir():
             return cls._read_folder(path)
         if _looks_like_path(str(source)):
-            raise FileNotFoundError(f"no such model folder or checkpoint: {source}")
+            raise FileNotFoundError(f"no such model folder or checkpoint: {_where(str(source))}")
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(
-            str(source), revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, f"{ENCODERS}/*"]
-        )
+        try:
+            folder = snapshot_download(
+                str(source), revision=revision, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, f"{ENCODERS}/*"]
+            )
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(
+                f"no such model folder or checkpoint: {_where(str(source))}; nor is it a model on the Hugging Face "
+                f"Hub: {_hub_failure(err)}"
+            ) from err
         saved = cls._read_folder(Path(folder))
         saved.source = str(source)
         return saved
@@ -225,6 +232,8 @@ class SavedModel:
             raise BadModelError(f"{folder} holds no {CONFIG_NAME}: not a saved MST-CLIPIQA model")
         try:
             config = json.loads(config_path.read_text())
+        except PermissionError as err:
+            raise _unreadable(config_path) from err
         except (OSError, ValueError) as err:
             raise BadModelError(f"{config_path} is damaged ({err}): save or export the model again") from err
         if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -241,7 +250,10 @@ class SavedModel:
         except (KeyError, TypeError, AttributeError) as err:
             raise BadModelError(f"{config_path} is damaged (at {err}): save or export the model again") from err
         try:
+            _check_readable(folder / WEIGHTS_NAME)
             weights = load_file(folder / WEIGHTS_NAME)
+        except BadModelError:
+            raise
         except (OSError, SafetensorError) as err:
             raise BadModelError(
                 f"{folder / WEIGHTS_NAME} is missing or damaged ({err}): save or export the model again"
@@ -636,6 +648,11 @@ def _copy_encoder(source: Path, target: Path, stream: str) -> None:
     weights = _weight_files(source)
     if not (source / CONFIG_NAME).is_file() or not weights:
         raise BadModelError(f"the {stream} encoder folder {source} holds no CLIP checkpoint (config.json and weights)")
+    if weights[0].suffix == ".bin":  # a saved folder is read from safetensors only
+        raise BadModelError(
+            f"the {stream} encoder folder {source} holds PyTorch .bin weights (a pickle) and no safetensors: save the "
+            "encoder again with `save_pretrained(folder)`, which writes safetensors, and save the model from it"
+        )
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -647,12 +664,23 @@ def _located_encoders(
     net: ModelConfig, entries: dict[str, dict[str, Any]], folder: Path, origin: Path
 ) -> tuple[ModelConfig, dict[str, str]]:
     """`net` with each encoder as config.json's `entries` place it: a copy by its path inside `folder` (whatever the
-    working directory), a hub encoder by its id; and the recorded commit of each hub encoder."""
+    working directory), a hub encoder by its id; and the recorded commit of each hub encoder.
+
+    A saved folder is untrusted input and reads nothing outside itself: an encoder is a copy inside it, in
+    safetensors, or a hub id; anything else (a path in `hub_id` or in the network's settings, a folder entry that
+    leaves the folder, pickled weights) is refused before any file it names is opened.
+    """
+    unknown = sorted(set(entries) - set(STREAMS))
+    if unknown:
+        raise BadModelError(f"{origin}: unknown encoder entries {', '.join(unknown)}: save or export the model again")
     names, commits = {}, {}
-    for stream, entry in entries.items():
-        if entry.get("folder") is None:
-            names[f"{stream}_encoder"] = entry["hub_id"]
-            if entry.get("commit"):
+    for stream in STREAMS:
+        entry = entries.get(stream)
+        if entry is None or entry.get("folder") is None:
+            name = getattr(net, f"{stream}_encoder") if entry is None else entry["hub_id"]
+            _check_hub_id(name, stream, origin)
+            names[f"{stream}_encoder"] = name
+            if entry is not None and entry.get("commit"):
                 commits[stream] = entry["commit"]
             continue
         path = (folder / entry["folder"]).resolve()
@@ -661,8 +689,59 @@ def _located_encoders(
                 f"{origin}: the {stream} encoder is missing or incomplete: no CLIP checkpoint (config.json and "
                 f"weights) in {path}; copy the whole model folder, or save the model again"
             )
+        pickled = [file for file in _weight_files(path) if file.suffix == ".bin"]
+        if pickled:
+            raise BadModelError(
+                f"{pickled[0]}: the {stream} encoder's weights are a pickle (PyTorch .bin), which a saved model is "
+                "never read from: only safetensors are; save or export the model again"
+            )
+        for file in [path / name for name in ENCODER_FILES if (path / name).is_file()] + _weight_files(path):
+            _check_readable(file)
         names[f"{stream}_encoder"] = str(path)
     return replace(net, **names), commits
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""A Hugging Face repo id: "name" or "owner/name"."""
+
+
+def _check_hub_id(name: Any, stream: str, origin: Path) -> None:
+    """Refuse an encoder name of a saved folder that is not a well-formed hub id, or that is one but also names a local
+    path here (transformers would load that path), before anything it names is opened."""
+    text = str(name)
+    if isinstance(name, str) and HUB_ID.fullmatch(text) and ".." not in text and not Path(text).exists():
+        return
+    raise BadModelError(
+        f"{origin}: the {stream} encoder {text!r} is not a hub id (owner/name) nor a folder under {ENCODERS}/: a saved "
+        "model reads no file outside its folder; save or export the model again"
+    )
+
+
+def _check_readable(path: Path) -> None:
+    """Open `path` for reading once, so that a file the user may not read is reported as such (safetensors and
+    transformers report it as missing)."""
+    try:
+        path.open("rb").close()
+    except PermissionError as err:
+        raise _unreadable(path) from err
+
+
+def _unreadable(path: Path) -> BadModelError:
+    return BadModelError(f"permission denied: {path} is not readable by this user; ask its owner to make it readable")
+
+
+def _hub_failure(err: BaseException) -> str:
+    """Why a hub id could not be fetched, in a few words."""
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(err, RepositoryNotFoundError):
+        return "no such repo (or it is private: log in with `hf auth login`)"
+    if isinstance(err, HFValidationError):
+        return "not a valid repo id either"
+    if isinstance(err, LocalEntryNotFoundError):
+        return "the hub could not be reached (no network, or HF_HUB_OFFLINE set) and the Hugging Face cache has no copy"
+    first = str(err).strip().splitlines()
+    return f"the hub could not be reached ({first[0] if first else type(err).__name__})"
 
 
 def _same_setting(name: str, a: Any, b: Any) -> bool:

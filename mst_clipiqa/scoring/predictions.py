@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from mst_clipiqa.errors import OptionError
+from mst_clipiqa.errors import OptionError, write_error
 from mst_clipiqa.training.checkpoints import new_run_file, run_dir
 
 FORMATS = (".csv", ".jsonl", ".parquet")
@@ -103,9 +103,13 @@ class PredictionWriter(BasePredictionWriter):
                 shutil.rmtree(parts, ignore_errors=True)
             generation = max((_generation(shard) + 1 for shard in _shards(parts)), default=0)
         generation = trainer.strategy.broadcast(generation)
-        parts.mkdir(parents=True, exist_ok=True)
         self._generation = generation
-        self._shard = open(parts / _shard_name(trainer.global_rank, generation), "w", encoding="utf-8")
+        shard = parts / _shard_name(trainer.global_rank, generation)
+        try:
+            parts.mkdir(parents=True, exist_ok=True)
+            self._shard = open(shard, "w", encoding="utf-8")
+        except OSError as err:
+            raise write_error(shard, err) from err
 
     @staticmethod
     def _default_path(trainer: L.Trainer) -> Path:
@@ -129,11 +133,14 @@ class PredictionWriter(BasePredictionWriter):
         described = describe(index) if describe is not None else [{} for _ in index]
         columns = self._declared_columns(trainer) or [key for key in prediction if key != "index"]
         keep = ("index", *columns)
-        for i, about in enumerate(described):
-            row = {**about, **{key: values[i] for key, values in outputs.items()}}
-            self._shard.write(json.dumps({key: row.get(key) for key in keep}, ensure_ascii=False) + "\n")
-        # To the OS at every batch: a killed loop's rows survive it, for a resumed one to skip.
-        self._shard.flush()
+        try:
+            for i, about in enumerate(described):
+                row = {**about, **{key: values[i] for key, values in outputs.items()}}
+                self._shard.write(json.dumps({key: row.get(key) for key in keep}, ensure_ascii=False) + "\n")
+            # To the OS at every batch: a killed loop's rows survive it, for a resumed one to skip.
+            self._shard.flush()
+        except OSError as err:  # full disk, file-size limit: what reached the shard stays, for a resumed loop
+            raise write_error(self._shard.name, err) from err
 
     @staticmethod
     def _declared_columns(trainer: L.Trainer) -> Sequence[str] | None:
@@ -162,7 +169,10 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._shard is not None:
-            self._shard.close()
+            try:
+                self._shard.close()
+            except OSError:
+                pass  # the disk is still full: the error being raised says so
 
 
 # ---- rank 0: merge ---------------------------------------------------------------------------------------------
@@ -224,9 +234,12 @@ def _read_shard(path: Path) -> Iterator[dict[str, Any]]:
     last = None
     with path.open(encoding="utf-8") as lines:
         for line in lines:
-            if not line.endswith("\n"):
-                break  # the last line, torn by a killed loop: its row was not done
-            row = json.loads(line)
+            try:
+                row = json.loads(line) if line.endswith("\n") else None
+            except ValueError:
+                row = None
+            if row is None:
+                break  # the last line, torn by a killed loop or a full disk: its row was not done
             if last is not None and row["index"] < last:
                 raise RuntimeError(f"{path}: rows are not in increasing index order ({last} before {row['index']})")
             last = row["index"]
@@ -263,15 +276,19 @@ def write_rows(path: str | os.PathLike, rows: Iterable[dict[str, Any]], columns:
     if columns is None:
         columns = [key for key in (first or {}) if key != "index"]
     rows = rows if first is None else chain([first], rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        count = _write_parquet(partial, rows, list(columns))
-    else:
-        with partial.open("w", newline="", encoding="utf-8") as stream:
-            count = (_write_csv if suffix == ".csv" else _write_jsonl)(stream, rows, list(columns))
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".parquet":
+            count = _write_parquet(partial, rows, list(columns))
+        else:
+            with partial.open("w", newline="", encoding="utf-8") as stream:
+                count = (_write_csv if suffix == ".csv" else _write_jsonl)(stream, rows, list(columns))
+        os.replace(partial, path)
+    except OSError as err:  # read-only folder, full disk, file-size limit: the partial file would only take room
+        partial.unlink(missing_ok=True)
+        raise write_error(path, err) from err
     return count
 
 

@@ -16,6 +16,7 @@ resumes where its shards end.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -41,7 +42,7 @@ from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.data.samplers import EvalDistributedSampler
 from mst_clipiqa.data.schema import IMAGE_EXTENSIONS
 from mst_clipiqa.data.tables import Columns, load_table
-from mst_clipiqa.errors import BadImageError, BadRowError
+from mst_clipiqa.errors import BadImageError, BadRowError, WriteError
 from mst_clipiqa.hub.pretrained import from_pretrained
 from mst_clipiqa.model import CPU_BATCH, GPU_BATCH, prefers_bf16
 from mst_clipiqa.scoring.predictions import PredictionWriter, checked_path, done_rows, parts_folder
@@ -640,10 +641,15 @@ def score_files(
         module.net.encoder.compile_towers()
     step = ScoreStep(module, cache)
     started = time.perf_counter()
-    trainer.predict(step, datamodule=data, return_predictions=False)
-    if cache is not None:
-        cache.close()
-    writer.finish(trainer)  # a rank left without rows skipped the loop; the others wait for it here
+    try:
+        trainer.predict(step, datamodule=data, return_predictions=False)
+        if cache is not None:
+            cache.close()
+        writer.finish(trainer)  # a rank left without rows skipped the loop; the others wait for it here
+    except WriteError as err:
+        if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise WriteError(f"{err}; once there is room, run the same command with --resume true") from err
+        raise
     seconds = time.perf_counter() - started
     read = cache.read if cache is not None else 0
     counts = trainer.strategy.reduce(

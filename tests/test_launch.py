@@ -14,10 +14,11 @@ from lightning.pytorch.strategies import DDPStrategy
 from scripts.beside import output_of
 from scripts.runs import BATCH_SIZE, METRICS, TRAIN_ROWS, cli_args, in_process, logged_metrics
 
+from mst_clipiqa.cli.commands import main
 from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 from mst_clipiqa.errors import OptionError
 from mst_clipiqa.training.checkpoints import read_checkpoint
-from mst_clipiqa.training.launch import check_world_size, take_launcher_options
+from mst_clipiqa.training.launch import check_world_size, take_launched_processes, take_launcher_options
 
 DEFAULTS = {"accelerator": "auto", "strategy": "auto", "devices": 1, "num_nodes": 1, "precision": None}
 # What `fabric run --accelerator cpu --strategy ddp --devices 2 --precision bf16-mixed` leaves to its processes.
@@ -130,3 +131,29 @@ def test_fabric_run_starts_one_ddp_fit_that_evaluates_like_one_process(
     keys = [f"val/{name}" for name in METRICS]
     one_process = {key: one.trainer.callback_metrics[key].item() for key in keys}
     assert {key: validated[-1][key] for key in keys} == pytest.approx(one_process, abs=1e-6, rel=0)
+
+
+@pytest.mark.parametrize("launcher", [TORCHRUN, SRUN], ids=["torchrun", "srun"])
+def test_score_takes_the_processes_launched_as_its_devices(launcher, monkeypatch):
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    defaults = {"devices": 1, "num_nodes": 1}
+    options = dict(defaults)
+    take_launched_processes(options, defaults)
+    assert options == {"devices": 2, "num_nodes": 1}
+    set_by_user = {"devices": 3, "num_nodes": 1}
+    take_launched_processes(set_by_user, defaults)
+    assert set_by_user == {"devices": 3, "num_nodes": 1}  # left for check_world_size to refuse
+
+
+def test_score_under_a_launcher_names_its_own_options(monkeypatch, saved_models, demo_data, tmp_path, capsys):
+    for name, value in TORCHRUN.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "scores.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", str(saved_models["template"][1]), demo_data, "--out", str(out), "--devices", "3",
+              "--accelerator", "cpu"])  # fmt: skip
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "The launcher started 2 processes" in error and "Pass --devices 2 --num_nodes 1, or launch 3" in error
+    assert "--trainer." not in error and not out.exists()

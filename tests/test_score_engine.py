@@ -71,8 +71,9 @@ def test_two_ddp_ranks_write_the_file_one_process_writes(models, tmp_path):
     two = tmp_path / "two" / "scores.parquet"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     with ThreadPoolExecutor(1) as pool:
+        # No --devices: the two processes torchrun started are the two ranks.
         two_ranks = pool.submit(launch, [*torchrun, "-m", "mst_clipiqa", "score", str(model), str(table), "--out",
-                                         str(two), "--batch_size", "2", "--devices", "2", *QUIET])  # fmt: skip
+                                         str(two), "--batch_size", "2", *QUIET])  # fmt: skip
         # The one process is this one, meanwhile, on one thread as each rank: thread counts change float rounding.
         with one_thread():
             main(["score", str(model), str(table), "--out", str(one), "--batch_size", "2", *QUIET])

@@ -164,3 +164,65 @@ def test_compiled_towers_score_like_eager_ones_and_other_batch_sizes_run_eagerly
     assert encoder.compiled_batch == 3 and compiled_batches == [3, 3]
     assert_close(scorer.score(images, prompts, batch_size=4), expected)  # no batch of 3: all eager
     assert compiled_batches == [3, 3]
+
+
+def test_a_job_none_of_whose_images_can_be_scored_fails_and_one_with_some_succeeds(models, images, tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"broken{i}.png").write_text("not an image")
+    out = tmp_path / "scores.csv"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--accelerator", "cpu"])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert f"score: error: no image could be scored: all 3 failed; {out} names each reason" in error
+    assert f"The first: cannot decode image {folder / 'broken0.png'}" in error
+    assert [row["score"] for row in read_csv(out)] == ["", "", ""]  # the file still says why, row by row
+
+    shutil.copy(images[0], folder)
+    main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--accelerator", "cpu"])
+    assert "scored 1, failed 3" in capsys.readouterr().err
+
+
+def test_image_root_points_a_table_and_a_list_at_the_images_folder(models, images, tmp_path, capsys):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    names = [Path(shutil.copy(path, folder)).name for path in images[:2]]
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "t.csv").write_text("image\n" + "".join(f"{name}\n" for name in names))
+    (tables / "l.txt").write_text("".join(f"{name}\n" for name in names))
+    model = str(models["template"][1])
+    for given in ("t.csv", "l.txt"):
+        out = tmp_path / f"{given}.csv"
+        main(["score", model, str(tables / given), "--out", str(out), "--image_root", str(folder),
+              "--accelerator", "cpu"])  # fmt: skip
+        rows = read_csv(out)
+        assert [(row["image"], row["error"]) for row in rows] == [(name, "") for name in names]
+        assert_close([float(row["score"]) for row in rows], module_scores(models["template"][0], images[:2]))
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["score", model, str(tables / "t.csv"), "--out", str(tmp_path / "x.csv"), "--image_root",
+              str(tmp_path / "nowhere")])  # fmt: skip
+    assert exit_info.value.code == 1
+    assert f"score: error: --image_root {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+
+
+def test_the_prompt_head_without_any_prompt_names_the_option_before_decoding(models, images, tmp_path, capsys,
+                                                                              monkeypatch):  # fmt: skip
+    import mst_clipiqa.scoring.scorer as scorer
+
+    decoded = []
+    monkeypatch.setattr(scorer, "load_pixels", lambda *args, **kwargs: decoded.append(args) or 1 / 0)
+    for path in images[:3]:
+        shutil.copy(path, tmp_path)
+    (tmp_path / "table.csv").write_text("image,caption\n" + "".join(f"{Path(p).name},\n" for p in images[:3]))
+    for given, options in ((tmp_path, []), (tmp_path / "table.csv", ["--prompt_column", "caption"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["score", str(models["prompt"][1]), str(given), "--out", str(tmp_path / "x.csv"), *options])
+        assert exit_info.value.code == 1
+        error = capsys.readouterr().err
+        assert f"score: error: {given}: none of its 3 images has a prompt" in error
+        assert "--prompt_column COLUMN" in error and "--data.source_options.prompt_column COLUMN" in error
+    assert decoded == [] and not (tmp_path / "x.csv").exists()

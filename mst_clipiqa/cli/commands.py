@@ -92,6 +92,7 @@ def score(
     out: str,
     image_column: str = "image",
     prompt_column: str = "prompt",
+    image_root: str | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
     accelerator: str = "auto",
@@ -108,9 +109,10 @@ def score(
     """Score images with a saved model, on the MOS scale of the data it was trained on.
 
     Rows go to the file in input order: image, prompt (prompt head), score, error. An image that cannot be read gets
-    an empty score and the reason in the error column; every other image is still scored. An input that does not
-    exist stops the command before the model loads. Under torchrun, srun or fabric run, give --devices and
-    --num_nodes as launched.
+    an empty score and the reason in the error column; every other image is still scored, and the command fails
+    (exit status 1) only when none could be. An input that does not exist stops the command before the model
+    loads. Under torchrun, srun or fabric run, each process launched scores its share: --devices and --num_nodes
+    default to the processes per node and the nodes launched.
 
     Args:
         model: saved model folder, Hugging Face Hub repo id, or Lightning .ckpt
@@ -119,12 +121,16 @@ def score(
         out: output file: .csv, .jsonl or .parquet
         image_column: image path column of a table
         prompt_column: prompt column of a table (read for the prompt head only)
+        image_root: folder that relative image paths of tables and .txt lists refer to (null: the table's or
+            list's own folder)
         batch_size: images per forward pass and device (null: 8 on a CPU, 256 on a GPU)
         num_workers: processes decoding images, per device (null: 1 on a CPU, else the CPU cores per device, at
             most 8)
         accelerator: cpu, gpu, ... (auto: the GPU when there is one)
-        devices: devices per node; each scores its share of the images
-        num_nodes: machines; the output file must be on a file system every node sees
+        devices: devices per node; each scores its share of the images (under a launcher: the processes it
+            started per node)
+        num_nodes: machines; the output file must be on a file system every node sees (under a launcher: the
+            nodes it started)
         precision: compute precision of the towers (null: bf16 on a GPU, else 32; on a CPU with bf16 matrix units
             (AMX), bf16 is much faster, with scores slightly off float32's: see docs/PERFORMANCE.md)
         resume: go on with a job that was stopped (killed, out of time): score only the images its partial output
@@ -146,6 +152,8 @@ def score(
     if not resume and not overwrite and Path(out).exists():
         raise OptionError(f"--out {out} exists (an earlier job's scores): --overwrite true replaces it, --resume true "
                           "completes it if that job was stopped")  # fmt: skip
+    if image_root is not None and not Path(image_root).is_dir():
+        raise FileNotFoundError(f"--image_root {image_root}: no such folder")
     from mst_clipiqa.scoring.scorer import score_files
 
     score_files(
@@ -154,6 +162,7 @@ def score(
         out,
         image_column=image_column,
         prompt_column=prompt_column,
+        image_root=image_root,
         batch_size=batch_size,
         num_workers=num_workers,
         accelerator=accelerator,

@@ -67,6 +67,10 @@ def check_dataset(
     column = target_column(target)
     _check_on_bad(on_bad)
     meta = ds.select_columns(["name", "prompt", column, "split", "bad_cells", "source"]).to_dict()
+    # Readers record the file the rows came from; a dataset built otherwise is named by its source.
+    origin = ds.info.description or (meta["source"][0] if len(ds) else "the data")
+    if need_prompt:
+        require_prompts(meta["prompt"], origin)
     names = meta["name"]
     rows_of: dict[str, list[int]] = defaultdict(list)
     for row, name in enumerate(names):
@@ -107,8 +111,6 @@ def check_dataset(
     lines = [f"{_row_label(names[row], row)}: {'; '.join(reasons)}" for row, reasons in sorted(problems.items())]
     if report_path is not None:
         _write_report(report_path, names, problems)
-    # Readers record the file the rows came from; a dataset built otherwise is named by its source.
-    origin = ds.info.description or meta["source"][0]
     header = f"{origin}: {len(problems)} bad rows of {len(ds)} ({ROW_NUMBERS})"
     if report_path is not None:
         header += f"; all are listed in {report_path}"
@@ -119,6 +121,22 @@ def check_dataset(
         )
     logger.warning(summary(f"{header}. Dropping them", lines))
     return ds.select([row for row in range(len(ds)) if row not in problems])
+
+
+def require_prompts(prompts: Sequence[str | None], origin: str) -> None:
+    """Stop, before any image is decoded or encoded, when the prompt head gets rows none of which has a prompt: the
+    prompt column is not mapped (or not filled), and leaving out the rows without one would leave out every row.
+    Training's setup check and `mst-clipiqa score` both ask this.
+
+    Raises:
+        BadRowError: naming `origin` and the options that map the prompt column.
+    """
+    if prompts and not any(prompt and prompt.strip() for prompt in prompts):
+        raise BadRowError(
+            f"{origin}: none of its {len(prompts)} images has a prompt, and the prompt head (variant B) scores each "
+            "image against its generation prompt: map the column of prompts (score: --prompt_column COLUMN of a "
+            "table; training: --data.source_options.prompt_column COLUMN)"
+        )
 
 
 def _row_label(name: str | None, row: int) -> str:

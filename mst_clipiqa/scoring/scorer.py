@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from mst_clipiqa.data.checks import require_prompts
 from mst_clipiqa.data.features import ShardWriter, Shelf, compute_name, default_cache_dir, file_key, image_shelves
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.data.samplers import EvalDistributedSampler
@@ -46,7 +47,7 @@ from mst_clipiqa.errors import BadImageError, BadRowError, WriteError
 from mst_clipiqa.hub.pretrained import from_pretrained
 from mst_clipiqa.model import CPU_BATCH, GPU_BATCH, prefers_bf16
 from mst_clipiqa.scoring.predictions import PredictionWriter, checked_path, done_rows, parts_folder
-from mst_clipiqa.training.launch import check_world_size, take_launcher_options
+from mst_clipiqa.training.launch import check_world_size, take_launched_processes, take_launcher_options
 from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 Precision = Literal["32", "bf16", "16"]
@@ -286,14 +287,17 @@ def _describe(item: ImageInput) -> str:
 
 
 def collect_inputs(
-    inputs: Sequence[str], image_column: str = "image", prompt_column: str | None = None
+    inputs: Sequence[str],
+    image_column: str = "image",
+    prompt_column: str | None = None,
+    image_root: str | Path | None = None,
 ) -> tuple[list[str], list[Any], list[str | None]]:
     """Expand the command's INPUTs into (names as written, image sources, prompts) of every image, in order.
 
     A folder gives its images (by extension, recursively, sorted); a .txt file one path per line (blank lines and
     lines starting with # skipped); a table its `image_column` and, when `prompt_column` is given, its prompts.
-    Relative paths in lists and tables are relative to the list's or table's folder. Anything else is an image
-    path, checked when it is decoded. Only table rows carry prompts.
+    Relative paths in lists and tables are relative to `image_root`, by default the list's or table's folder.
+    Anything else is an image path, checked when it is decoded. Only table rows carry prompts.
     """
     names: list[str] = []
     sources: list[Any] = []
@@ -305,12 +309,19 @@ def collect_inputs(
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
             rows = [(str(p), str(p), None) for p in found]
         elif suffix in TABLE_EXTENSIONS:
-            table = load_table(path, Columns(image_column=image_column, mos_columns={}, prompt_column=prompt_column))
+            columns = Columns(
+                image_column=image_column,
+                mos_columns={},
+                prompt_column=prompt_column,
+                image_root=str(image_root) if image_root is not None else None,
+            )
+            table = load_table(path, columns)
             rows = list(zip(table["name"][:], [image["path"] for image in table["image"][:]], table["prompt"][:]))
         elif suffix == LIST_EXTENSION:
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
             kept = [line for line in lines if line and not line.startswith("#")]
-            rows = [(line, str(path.parent / line), None) for line in kept]
+            folder = Path(image_root) if image_root is not None else path.parent
+            rows = [(line, str(folder / line), None) for line in kept]
         else:
             rows = [(given, given, None)]
         for name, source, prompt in rows:
@@ -487,6 +498,8 @@ class ScoreStep(L.LightningModule):
         super().__init__()
         self.module, self.cache = module, cache
         self.scored = self.failed = 0
+        self.first_error: str | None = None
+        """The first reason a row of this rank failed, to name when none could be scored."""
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         index, decoded, held = batch["index"], batch["decoded"], batch["held"]
@@ -503,6 +516,8 @@ class ScoreStep(L.LightningModule):
                 scores[position] = score
         self.scored += len(positions)
         self.failed += len(index) - len(positions)
+        if self.first_error is None:
+            self.first_error = next((error for error in batch["error"] if error is not None), None)
         return {"index": index, "score": scores, "error": batch["error"]}
 
     def _embeddings(self, batch: dict[str, Any], good: Tensor) -> tuple[Tensor, Tensor]:
@@ -554,6 +569,7 @@ def score_files(
     *,
     image_column: str = "image",
     prompt_column: str | None = "prompt",
+    image_root: str | Path | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
     devices: int | str = 1,
@@ -575,16 +591,20 @@ def score_files(
 
     Raises:
         BadRowError: the prompt head and an image without a prompt; the message names it.
+        BadImageError: not one image could be scored (the file is written, each reason in its error column).
         OptionError: the devices and nodes disagree with the processes a launcher started.
         FileNotFoundError: no images in `inputs`.
     """
     out = checked_path(out)
     module = from_pretrained(model, revision=revision)
     needs_prompt = module.net.needs_prompt
-    names, sources, prompts = collect_inputs(inputs, image_column, prompt_column if needs_prompt else None)
+    names, sources, prompts = collect_inputs(
+        inputs, image_column, prompt_column if needs_prompt else None, image_root
+    )
     if not names:
         raise FileNotFoundError(f"no images in {', '.join(map(str, inputs))}")
     if needs_prompt:
+        require_prompts(prompts, ", ".join(map(str, inputs)))
         checked_prompts(sources, prompts)
     if resume and out.is_file() and not parts_folder(out).exists():
         print(f"nothing to resume: {out} was completed, every image is in it", file=sys.stderr)
@@ -596,7 +616,9 @@ def score_files(
         "num_nodes": num_nodes,
         "precision": precision,
     }
-    take_launcher_options(options, {"accelerator": "auto", "devices": 1, "num_nodes": 1, "precision": None})
+    defaults = {"accelerator": "auto", "devices": 1, "num_nodes": 1, "precision": None}
+    take_launcher_options(options, defaults)
+    take_launched_processes(options, defaults)
     precision = options["precision"]
     if precision is None:
         on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -612,7 +634,7 @@ def score_files(
         callbacks=[writer, ImagesProgress()],
         default_root_dir=out.parent,
     )
-    check_world_size(trainer.num_devices, trainer.num_nodes, options["strategy"])
+    check_world_size(trainer.num_devices, trainer.num_nodes, None, prefix="--", job="a scoring job")
     on_cpu = isinstance(trainer.accelerator, CPU)
     config = module.net_config
     if num_workers is None:
@@ -656,6 +678,10 @@ def score_files(
         torch.tensor([step.scored, step.failed, read], dtype=torch.float64), reduce_op="sum"
     )
     scored, failed, cached = (int(count) for count in counts.tolist())
+    if torch.distributed.is_initialized():
+        # The job's process group ends with it: left to the interpreter's exit, gloo's threads now and then abort a
+        # rank ("terminate called without an active exception") after the file is written.
+        torch.distributed.destroy_process_group()
     report = {
         "scored": scored,
         "failed": failed,
@@ -663,6 +689,9 @@ def score_files(
         "done_before": len(names) - data.todo,
         "images_per_s": (scored + failed) / seconds,
     }
+    if scored == 0 and failed > 0 and report["done_before"] == 0:
+        first = f" The first: {step.first_error}" if step.first_error else ""
+        raise BadImageError(f"no image could be scored: all {failed} failed; {out} names each reason.{first}")
     if trainer.is_global_zero:
         resumed = f" ({report['done_before']} done before)" if resume else ""
         print(

@@ -73,13 +73,37 @@ def launched_processes() -> tuple[int, int | None, str] | None:
     return None
 
 
-def check_world_size(num_devices: int, num_nodes: int, strategy: Any) -> None:
+def take_launched_processes(options: MutableMapping[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Set `devices` and `num_nodes` left at their defaults to the processes a launcher started, in place.
+
+    For a command whose ranks share one job's work (score): who launched N processes wants N ranks. Without a
+    launcher nothing changes; options set otherwise stay, for `check_world_size` to judge.
+
+    Args:
+        options: the Trainer's options as the command parsed them.
+        defaults: each option's default.
+    """
+    launched = launched_processes()
+    if launched is None:
+        return
+    world, nodes, _ = launched
+    if nodes is not None and options.get("num_nodes") == defaults.get("num_nodes"):
+        options["num_nodes"] = nodes
+    if options.get("devices") in (defaults.get("devices"), "auto"):
+        options["devices"] = max(world // options["num_nodes"], 1)
+
+
+def check_world_size(
+    num_devices: int, num_nodes: int, strategy: Any, prefix: str = "--trainer.", job: str = "a fit"
+) -> None:
     """Stop unless the Trainer's devices per node times nodes are the processes the launcher started.
 
     Args:
         num_devices: devices per node, as the Trainer resolved them.
         num_nodes: the Trainer's number of nodes.
         strategy: the Trainer's strategy option; "auto" gets `--trainer.strategy ddp` in the advice.
+        prefix: how the command spells its Trainer options in the advice ("--" for score's own).
+        job: what each process would run alone.
 
     Raises:
         OptionError: naming what was started and the options that match it.
@@ -91,11 +115,11 @@ def check_world_size(num_devices: int, num_nodes: int, strategy: Any) -> None:
     nodes = nodes or num_nodes
     if num_devices * num_nodes == world and num_nodes == nodes:
         return
-    advice = f"--trainer.devices {max(world // nodes, 1)} --trainer.num_nodes {nodes}"
+    advice = f"{prefix}devices {max(world // nodes, 1)} {prefix}num_nodes {nodes}"
     if strategy == "auto" and world > 1:
-        advice += " --trainer.strategy ddp"
+        advice += f" {prefix}strategy ddp"
     wanted = num_devices * num_nodes
-    outcome = "each would run a fit of its own" if wanted == 1 else "they would not form one job"
+    outcome = f"each would run {job} of its own" if wanted == 1 else "they would not form one job"
     raise OptionError(
         f"The launcher started {_count(world, 'process')} ({variables}), but the Trainer is set for "
         f"{_count(num_devices, 'device')} per node x {_count(num_nodes, 'node')}: {outcome}. Pass {advice}, "

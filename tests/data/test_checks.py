@@ -255,9 +255,9 @@ def test_withheld_labels_of_official_val_and_test_are_not_problems(tmp_path):
 
 
 def test_error_lists_the_first_problems_and_the_count(tmp_path):
-    rows = [(f"images/{i:02d}.png", None, 1.0) for i in range(13)]
+    rows = [(f"images/{i:02d}.png", "a cat", None) for i in range(13)]
     table = make_table_release(tmp_path, rows)
-    ds = load_table(table, Columns(image_column="image", mos_columns={"quality": "mos"}))
+    ds = load_table(table, Columns(image_column="image", mos_columns={"quality": "mos"}, prompt_column="prompt"))
     with pytest.raises(BadRowError) as info:
         check_dataset(ds, target="quality", need_prompt=True, report_path=tmp_path / "report.csv")
     message = str(info.value)

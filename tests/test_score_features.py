@@ -4,6 +4,8 @@ encoded again, the scores do not change, and a fit's cache serves a scoring job 
 from __future__ import annotations
 
 import csv
+import hashlib
+import shutil
 from pathlib import Path
 
 import datasets
@@ -13,10 +15,10 @@ import torch
 from PIL import Image
 
 import mst_clipiqa.scoring.scorer as scorer
-from mst_clipiqa.data.features import TableFeatures
+from mst_clipiqa.data.features import TableFeatures, checkpoint_content
 from mst_clipiqa.data.preprocess import ClipPreprocess
 from mst_clipiqa.hub.pretrained import save_pretrained
-from mst_clipiqa.model import ModelConfig
+from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
 from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 
@@ -89,16 +91,18 @@ def test_a_second_job_reads_every_good_image_from_the_cache(model, tmp_path, mon
     assert score(model, folder, tmp_path / "fourth.csv")["cached"] == 0 and len(decoded) == 7
 
 
-def test_the_cache_a_fit_filled_serves_scoring_and_the_reverse(model, tiny_clip, tmp_path):
+def test_the_cache_a_fit_filled_serves_the_exported_model_and_the_reverse(model, tiny_clip, tmp_path):
     folder = tmp_path / "images"
     paths = images(folder, 5)
     cache = tmp_path / "cache"
-    # What a fit's encoding pass does with this model's towers: the same namespaces and keys.
+    # What a fit's encoding pass does, with the towers where the fit loads them: the saved model scores with copies
+    # of them (encoders/ in its folder), which are the same checkpoints by content.
     table = datasets.Dataset.from_dict(
         {"image": [{"path": str(p), "bytes": None} for p in paths], "prompt": [None] * len(paths)},
         features=datasets.Features({"image": datasets.Image(decode=False), "prompt": datasets.Value("string")}),
     )
-    net = scorer.from_pretrained(model).net
+    net = MSTCLIPIQA(ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1]))
+    assert not Path(scorer.from_pretrained(model).net.config.coarse_encoder).samefile(tiny_clip[0])
     encoded = TableFeatures(table, ClipPreprocess.from_pretrained(tiny_clip[0]), cache_dir=cache)
     assert encoded.prepare(range(len(paths)), net) == {}
     assert encoded.stats.images_encoded == 5
@@ -121,3 +125,23 @@ def test_the_cache_a_fit_filled_serves_scoring_and_the_reverse(model, tiny_clip,
 def scores_of(model: Path, folder: Path, out: Path):
     score(model, folder, out)
     return scores(out)
+
+
+def test_a_checkpoint_is_hashed_once_and_a_changed_file_again(tiny_clip, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_clip[0], copy)
+    hashed = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda stream, name: hashed.append(stream.name) or real(stream, name))
+    root = tmp_path / "cache"
+    original = checkpoint_content(tiny_clip[0], None, root=root)
+    assert len(hashed) == 2  # config.json and model.safetensors
+    assert checkpoint_content(str(copy), None, root=root) == original  # the same content, elsewhere
+    hashed.clear()
+    assert checkpoint_content(tiny_clip[0], None, root=root) == original and hashed == []  # remembered
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size; a new modification time
+    weights.write_bytes(bytes(data))
+    changed = checkpoint_content(str(copy), None, root=root)
+    assert hashed == [str(weights)] and changed["files"] != original["files"]

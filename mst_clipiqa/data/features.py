@@ -9,11 +9,11 @@ Layout. One folder serves every data set and run: the `cache_dir` option, else `
 ``$XDG_CACHE_HOME/mst_clipiqa/features`` (``~/.cache/mst_clipiqa/features``). It holds one namespace per way of
 computing a feature, named by a hash of everything the feature depends on (written out in its ``spec.json``):
 
-    image-<hash>/   image_embeds (D,) of one image tower: its checkpoint (hub id and resolved commit, or for a local
-                    folder a hash of config.json and the size and mtime of its weight files), the ClipPreprocess
-                    fields, draft decoding, and the compute dtype (float32, or bf16 autocast on CUDA)
-    text-<hash>/    last_hidden_state (L, Dt), unpadded, of the text tower: its checkpoint and tokenizer files,
-                    the prompt truncation length and the compute dtype
+    image-<hash>/   image_embeds (D,) of one image tower: its checkpoint by content (hashes of its config.json and
+                    weight files, wherever they lie: `checkpoint_content`), the ClipPreprocess fields, draft
+                    decoding, and the compute dtype (float32, or bf16 autocast on CUDA)
+    text-<hash>/    last_hidden_state (L, Dt), unpadded, of the text tower: its checkpoint and tokenizer files by
+                    content, the prompt truncation length and the compute dtype
 
 Changing any of these selects another namespace, so a stale feature is never read, and only the changed part is
 recomputed: another fine encoder re-encodes the fine stream only. Within a namespace an image is keyed by its file's
@@ -93,6 +93,8 @@ CLAIM_POLL_SECONDS = 0.5
 """How often a process waiting for another's shard looks again."""
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json")
+DIGESTS = "digests.json"
+"""File in the cache folder keeping the SHA-256 of each weight file hashed, by path, size and modification time."""
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 _SCHEMA = datasets.Features(
@@ -123,7 +125,8 @@ def _digest(data: bytes | memoryview) -> str:
 
 
 def checkpoint_fingerprint(name: str, revision: str | None, files: Sequence[str] = WEIGHT_FILES) -> dict[str, Any]:
-    """What identifies the weights of a checkpoint, cheaply.
+    """What identifies the weights of a checkpoint, cheaply: for a hub id, the commit a saved model records. The cache's
+    namespaces key a checkpoint by its content instead (`checkpoint_content`).
 
     A local folder: its resolved path, a hash of its config.json, and the name, size and modification time of the
     files matching `files` (glob patterns). A hub id: the id and the commit its revision resolves to, through Hugging
@@ -141,6 +144,65 @@ def checkpoint_fingerprint(name: str, revision: str | None, files: Sequence[str]
         (path.name, path.stat().st_size, path.stat().st_mtime_ns) for pattern in files for path in folder.glob(pattern)
     )
     return {"path": str(folder), "config": _digest((folder / "config.json").read_bytes()), "files": stats}
+
+
+def checkpoint_content(
+    name: str, revision: str | None, files: Sequence[str] = WEIGHT_FILES, root: Path | None = None
+) -> dict[str, Any]:
+    """What a checkpoint's features depend on, by content: the SHA-256 of its config.json and of each file matching
+    `files` (glob patterns), by name. Where the checkpoint lies does not count: a local encoder, the copy an exported
+    model holds, a hub id and its snapshot folder in the Hugging Face cache all give the same.
+
+    Hashing is paid once per file: a file of the Hugging Face cache is a blob named by its SHA-256 already, and any
+    other file's digest is kept in `root`'s digests.json (the cache folder), by path, size and modification time.
+    """
+    folder = Path(name)
+    if not folder.is_dir():
+        folder = Path(cached_file(name, "config.json", revision=revision)).parent
+    paths = sorted({path for pattern in files for path in folder.glob(pattern)})
+    with _Digests(root) as digests:
+        return {
+            "config": digests.of(folder / "config.json"),
+            "files": [(path.name, digests.of(path)) for path in paths],
+        }
+
+
+class _Digests:
+    """SHA-256 of files, remembered in a JSON file by resolved path, size and modification time."""
+
+    def __init__(self, root: Path | None):
+        self.path = Path(root) / DIGESTS if root is not None else None
+        self.known: dict[str, list] = {}
+        self.changed = False
+        if self.path is not None and self.path.is_file():
+            try:
+                self.known = json.loads(self.path.read_text())
+            except (OSError, ValueError):  # damaged or half-written by an older version: hash again
+                self.known = {}
+
+    def __enter__(self) -> _Digests:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.changed and self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(f".tmp-{uuid.uuid4().hex}")
+            temporary.write_text(json.dumps(self.known, indent=0, sort_keys=True))
+            os.replace(temporary, self.path)  # atomic: another process reads the old file or this one
+
+    def of(self, path: Path) -> str:
+        file = path.resolve()
+        if file.parent.name == "blobs" and len(file.name) == 64:  # Hugging Face's cache: LFS blobs by their SHA-256
+            return file.name
+        stat = file.stat()
+        known = self.known.get(str(file))
+        if known is not None and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+            return known[2]
+        with file.open("rb") as stream:
+            digest = hashlib.file_digest(stream, "sha256").hexdigest()
+        self.known[str(file)] = [stat.st_size, stat.st_mtime_ns, digest]
+        self.changed = True
+        return digest
 
 
 def _preprocess_spec(preprocess: ClipPreprocess) -> dict[str, Any]:
@@ -445,7 +507,9 @@ def image_shelves(
             root,
             {
                 "feature": "image_embeds",
-                "checkpoint": checkpoint_fingerprint(getattr(net.config, f"{stream}_encoder"), net.config.revision),
+                "checkpoint": checkpoint_content(
+                    getattr(net.config, f"{stream}_encoder"), net.config.revision, root=Path(root)
+                ),
                 "weights_dtype": str(next(tower.parameters()).dtype),
                 **image,
             },
@@ -577,8 +641,8 @@ class TableFeatures:
         if net.needs_prompt:
             spec = {
                 "feature": "last_hidden_state",
-                "checkpoint": checkpoint_fingerprint(
-                    config.coarse_encoder, config.revision, WEIGHT_FILES + TOKENIZER_FILES
+                "checkpoint": checkpoint_content(
+                    config.coarse_encoder, config.revision, WEIGHT_FILES + TOKENIZER_FILES, self.root
                 ),
                 "weights_dtype": str(next(net.prompt_encoder.parameters()).dtype),
                 "max_tokens": net.prompt_encoder.max_tokens,

@@ -598,9 +598,7 @@ def score_files(
     out = checked_path(out)
     module = from_pretrained(model, revision=revision)
     needs_prompt = module.net.needs_prompt
-    names, sources, prompts = collect_inputs(
-        inputs, image_column, prompt_column if needs_prompt else None, image_root
-    )
+    names, sources, prompts = collect_inputs(inputs, image_column, prompt_column if needs_prompt else None, image_root)
     if not names:
         raise FileNotFoundError(f"no images in {', '.join(map(str, inputs))}")
     if needs_prompt:

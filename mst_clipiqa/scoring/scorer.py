@@ -48,7 +48,7 @@ from mst_clipiqa.hub.pretrained import from_pretrained
 from mst_clipiqa.model import CPU_BATCH, GPU_BATCH, prefers_bf16
 from mst_clipiqa.scoring.predictions import PredictionWriter, checked_path, done_rows, parts_folder
 from mst_clipiqa.training.launch import check_world_size, take_launched_processes, take_launcher_options
-from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, restore_threads
 
 Precision = Literal["32", "bf16", "16"]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -562,6 +562,48 @@ class ImagesProgress(Callback):
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 
+def idle_cores(seconds: float = 0.2) -> float | None:
+    """How many of the cores this process may run on sat idle over the next `seconds`, from Linux's /proc/stat; None
+    elsewhere."""
+    mine = {f"cpu{core}" for core in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else set()
+
+    def sample() -> tuple[int, int]:
+        idle = total = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *ticks = line.split()
+            if name in mine:
+                user, nice, system, idle_ticks, iowait, irq, softirq, steal = map(int, ticks[:8])
+                idle += idle_ticks + iowait
+                total += user + nice + system + idle_ticks + iowait + irq + softirq + steal
+        return idle, total
+
+    try:
+        idle, total = sample()
+        time.sleep(seconds)
+        idle_after, total_after = sample()
+    except (OSError, ValueError):
+        return None
+    if total_after <= total:
+        return None
+    return (idle_after - idle) / (total_after - total) * len(mine)
+
+
+def cpu_threads(ranks: int) -> int | None:
+    """torch threads for each of `ranks` scoring processes on the CPU: the cores idle now, shared, at most torch's
+    default and at least 1; None leaves torch's own count (OMP_NUM_THREADS set, or no way to tell).
+
+    Each operation of the towers is split among the threads, which wait for each other at its end; when other
+    processes hold the cores a thread is descheduled and the others wait for it, at every operation: on a loaded
+    2-core machine two threads scored several times slower than one (docs/PERFORMANCE.md). On idle cores more threads
+    are faster."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    idle = idle_cores()
+    if idle is None:
+        return None
+    return max(1, min(torch.get_num_threads(), round(idle / ranks)))
+
+
 def score_files(
     model: str | Path,
     inputs: Sequence[str],
@@ -660,6 +702,10 @@ def score_files(
     if compile:
         module.net.encoder.compile_towers()
     step = ScoreStep(module, cache)
+    threads = cpu_threads(trainer.num_devices) if on_cpu else None
+    kept = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     try:
         trainer.predict(step, datamodule=data, return_predictions=False)
@@ -670,16 +716,14 @@ def score_files(
         if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise WriteError(f"{err}; once there is room, run the same command with --resume true") from err
         raise
+    finally:
+        restore_threads(kept if threads is not None else None)
     seconds = time.perf_counter() - started
     read = cache.read if cache is not None else 0
     counts = trainer.strategy.reduce(
         torch.tensor([step.scored, step.failed, read], dtype=torch.float64), reduce_op="sum"
     )
     scored, failed, cached = (int(count) for count in counts.tolist())
-    if torch.distributed.is_initialized():
-        # The job's process group ends with it: left to the interpreter's exit, gloo's threads now and then abort a
-        # rank ("terminate called without an active exception") after the file is written.
-        torch.distributed.destroy_process_group()
     report = {
         "scored": scored,
         "failed": failed,

@@ -181,7 +181,8 @@ def test_a_job_none_of_whose_images_can_be_scored_fails_and_one_with_some_succee
     assert [row["score"] for row in read_csv(out)] == ["", "", ""]  # the file still says why, row by row
 
     shutil.copy(images[0], folder)
-    main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--accelerator", "cpu"])
+    main(["score", str(models["template"][1]), str(folder), "--out", str(out), "--accelerator", "cpu",
+          "--overwrite", "true"])  # fmt: skip
     assert "scored 1, failed 3" in capsys.readouterr().err
 
 

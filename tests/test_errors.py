@@ -20,7 +20,7 @@ from mst_clipiqa.cli.commands import main
 
 ROOT = Path(__file__).parents[1]
 CONSOLE = shutil.which("mst-clipiqa", path=str(Path(sys.executable).parent))
-COMMANDS = ("fit", "validate", "test", "predict", "benchmark", "score", "export", "push", "demo")
+COMMANDS = ("fit", "validate", "test", "predict", "benchmark", "score", "serve", "export", "push", "demo")
 
 
 @dataclass

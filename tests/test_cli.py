@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from mst_clipiqa.cli.commands import command_parser, main, split_own_options
+from mst_clipiqa.cli.internals import option_actions
 
 CONFIGS = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
 DEMO = str(Path(__file__).parents[1] / "experiments" / "demo.yaml")
@@ -59,7 +60,7 @@ def test_help_shows_field_docstrings(fit_help):
 
 def test_every_command_takes_options_named_as_the_trainers_and_a_config_file(tmp_path, capsys):
     for name in ("score", "export", "benchmark", "demo"):
-        options = [option for option in command_parser(name)._option_string_actions if option.startswith("--")]
+        options = [option for option in option_actions(command_parser(name)) if option.startswith("--")]
         assert all(option == option.lower() and "-" not in option[2:] for option in options), options
     config = tmp_path / "score.yaml"
     config.write_text("model: my-model\ninputs: [a.png, images/]\nout: scores.csv\nbatch_size: 4\n")

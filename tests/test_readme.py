@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from mst_clipiqa.cli.commands import command_parser
+from mst_clipiqa.cli.internals import option_actions
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
@@ -34,7 +35,7 @@ def test_the_commands_take_the_options_the_readme_shows():
     lines = re.findall(r"mst-clipiqa (score|export|benchmark|demo)\b([^#\n]*)", commands)
     assert {command for command, _ in lines} == {"score", "export", "benchmark", "demo"}
     for command, rest in lines:
-        declared = command_parser(command)._option_string_actions
+        declared = option_actions(command_parser(command))
         passed_on = command in ("benchmark", "demo")
         for option in re.findall(r"(?<!\S)--[\w.-]+", rest):
             assert option in declared or (passed_on and (option == "--config" or "." in option)), (command, option)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from mst_clipiqa.cli.internals import option_actions
 from mst_clipiqa.cli.parse_errors import SuggestingErrors, config_paths, did_you_mean, explain
 from mst_clipiqa.errors import MSTCLIPIQAError, OptionError
 
@@ -370,7 +371,7 @@ def split_own_options(parser: ArgumentParser, argv: Sequence[str]) -> tuple[list
     side = others
     for arg in argv:
         if arg.startswith("-") and not _is_number(arg):
-            side = own if arg.split("=", 1)[0] in parser._option_string_actions else others
+            side = own if arg.split("=", 1)[0] in option_actions(parser) else others
         side.append(arg)
     return own, others
 

@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
+from mst_clipiqa.cli.internals import option_actions, subcommand_parsers, type_hint
+
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
 
@@ -40,7 +42,7 @@ def explain(message: str, parser: ArgumentParser, argv: Sequence[str] = ()) -> s
     meant: the option or key closest to a misspelled one, or the allowed value closest to the one given."""
     if "did you mean" in message:  # explained already, by the parser of a nested parse
         return message
-    options = parser._option_string_actions
+    options = option_actions(parser)
     if match := re.match(r"the following arguments are required: (.*)", message):
         return "missing " + ", ".join(f"--{name}" if f"--{name}" in options else name for name in match[1].split(", "))
     if match := re.match(r"unrecognized arguments: (.*)", message):
@@ -76,7 +78,7 @@ def _choices(action: Any) -> list[Any]:
         return []
     if action.choices:
         return list(action.choices)
-    return list(_literal_values(getattr(action, "_typehint", None)))
+    return list(_literal_values(type_hint(action)))
 
 
 def _literal_values(hint: Any) -> Iterator[Any]:
@@ -89,11 +91,9 @@ def _literal_values(hint: Any) -> Iterator[Any]:
 
 def _chosen_subcommand(parser: ArgumentParser) -> ArgumentParser | None:
     """The parser of the subcommand named on the command line, where `parser` has subcommands."""
-    subcommands = getattr(parser, "_subcommands_action", None)
-    if subcommands is None:
-        return None
-    chosen = next((arg for arg in getattr(parser, "args", []) if arg in subcommands.choices), None)
-    return subcommands.choices.get(chosen)
+    subcommands = subcommand_parsers(parser)
+    chosen = next((arg for arg in getattr(parser, "args", []) if arg in subcommands), None)
+    return subcommands.get(chosen)
 
 
 def config_paths(argv: Sequence[str]) -> list[Path]:

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mst_clipiqa.cli.internals import option_actions
-from mst_clipiqa.cli.parse_errors import SuggestingErrors, config_paths, did_you_mean, explain
+from mst_clipiqa.cli.parse_errors import (
+    NEED_WEIGHTS,
+    SuggestingErrors,
+    config_paths,
+    did_you_mean,
+    explain,
+    no_weights,
+)
 from mst_clipiqa.errors import MSTCLIPIQAError, OptionError
 
 if TYPE_CHECKING:
@@ -47,10 +54,6 @@ USER_ERRORS = (MSTCLIPIQAError, FileNotFoundError, NotADirectoryError, IsADirect
 (an impossible Trainer setting) joins them where Lightning is loaded."""
 
 SCORE_FORMATS = (".csv", ".jsonl", ".parquet")
-
-NEED_WEIGHTS = ("validate", "test", "predict")
-"""The Trainer's commands that evaluate a trained model: without weights they would score with an untrained head."""
-
 
 # ---- the commands beyond the Trainer's ---------------------------------------------------------------------------
 
@@ -465,14 +468,6 @@ def run(argv: list[str]) -> None:
         # `argv` is sys.argv's, less --debug: args= is the point
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         MSTCLIPIQACLI(args=argv)
-
-
-def no_weights(command: str) -> OptionError:
-    """The error of `command` (validate, test, predict) given no trained weights."""
-    return OptionError(
-        f"{command} needs trained weights: pass --ckpt_path (a .ckpt file of a fit, or last) or --model.init_from (a "
-        "saved model folder or hub id)"
-    )
 
 
 def weights_maybe_given(argv: Sequence[str]) -> bool:

@@ -14,9 +14,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from mst_clipiqa.cli.internals import option_actions, subcommand_parsers, type_hint
+from mst_clipiqa.errors import OptionError
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
+
+
+NEED_WEIGHTS = ("validate", "test", "predict")
+"""The Trainer's commands that evaluate a trained model: without weights they would score with an untrained head."""
+
+
+def no_weights(command: str) -> OptionError:
+    """The error of `command` (validate, test, predict) given no trained weights."""
+    return OptionError(
+        f"{command} needs trained weights: pass --ckpt_path (a .ckpt file of a fit, or last) or --model.init_from (a "
+        "saved model folder or hub id)"
+    )
 
 
 class SuggestingErrors:

@@ -14,8 +14,7 @@ from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 
-from mst_clipiqa.cli.commands import NEED_WEIGHTS, no_weights
-from mst_clipiqa.cli.parse_errors import SuggestingErrors
+from mst_clipiqa.cli.parse_errors import NEED_WEIGHTS, SuggestingErrors, no_weights
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.hub.saved_model import SavedModel
 from mst_clipiqa.model import ModelConfig

@@ -90,7 +90,8 @@ class IQADataModule(L.LightningDataModule):
         val_fraction: share of the train part held out for validation; the test part is never touched.
         folds: k of kfold.
         seed: seed of the splits.
-        splits_file: read the splits from this JSON (one written by an earlier run) instead of making them.
+        splits_file: read the splits from this file (a run's splits.json, or one of experiments/splits/) instead of
+            making them.
         need_prompt: every row must have a prompt (the model's variant: under a Trainer taken from its model, else
             from `follow`).
         preprocess_from: CLIP checkpoint whose preprocessing is used (the model's coarse encoder: under a Trainer

@@ -1,7 +1,7 @@
-"""The paper's whole table on stand-ins of the four benchmarks, and where its time goes.
+"""The paper's whole table on stand-ins of the five benchmarks, and where its time goes.
 
     python perf/paper_table.py --scale 0.05 --workdir DIR [--clip random|tiny|hub] [--splits N] [--epochs N]
-        [--benchmarks agiqa-1k agiqa-3k aigciqa2023 aigiqa-20k] [--workers N] [--alone] [any fit option]
+        [--benchmarks agiqa-1k agiqa-3k aigciqa2023 aigiqa-20k evalmi-50k] [--workers N] [--alone] [any fit option]
 
 1. Towers. ``--clip random`` (the default) writes CLIPs of the exact openai/clip-vit-base-patch32 and -patch16 shapes
    with random weights as a Hugging Face hub cache in DIR/hub (`mst_clipiqa.demo.tiny_clip.build_random_hub_cache`) and
@@ -12,7 +12,8 @@
    (`mst_clipiqa.demo.synthetic.make_standins`), drawn in ``--workers`` processes (one per CPU by default).
 3. The table. Every config of experiments/ for the chosen benchmarks (agiqa1k_*.yaml, ...: heads A and B, each target
    the benchmark has a config for) runs through the benchmark runner (`mst_clipiqa.cli.benchmark.Benchmark`): the first
-   ``--splits`` splits of its protocol (all of them by default; AIGIQA-20K's official split is one), each fitted for
+   ``--splits`` splits of its protocol (all of them by default; AIGIQA-20K's official split is one, EvalMi-50K's
+   protocol 5 folds), each fitted for
    the config's epochs (or ``--epochs``) and tested at its best checkpoint, every run reading one feature cache,
    DIR/features. A config's splits train together, in one loop (`training.together`: the same results as one fit
    per split); ``--alone`` runs one fit per split instead. Options the script does not know go to every fit (e.g.
@@ -48,7 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-PREFIXES = {"agiqa-1k": "agiqa1k", "agiqa-3k": "agiqa3k", "aigciqa2023": "aigciqa2023", "aigiqa-20k": "aigiqa20k"}
+PREFIXES = {
+    "agiqa-1k": "agiqa1k",
+    "agiqa-3k": "agiqa3k",
+    "aigciqa2023": "aigciqa2023",
+    "aigiqa-20k": "aigiqa20k",
+    "evalmi-50k": "evalmi50k",
+}
 """Benchmark (its `data.source`) → the file name prefix of its configs in experiments/."""
 
 
@@ -156,7 +163,8 @@ def table_configs(benchmarks: list[str]) -> list[Cell]:
             data, variant = config["data"], config["model"]["net"]["variant"]
             if data["source"] != source:
                 raise ValueError(f"{path}: data.source is {data['source']!r}, not {source!r}")
-            cells.append(Cell(path, source, variant, data["target"], data["protocol"], data["n_splits"]))
+            n_splits = data.get("folds", 5) if data["protocol"] == "kfold" else data.get("n_splits", 10)
+            cells.append(Cell(path, source, variant, data["target"], data["protocol"], n_splits))
     heads = list(HEADS)
     return sorted(cells, key=lambda c: (benchmarks.index(c.source), c.target != "quality", heads.index(c.variant)))
 

@@ -113,3 +113,69 @@ def test_a_runs_saved_config_configures_a_benchmark_and_score_and_export_say_wha
             main([command, "--config", str(saved)])
         assert exit_info.value.code == 2
         assert takes in capsys.readouterr().err
+
+
+def test_cross_fills_the_train_by_test_matrix_over_the_configs(tiny_clip, tmp_path, monkeypatch):
+    from mst_clipiqa.data.datamodule import IQADataModule
+    from mst_clipiqa.demo.synthetic import make_standins
+
+    # The configs' own data.root (data/AGIQA-1K, ...), relative to the working folder, hold stand-ins: 20, 20, 24 rows.
+    monkeypatch.chdir(tmp_path)
+    make_standins(tmp_path / "data", ["agiqa-1k", "agiqa-3k", "aigciqa2023"], scale=0.001, workers=1)
+    tested = []  # (source, rows) of every evaluation loader
+    loader = IQADataModule.loader
+
+    def recording(data, rows, train):
+        if not train:
+            tested.append((data.hparams.source, len(rows)))
+        return loader(data, rows, train)
+
+    monkeypatch.setattr(IQADataModule, "loader", recording)
+    experiments = CONFIG.parent
+    main(
+        [
+            "benchmark",
+            "--configs", str(experiments / "agiqa1k_template.yaml"), str(experiments / "agiqa3k_template.yaml"),
+            "--cross", "agiqa-1k=data/AGIQA-1K", "agiqa-3k=data/AGIQA-3K", "aigciqa2023=data/AIGCIQA2023",
+            "--splits", "1",
+            "--name", "cross",
+            "--output", str(tmp_path / "report"),
+            "--data.cache_dir", str(tmp_path / "cache"),
+            "--data.num_workers", "0",
+            "--model.net.coarse_encoder", tiny_clip[0],
+            "--model.net.fine_encoder", tiny_clip[1],
+            "--trainer.max_epochs", "1",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.logger", "false",
+        ]
+    )  # fmt: skip
+
+    runs = read_csv(tmp_path / "report" / "cross.csv")
+    assert [(r["source"], r["test_source"]) for r in runs] == [
+        ("agiqa-1k", "agiqa-1k"),
+        ("agiqa-1k", "agiqa-3k"),
+        ("agiqa-1k", "aigciqa2023"),
+        ("agiqa-3k", "agiqa-3k"),
+        ("agiqa-3k", "agiqa-1k"),
+        ("agiqa-3k", "aigciqa2023"),
+    ]
+    assert all(-1 <= float(r["srcc"]) <= 1 for r in runs)
+    # A cross test reads every row of the other release; the own test, the split's test part (4 rows of 20).
+    cross_tests = [t for t in tested if t[1] in (20, 24)]
+    assert cross_tests == [("agiqa-3k", 20), ("aigciqa2023", 24), ("agiqa-1k", 20), ("aigciqa2023", 24)]
+    # Each config keeps its own reports; the matrix of both sits beside them.
+    own = read_csv(tmp_path / "report" / "agiqa3k_template" / "results.csv")
+    assert len(own) == 1 and own[0]["srcc"] == runs[3]["srcc"]
+    matrix = (tmp_path / "report" / "cross.md").read_text().splitlines()
+    assert "| train | variant | target | agiqa-1k | agiqa-3k | aigciqa2023 |" in matrix
+    row = next(line for line in matrix if line.startswith("| agiqa-3k | template | quality |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")][3:]
+    assert cells[1] == f"{float(runs[3]['srcc']):.4f} / {float(runs[3]['plcc']):.4f} (own split)"
+    assert cells[0] == f"{float(runs[4]['srcc']):.4f} / {float(runs[4]['plcc']):.4f}"
+
+
+def test_cross_options_are_checked_before_any_run(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["benchmark", "--cross", "agiqa-1k", "--config", str(CONFIG)])
+    assert exit.value.code == 2
+    assert "--cross agiqa-1k: give each release as source=folder" in capsys.readouterr().err

@@ -88,3 +88,23 @@ def test_a_hub_snapshot_loads_by_id_offline(hub_snapshot_beside):
     assert loaded["patches"] == [32, 16]
     assert loaded["tokens"] == len("aredcube") + 2  # a token per character (spaces part words), BOS and EOS
     assert loaded["commits"] == [path.name for path in hub.snapshots.values()]
+
+
+def test_the_table_holds_every_benchmark_config_with_its_protocols_splits(monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("paper_table", Path(__file__).parents[1] / "perf" / "paper_table.py")
+    paper_table = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "paper_table", paper_table)  # its dataclasses look their module up
+    spec.loader.exec_module(paper_table)
+
+    cells = paper_table.table_configs(list(paper_table.PREFIXES))
+    assert {cell.source for cell in cells} == {"agiqa-1k", "agiqa-3k", "aigciqa2023", "aigiqa-20k", "evalmi-50k"}
+    evalmi = [(c.name, c.target, c.variant, c.protocol, c.n_splits) for c in cells if c.source == "evalmi-50k"]
+    assert evalmi == [
+        ("evalmi50k_template", "quality", "template", "kfold", 5),
+        ("evalmi50k_prompt", "quality", "prompt", "kfold", 5),
+        ("evalmi50k_prompt_correspondence", "correspondence", "prompt", "kfold", 5),
+    ]
+    assert {(c.protocol, c.n_splits) for c in cells if c.source == "agiqa-3k"} == {("prompt", 10)}

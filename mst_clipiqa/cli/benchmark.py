@@ -14,7 +14,13 @@ check. With ``--together true`` the splits of each variant and target are one fi
 
 The output folder (``--output``, by default ``<trainer.default_root_dir>/<name>``) gets results.csv (one row per
 run: metrics, best checkpoint, what the feature cache read and encoded), summary.csv (median, mean and standard
-deviation per variant and target) and results.md (both tables, also printed). Each run logs where the config's
+deviation per variant and target) and results.md (both tables, also printed).
+
+Cross-dataset (``--cross agiqa-1k=data/AGIQA-1K aigciqa2023=data/AIGCIQA2023 ...``): each run's best checkpoint is also
+tested on every labelled row of each other release given (`IQADataModule.test_on`); cross.csv holds those results and
+cross.md the train x test matrix (median SRCC / PLCC over the splits; on the diagonal, the config's own test splits).
+With ``--configs a.yaml b.yaml ...`` each config is a row of the matrix: its runs report in ``<output>/<config>/``,
+and the matrix of them all goes to ``<output>/cross.md``. Each run logs where the config's
 loggers say; CSV and TensorBoard runs go under ``<save_dir>/<name>/<run>``, W&B runs are named after the run and
 grouped under ``<name>``, and one more W&B run of that group, ``<name>-summary``, holds both tables.
 """
@@ -27,8 +33,8 @@ import importlib
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +70,10 @@ class RunResult:
     """Path of the best checkpoint."""
     cache: dict[str, int] = field(default_factory=dict)
     """What the feature cache read and encoded for this run (empty when features are off)."""
+    source: str = ""
+    """The release (`data.source`) the run was trained on."""
+    test_source: str = ""
+    """The release tested on: `source` for the split's own test part, another for a cross-dataset test."""
 
     def row(self) -> dict[str, Any]:
         return {
@@ -100,6 +110,57 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def cross_rows(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Per (train source, variant, target, test source): the number of splits and the median of each metric."""
+    groups: dict[tuple[str, str, str, str], list[RunResult]] = {}
+    for result in results:
+        groups.setdefault((result.source, result.variant, result.target, result.test_source), []).append(result)
+    return [
+        {
+            "source": source,
+            "variant": variant,
+            "target": target,
+            "test_source": test_source,
+            "splits": len(runs),
+            **{f"median_{name}": statistics.median(run.metrics[name] for run in runs) for name in METRICS},
+        }
+        for (source, variant, target, test_source), runs in groups.items()
+    ]
+
+
+def cross_matrix(rows: Sequence[dict[str, Any]]) -> str:
+    """The train x test matrix of `cross_rows`: a row per (train source, variant, target), a column per test source,
+    median SRCC / PLCC in each cell; the diagonal is the own split's test part."""
+    tests = sorted({row["test_source"] for row in rows})
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    for row in rows:
+        cell = f"{row['median_srcc']:.4f} / {row['median_plcc']:.4f}"
+        if row["test_source"] == row["source"]:
+            cell += " (own split)"
+        cells.setdefault((row["source"], row["variant"], row["target"]), {})[row["test_source"]] = cell
+    table = [
+        {"train": source, "variant": variant, "target": target, **{test: got.get(test, "") for test in tests}}
+        for (source, variant, target), got in cells.items()
+    ]
+    return markdown_table(table, ["train", "variant", "target", *tests])
+
+
+def write_cross(folder: Path, results: Sequence[RunResult], title: str) -> str:
+    """cross.csv (every run, own and cross tests) and cross.md (`cross_matrix`) in `folder`; returns the markdown."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"source": r.source, "test_source": r.test_source, **r.row()} for r in results]
+    with (folder / "cross.csv").open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    text = (
+        f"# {title}: cross-dataset\n\nMedian SRCC / PLCC over the splits; rows: trained on, columns: tested on "
+        f"(every labelled row; the own split's test part on the diagonal).\n\n{cross_matrix(cross_rows(results))}\n"
+    )
+    (folder / "cross.md").write_text(text, encoding="utf-8")
+    return text
 
 
 def _logger_configs(value: Any) -> list[Namespace]:
@@ -160,6 +221,8 @@ class Benchmark:
         name: name of the benchmark: the output folder, the loggers' run group; None for "benchmark-<time>".
         together: train the splits of each head and target in one loop (`training.together`): the same results,
             one start-up and one loop for all of them instead of one per split.
+        cross: release (`data.source` name) → its folder: each run is tested on every labelled row of each of them
+            too, but for the run's own release (see the module's docstring).
     """
 
     def __init__(
@@ -172,9 +235,14 @@ class Benchmark:
         output: str | Path | None = None,
         name: str | None = None,
         together: bool = False,
+        cross: Mapping[str, str] | None = None,
     ):
+        if cross and together:
+            raise OptionError("--cross tests each run's best checkpoint: run it without --together")
         self.fit_args = list(fit_args)
         self.together = together
+        self.cross = dict(cross or {})
+        self.cross_results: list[RunResult] = []
         self.splits = splits
         self.variants: list[str | None] = list(variants) if variants else [None]
         self.targets: list[str | None] = list(targets) if targets else [None]
@@ -182,6 +250,7 @@ class Benchmark:
         self.name = name or time.strftime("benchmark-%Y%m%d-%H%M%S")
         self.results: list[RunResult] = []
         self._run: tuple[str, str, int] = ("", "", 0)  # (variant, target, split) of the run being built
+        self.source = ""  # the runs' data.source
         self._logger_config: Any = None
         self._parsers: dict[str, Any] = {}  # the runs' parser, built by the first (`_RunCLI.setup_parser`)
 
@@ -223,20 +292,41 @@ class Benchmark:
         (metrics,) = trainer.test(cli.model, datamodule=data, ckpt_path="best", verbose=False)
         self._finish_wandb(trainer)
         variant, target, split = self._run
-        self.results.append(
-            RunResult(
-                variant=variant,
-                target=target,
-                split=split,
-                metrics={key.removeprefix("test/"): value for key, value in metrics.items()},
-                checkpoint=trainer.checkpoint_callback.best_model_path,
-                cache=asdict(data.features.stats) if data.features is not None else {},
-            )
+        result = RunResult(
+            variant=variant,
+            target=target,
+            split=split,
+            metrics={key.removeprefix("test/"): value for key, value in metrics.items()},
+            checkpoint=trainer.checkpoint_callback.best_model_path,
+            cache=asdict(data.features.stats) if data.features is not None else {},
+            source=self.source,
+            test_source=self.source,
         )
+        self.results.append(result)
+        if self.cross:
+            self._test_across(cli.model, trainer, data, result)
         available = len(data.all_splits())
         del cli, trainer, data
         gc.collect()  # the frozen towers of this run (held in reference cycles), before the next run loads its own
         return available
+
+    def _test_across(self, model, trainer, data, own: RunResult) -> None:
+        """Test the run's best checkpoint on every labelled row of each `cross` release but its own."""
+        self.cross_results.append(own)
+        # Its per-sample report looks rows up in the run's own table.
+        kept = trainer.callbacks[:]
+        trainer.callbacks[:] = [c for c in kept if not isinstance(c, WandbEvaluationLogger)]
+        try:
+            for source, root in self.cross.items():
+                if source == own.source:
+                    continue
+                data.test_on(source, root)
+                (metrics,) = trainer.test(model, datamodule=data, ckpt_path="best", verbose=False)
+                metrics = {key.removeprefix("test/"): value for key, value in metrics.items()}
+                self.cross_results.append(replace(own, metrics=metrics, cache={}, test_source=source))
+        finally:
+            data.test_on(None)
+            trainer.callbacks[:] = kept
 
     def _fit_and_test_together(self, variant: str | None, target: str | None) -> None:
         """The protocol's splits (the first `splits`) in one fit and one test; their results join `results`."""
@@ -267,6 +357,7 @@ class Benchmark:
         best checkpoint only: last.ckpt, rewritten at every epoch to resume from, serves nothing here, where every
         run starts afresh."""
         self._run = (config.model.net.variant, config.data.target, config.data.split_index)
+        self.source = config.data.source
         run_name = "{}-{}-{}".format(*self._run[:2], "together" if self.together else f"split{self._run[2]}")
         if self.output is None:
             self.output = Path(config.trainer.default_root_dir or ".") / self.name
@@ -306,6 +397,8 @@ class Benchmark:
         )
         (self.output / "results.md").write_text(text, encoding="utf-8")
         print(text)
+        if self.cross_results:
+            print(write_cross(self.output, self.cross_results, self.name))
         print(f"Reports in {self.output}")
         self._log_to_wandb(rows, summary)
 
@@ -327,3 +420,30 @@ class Benchmark:
                 for name in METRICS:
                     run.summary[f"{row['variant']}/{row['target']}/median_{name}"] = row[f"median_{name}"]
             run.finish()
+
+
+def cross_benchmark(
+    fit_args: Sequence[str],
+    configs: Sequence[str],
+    cross: Mapping[str, str],
+    *,
+    output: str | Path,
+    name: str,
+    **options,
+) -> list[RunResult]:
+    """A `Benchmark` with `cross` per config (each a row of the matrix), reported in ``<output>/<config's stem>``; the
+    matrix of them all goes to ``<output>/cross.md`` and ``<output>/cross.csv``. `fit_args` follow each config, so
+    they apply to every one. Returns every own and cross test."""
+    results: list[RunResult] = []
+    for config in configs:
+        bench = Benchmark(
+            ["--config", str(config), *fit_args],
+            output=Path(output) / Path(config).stem,
+            name=name,
+            cross=cross,
+            **options,
+        )
+        bench.run()
+        results += bench.cross_results
+    print(write_cross(Path(output), results, name))
+    return results

@@ -16,6 +16,7 @@ import inspect
 import os
 import re
 import sys
+import time
 import typing
 import warnings
 from argparse import ArgumentError
@@ -66,6 +67,8 @@ def benchmark(
     output: str | None = None,
     name: str | None = None,
     together: bool = False,
+    cross: list[str] | None = None,
+    configs: list[str] | None = None,
 ) -> None:
     """Fit and test every split of a protocol, per head and target: median and mean SRCC, PLCC, KRCC.
 
@@ -82,12 +85,25 @@ def benchmark(
         name: benchmark name: output folder and loggers' run group (null: benchmark-<time>)
         together: train the splits of each head and target in one loop over the shared features: the same
             results as one fit per split, in less time; one device, one logger run per head and target
+        cross: also test each run on every labelled row of other releases, as source=folder, e.g.
+            --cross agiqa-1k=data/AGIQA-1K aigciqa2023=data/AIGCIQA2023; cross.md holds the train x test matrix
+        configs: configs whose runs each fill a row of the --cross matrix (reports in <output>/<config>/)
     """
-    from mst_clipiqa.cli.benchmark import Benchmark
+    from mst_clipiqa.cli.benchmark import Benchmark, cross_benchmark
 
-    Benchmark(
-        fit_args, splits=splits, variants=variants, targets=targets, output=output, name=name, together=together
-    ).run()
+    pairs = [item.partition("=") for item in cross or []]
+    bad = [source for source, equals, root in pairs if not (equals and source and root)]
+    if bad:
+        raise OptionError(f"--cross {' '.join(bad)}: give each release as source=folder, e.g. agiqa-1k=data/AGIQA-1K")
+    across = {source: root for source, _, root in pairs}
+    options = {"splits": splits, "variants": variants, "targets": targets, "together": together}
+    if configs:
+        if not across:
+            raise OptionError("--configs fills the rows of a --cross matrix: give --cross source=folder ...")
+        name = name or time.strftime("benchmark-%Y%m%d-%H%M%S")
+        cross_benchmark(fit_args, configs, across, output=output or name, name=name, **options)
+        return
+    Benchmark(fit_args, output=output, name=name, cross=across, **options).run()
 
 
 def score(

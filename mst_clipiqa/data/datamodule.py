@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from mst_clipiqa.data.checks import check_dataset, image_problems
 from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_features
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+from mst_clipiqa.data.releases import RELEASES
 from mst_clipiqa.data.samplers import EvalDistributedSampler
 from mst_clipiqa.data.schema import target_column
 from mst_clipiqa.data.splits import Split, load_splits, make_splits, predict_indices, save_splits
@@ -75,7 +77,8 @@ class IQADataModule(L.LightningDataModule):
     """Quality data (an official release, a table or a Hugging Face dataset), split by one of the papers' protocols.
 
     Args:
-        source: reader: agiqa-1k, agiqa-3k, aigciqa2023, aigiqa-20k, table (CSV/TSV/JSONL/Parquet/xlsx) or hf.
+        source: reader: agiqa-1k, agiqa-3k, aigciqa2023, aigiqa-20k, evalmi-50k, table (CSV/TSV/JSONL/Parquet/xlsx)
+            or hf.
         root: the release's folder (or the table file, or a hub id / save_to_disk folder for hf).
         source_options: the column mapping of a table or hf source (--data.source_options.help lists its fields);
             none for the official releases, which read their own files.
@@ -87,7 +90,8 @@ class IQADataModule(L.LightningDataModule):
         val_fraction: share of the train part held out for validation; the test part is never touched.
         folds: k of kfold.
         seed: seed of the splits.
-        splits_file: read the splits from this JSON (one written by an earlier run) instead of making them.
+        splits_file: read the splits from this file (a run's splits.json, or one of experiments/splits/) instead of
+            making them.
         need_prompt: every row must have a prompt (the model's variant: under a Trainer taken from its model, else
             from `follow`).
         preprocess_from: CLIP checkpoint whose preprocessing is used (the model's coarse encoder: under a Trainer
@@ -112,6 +116,9 @@ class IQADataModule(L.LightningDataModule):
             decodes pixels and runs both frozen towers at every step.
         cache_dir: the feature cache folder; None for $MST_CLIPIQA_FEATURES, else ~/.cache/mst_clipiqa/features.
         content_hash: key cached images by a hash of their bytes rather than their path, size and mtime.
+        test_source: test on every labelled row of another official release (cross-dataset) instead of the split's
+            test part: its `data.source` name, e.g. agiqa-1k; the rest (target, checks, features) as for `source`.
+        test_root: the folder of `test_source`.
     """
 
     def __init__(
@@ -141,6 +148,8 @@ class IQADataModule(L.LightningDataModule):
         features: bool = True,
         cache_dir: str | None = None,
         content_hash: bool = False,
+        test_source: str | None = None,
+        test_root: str | None = None,
     ):
         super().__init__()
         if mos_range is not None and not (all(map(math.isfinite, mos_range)) and mos_range[0] < mos_range[1]):
@@ -156,6 +165,9 @@ class IQADataModule(L.LightningDataModule):
         self.features: TableFeatures | None = None
         self.images_checked = 0
         """Images the setup check decoded itself, outside the feature cache's encoding pass."""
+        self._cross: IQADataModule | None = None
+        self._dropped_rows = "dropped_rows.csv"
+        self.test_on(test_source, test_root)
 
     # ---- setup ---------------------------------------------------------------------------------------------------
 
@@ -176,7 +188,7 @@ class IQADataModule(L.LightningDataModule):
                 what = "table file" if hp.source == "table" else f"{hp.source} release's folder"
                 raise FileNotFoundError(f"data.root {hp.root}: no such file or folder; set --data.root to the {what}")
             table = load_source(hp.source, hp.root, self.columns)
-            report = self.run_dir / "dropped_rows.csv" if self.run_dir is not None else None
+            report = self.run_dir / self._dropped_rows if self.run_dir is not None else None
             self.table = check_dataset(
                 table,
                 target=hp.target,
@@ -403,7 +415,43 @@ class IQADataModule(L.LightningDataModule):
         return self.loader(self.split.val, train=False)
 
     def test_dataloader(self) -> DataLoader:
+        if self.hparams.test_source is not None:
+            return self._cross_data().loader(self._cross.split.test, train=False)
         return self.loader(self.split.test, train=False)
+
+    # ---- cross-dataset tests -------------------------------------------------------------------------------------
+
+    def test_on(self, source: str | None, root: str | None = None) -> None:
+        """Test on every labelled row of another official release from now on (None: on the split's test part).
+
+        Raises:
+            OptionError: a source that is not an official release, or one without its root.
+        """
+        if source is not None and source not in RELEASES:
+            raise OptionError(f"data.test_source {source!r} is not an official release: one of {', '.join(RELEASES)}")
+        if source is not None and not root:
+            raise OptionError(f"data.test_source {source} needs data.test_root, the release's folder")
+        self.hparams.test_source, self.hparams.test_root = source, root if source is not None else None
+        self._cross = None
+
+    def _cross_data(self) -> IQADataModule:
+        """The data module of `test_source`, with this one's settings and trainer; its test part is every row that
+        carries the target MOS."""
+        if self._cross is None:
+            hp = self.hparams
+            settings = {name: hp[name] for name in inspect.signature(IQADataModule).parameters if name in hp}
+            settings |= {"source": hp.test_source, "root": hp.test_root, "source_options": None, "splits_file": None}
+            cross = IQADataModule(**{**settings, "test_source": None, "test_root": None})
+            cross.trainer = self.trainer
+            cross._dropped_rows = f"dropped_rows_{hp.test_source}.csv"
+            cross.preprocess = self.preprocess
+            column = target_column(hp.target)
+            labelled = [row for row, mos in enumerate(cross.load_table()[column][:]) if mos is not None]
+            if not labelled:
+                raise OptionError(f"data.test_source {hp.test_source}: no row carries {column}")
+            cross.split = Split(f"all of {hp.test_source}", (), (), tuple(labelled), protocol="all")
+            self._cross = cross
+        return self._cross
 
     def predict_rows(self) -> list[int]:
         which = self.hparams.predict_split

@@ -1,4 +1,4 @@
-"""Readers of the four official releases, each taking a release exactly as its authors publish it.
+"""Readers of the five official releases, each taking a release exactly as its authors publish it.
 
 Each returns the release's rows in the unified table (`mst_clipiqa.data.schema.FEATURES`); the formats are in each
 reader's docstring. Readers fail loudly on what keeps them from reading a release at all: a missing annotation file
@@ -17,9 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pandas as pd
 
-from mst_clipiqa.data.cells import as_texts, assemble, image_files, image_names, read_frame, read_mat, table_columns
-from mst_clipiqa.data.schema import SHOWN_PROBLEMS
+from mst_clipiqa.data.cells import (
+    as_text,
+    as_texts,
+    assemble,
+    image_files,
+    image_names,
+    read_frame,
+    read_mat,
+    table_columns,
+)
+from mst_clipiqa.data.schema import SHOWN_PROBLEMS, summary
 from mst_clipiqa.errors import BadRowError
 
 # How deep below a release's root its annotation files and image folders are searched for.
@@ -116,6 +126,10 @@ def load_aigciqa2023(root: str | Path) -> datasets.Dataset:
             N/24, or pic-index.xlsx does not list N rows.
     """
     root = _existing_dir(root)
+    if _find_file(root, _AIGCIQA2023_MOS["mos_quality"], required=False) is None:
+        hub_table = _find_file(root, "data.csv", required=False)
+        if hub_table is not None:
+            return _aigciqa2023_hub_copy(root, hub_table)
     mos_files = {column: _find_file(root, file) for column, file in _AIGCIQA2023_MOS.items()}
     mos = {column: read_mat(file, "MOSz") for column, file in mos_files.items()}
     quality_file = mos_files["mos_quality"]
@@ -129,7 +143,7 @@ def load_aigciqa2023(root: str | Path) -> datasets.Dataset:
     per_model = n // len(AIGCIQA2023_MODELS)
 
     prompts_file = _find_file(root, "AIGCIQA2023_Prompts.xlsx")
-    prompts = as_texts(table_columns(read_frame(prompts_file), prompts_file, ("prompt",))["prompt"])
+    prompts = _aigciqa2023_prompts(prompts_file)
     if len(prompts) != per_model // _PER_PROMPT:
         raise BadRowError(
             f"{prompts_file}: {len(prompts)} prompts, but {quality_file} holds {n} rows, which need "
@@ -145,6 +159,44 @@ def load_aigciqa2023(root: str | Path) -> datasets.Dataset:
         prompts=[prompts[_aigciqa2023_place(i, per_model)[1]] for i in range(n)],
         mos=mos,
     )
+
+
+_AIGCIQA2023_HUB_MOS = {
+    "mos_quality": "mos_quality",
+    "mos_alignment": "mos_correspondence",
+    "mos_authenticity": "mos_authenticity",
+}
+
+
+def _aigciqa2023_hub_copy(root: Path, table: Path) -> datasets.Dataset:
+    """AIGCIQA2023 as a hub copy holds it: `data.csv` (`name,prompt,mos_quality,mos_correspondence,mos_authenticity`)
+    and the images it names, in the root or a folder below it."""
+    rows = table_columns(read_frame(table), table, ("name", "prompt", *_AIGCIQA2023_HUB_MOS.values()))
+    names = image_names(rows["name"], table)
+    return assemble(
+        "aigciqa2023",
+        table,
+        names,
+        image_files(_find_image_dir(root, names, table), names),
+        prompts=as_texts(rows["prompt"]),
+        mos={feature: rows[column] for feature, column in _AIGCIQA2023_HUB_MOS.items()},
+    )
+
+
+def _aigciqa2023_prompts(path: Path) -> list[str | None]:
+    """The prompts of `AIGCIQA2023_Prompts.xlsx`, one per row, read with or without a header row.
+
+    The file as the release's repository holds it has no header: rows of (category, subcategory, prompt), the
+    first `Basic | Animals | a corgi`; there the prompt is the last column. Copies with a header row name the
+    column `prompt`.
+    """
+    frame = pd.read_excel(path, header=None, dtype=object, na_filter=False)
+    if frame.empty:
+        raise BadRowError(f"{path}: no prompts")
+    first = [as_text(cell) for cell in frame.iloc[0]]
+    if "prompt" in (cell.lower() for cell in first if cell is not None):
+        return as_texts(table_columns(frame.iloc[1:].set_axis(first, axis=1), path, ("prompt",))["prompt"])
+    return as_texts(frame.iloc[:, -1])
 
 
 def _aigciqa2023_place(row: int, per_model: int) -> tuple[str, int, int]:
@@ -225,6 +277,56 @@ def load_aigiqa20k(root: str | Path) -> datasets.Dataset:
     return assemble("aigiqa-20k", root, names, images, prompts=prompts, mos={"mos_quality": mos}, splits=splits)
 
 
+EVALMI50K_MOS = "AIGI2025_MOS_yn.xlsx"
+EVALMI50K_PROMPTS = "question.xlsx"
+
+
+def load_evalmi50k(root: str | Path) -> datasets.Dataset:
+    """Read EvalMi-50K (LMM4LMM): `AIGI2025_MOS_yn.xlsx`, `question.xlsx` and the images.
+
+    The MOS file has a header `ImageName,MOS1,MOS2,Y/N,YN_1..YN_4`, one row per image; `ImageName` is
+    `<model>/<NNN>.png`. MOS1 (perception) is quality, MOS2 (text-image correspondence) becomes `mos_alignment`; the
+    yes/no answers are not read. `question.xlsx` (header `prompt,question_1..question_5`) lists the prompts: image
+    `<NNN>` was generated from its NNN-th data row, counted from 1 (in the release, the number of yes/no answers of
+    each image changes at the same rows as the number of questions of that row, and at no other).
+
+    Args:
+        root: the release folder: the labels as the repository lays them out (`MOS&QA/`) or flat, the images
+            `<model>/<NNN>.png` in the root or a folder below it; all searched for two levels down.
+
+    Raises:
+        FileNotFoundError: a label file is missing, or no folder holds the images.
+        BadRowError: a missing column, rows without an image name, or images whose number names no prompt row.
+    """
+    root = _existing_dir(root)
+    table = _find_file(root, EVALMI50K_MOS)
+    rows = table_columns(read_frame(table), table, ("imagename", "mos1", "mos2"))
+    names = image_names(rows["imagename"], table)
+    prompts_file = _find_file(root, EVALMI50K_PROMPTS)
+    prompts = as_texts(table_columns(read_frame(prompts_file), prompts_file, ("prompt",))["prompt"])
+
+    def prompt_row(name: str) -> int | None:
+        number = Path(name).stem
+        return int(number) - 1 if number.isdigit() and 0 < int(number) <= len(prompts) else None
+
+    places = [prompt_row(name) for name in names]
+    unplaced = [f"{name} (row {row})" for row, (name, place) in enumerate(zip(names, places), 1) if place is None]
+    if unplaced:
+        header = (
+            f"{table}: {len(unplaced)} image names are not <model>/<NNN>.png with NNN a row of {prompts_file} "
+            f"(1 to {len(prompts)})"
+        )
+        raise BadRowError(summary(header, unplaced))
+    return assemble(
+        "evalmi-50k",
+        table,
+        names,
+        image_files(_find_image_dir(root, names, table), names),
+        prompts=[prompts[place] for place in places],
+        mos={"mos_quality": rows["mos1"], "mos_alignment": rows["mos2"]},
+    )
+
+
 def _names_of_files(names: Sequence[str], images: Sequence[dict[str, Any]], root: Path) -> list[str]:
     """`names`, except where one name stands for different files: those become each file's path below `root`.
 
@@ -244,6 +346,7 @@ RELEASES: dict[str, Callable[[str | Path], datasets.Dataset]] = {
     "agiqa-3k": load_agiqa3k,
     "aigciqa2023": load_aigciqa2023,
     "aigiqa-20k": load_aigiqa20k,
+    "evalmi-50k": load_evalmi50k,
 }
 """The official releases by `data.source` name."""
 
@@ -304,17 +407,26 @@ def _find_image_dir(root: Path, names: Sequence[str], table: Path) -> Path:
 
     Names missing from the chosen folder are left to `check_dataset` to report.
     """
-    wanted = set(names)
+    # Names may be paths (`DALLE3/001.png`): each subfolder is listed once, not each name looked up.
+    wanted: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        parent, _, file = name.rpartition("/")
+        wanted[parent].add(file)
+    total = sum(len(files) for files in wanted.values())
     best, best_hits = None, 0
     searched = _search_dirs(root)
     for folder in searched:
-        hits = len(wanted.intersection(os.listdir(folder)))
+        hits = sum(
+            len(files.intersection(os.listdir(folder / parent)))
+            for parent, files in wanted.items()
+            if (folder / parent).is_dir()
+        )
         if hits > best_hits:
             best, best_hits = folder, hits
-        if hits == len(wanted):
+        if hits == total:
             break
     if best is None:
         looked = ", ".join(str(folder) for folder in searched[:SHOWN_PROBLEMS])
         more = f" and {len(searched) - SHOWN_PROBLEMS} more" if len(searched) > SHOWN_PROBLEMS else ""
-        raise FileNotFoundError(f"{table}: none of its {len(wanted)} images is in {looked}{more}")
+        raise FileNotFoundError(f"{table}: none of its {total} images is in {looked}{more}")
     return best

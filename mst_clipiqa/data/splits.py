@@ -3,12 +3,15 @@
 Every protocol uses only the rows that carry the target MOS; rows without it (the withheld labels of an
 official val or test split) are for prediction, see `predict_indices`. Rows are ordered by name before any
 shuffling, so a split depends on the set of images and the seed, not on the order the table lists them in.
-Saved splits hold image names, so they survive a re-read of the table in another order.
+Saved splits hold image names, so they survive a re-read of the table in another order. Splits to ship (those of
+experiments/splits/) are written compactly by `save_shipped_splits`, with what it takes to make them again.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +39,9 @@ _TRAIN, _VAL, _TEST = range(3)
 
 _FORMAT = "mst-clipiqa-splits"
 _VERSION = 1
+_SHIPPED_VERSION = 2
+_PART_LETTERS = {"train": "t", "val": "v", "test": "s"}
+"""A row's part in a shipped split; "-" for a row the split leaves out."""
 
 
 @dataclass(frozen=True)
@@ -236,8 +242,124 @@ def save_splits(splits: Sequence[Split], path: str | Path, ds: datasets.Dataset)
     path.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
 
 
+def save_shipped_splits(splits: Sequence[Split], path: str | Path, ds: datasets.Dataset) -> None:
+    """Write splits small enough to ship, with what it takes to make them again (`remake_shipped_splits`).
+
+    The file (JSON, compressed when `path` ends in .xz or .gz) lists every name of `ds` once, sorted, and per split
+    one letter per name: t train, v val, s test, - none. Prompt-disjoint splits add each name's group as a number
+    (the groups numbered in their sorted order), which is all the protocol reads of them.
+
+    Raises:
+        ValueError: no splits, splits of more than one protocol or set of arguments, or prompt-disjoint splits of
+            rows without a group.
+    """
+    _write_text(Path(path), _shipped_text(splits, ds))
+
+
+def _shipped_text(splits: Sequence[Split], ds: datasets.Dataset) -> str:
+    if not splits or any((s.protocol, s.arguments) != (splits[0].protocol, splits[0].arguments) for s in splits):
+        raise ValueError("a shipped split file holds the splits of one protocol with one set of arguments")
+    names = ds["name"][:]
+    order = sorted(range(len(names)), key=lambda row: names[row])
+    content: dict[str, Any] = {
+        "format": _FORMAT,
+        "version": _SHIPPED_VERSION,
+        "protocol": splits[0].protocol,
+        "arguments": splits[0].arguments,
+        "names": [names[row] for row in order],
+    }
+    if splits[0].protocol == "prompt":
+        groups = ds["group"][:]
+        if any(group is None for group in groups):
+            raise ValueError("prompt-disjoint splits to ship need a group for every row")
+        number = {group: i for i, group in enumerate(sorted(set(groups)))}
+        content["groups"] = [number[groups[row]] for row in order]
+    content["splits"] = {}
+    for split in splits:
+        letters = ["-"] * len(names)
+        for part, letter in _PART_LETTERS.items():
+            for row in getattr(split, part):
+                letters[row] = letter
+        content["splits"][split.name] = "".join(letters[row] for row in order)
+    return json.dumps(content, separators=(",", ":")) + "\n"
+
+
+def read_shipped_text(path: str | Path) -> str:
+    """The JSON text of a split file, compressed (.gz, .xz) or not."""
+    return _read_text(Path(path))
+
+
+def remake_shipped_splits(path: str | Path) -> str:
+    """The text `save_shipped_splits` writes for the splits that `make_splits` makes, today, from the names (and
+    groups) a shipped file holds, by the protocol and arguments it names: the file's own text (`read_shipped_text`)
+    when the file is what it claims to be. Names no split uses are taken as unlabelled."""
+    content = _read_json(Path(path))
+    names = content["names"]
+    used = [any(letters[i] != "-" for letters in content["splits"].values()) for i in range(len(names))]
+    groups = [f"{group:09d}" for group in content["groups"]] if "groups" in content else [None] * len(names)
+    arguments = dict(content["arguments"])
+    target = arguments.pop("target")
+    column = target_column(target)
+    ds = datasets.Dataset.from_dict(
+        {"name": names, column: [1.0 if u else None for u in used], "group": groups, "split": [None] * len(names)},
+        features=datasets.Features(
+            {
+                "name": datasets.Value("string"),
+                column: datasets.Value("float64"),
+                "group": datasets.Value("string"),
+                "split": datasets.Value("string"),
+            }
+        ),
+    )
+    return _shipped_text(make_splits(ds, content["protocol"], target=target, **arguments), ds)
+
+
+_COMPRESSED = {".gz": (gzip.compress, gzip.decompress), ".xz": (lzma.compress, lzma.decompress)}
+"""How a split file ending in .gz or .xz is compressed; others are plain JSON."""
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode("utf-8")
+    if path.suffix == ".gz":
+        data = gzip.compress(data, compresslevel=9, mtime=0)  # mtime 0: the same splits give the same bytes
+    elif path.suffix == ".xz":
+        data = lzma.compress(data, preset=9)
+    path.write_bytes(data)
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if path.suffix in _COMPRESSED:
+        try:
+            data = _COMPRESSED[path.suffix][1](data)
+        except (OSError, EOFError, lzma.LZMAError) as err:
+            raise ValueError(f"{path}: not a {path.suffix} file ({err})") from err
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a split file ({err})") from err
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a split file ({err})") from err
+
+
+def _shipped_entries(content: dict[str, Any]) -> list[dict[str, Any]]:
+    """The splits of a shipped file as `save_splits` entries (names per part)."""
+    names = content["names"]
+    entries = []
+    for name, letters in content["splits"].items():
+        parts = {part: [n for n, got in zip(names, letters) if got == letter] for part, letter in _PART_LETTERS.items()}
+        entries.append({"name": name, "protocol": content["protocol"], "arguments": content["arguments"], **parts})
+    return entries
+
+
 def load_splits(path: str | Path, ds: datasets.Dataset) -> list[Split]:
-    """Read splits written by `save_splits`, mapping their image names to the rows of `ds`.
+    """Read splits written by `save_splits` or `save_shipped_splits`, mapping their image names to the rows of `ds`.
 
     Raises:
         ValueError: the file is not a split file, or `ds` lists a name twice.
@@ -245,11 +367,14 @@ def load_splits(path: str | Path, ds: datasets.Dataset) -> list[Split]:
             names them.
     """
     path = Path(path)
-    content = json.loads(path.read_text(encoding="utf-8"))
+    content = _read_json(path)
     if not isinstance(content, dict) or content.get("format") != _FORMAT:
         raise ValueError(f"{path}: not a split file (no format {_FORMAT!r})")
-    if content.get("version") != _VERSION:
-        raise ValueError(f"{path}: split file version {content.get('version')}; this reader knows {_VERSION}")
+    if content.get("version") == _SHIPPED_VERSION:
+        content = {"splits": _shipped_entries(content)}
+    elif content.get("version") != _VERSION:
+        known = f"{_VERSION} and {_SHIPPED_VERSION}"
+        raise ValueError(f"{path}: split file version {content.get('version')}; this reader knows {known}")
     row_of: dict[str, int] = {}
     for row, name in enumerate(ds["name"][:]):
         if name in row_of:

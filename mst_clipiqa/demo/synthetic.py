@@ -1,5 +1,6 @@
 """Synthetic data sets in the benchmarks' official layouts, drawn procedurally: a small offline demo in AGIQA-3K's
-layout, and stand-ins of AGIQA-1K, AGIQA-3K, AIGCIQA2023 and AIGIQA-20K at their real size and resolution.
+layout, and stand-ins of AGIQA-1K, AGIQA-3K, AIGCIQA2023, AIGIQA-20K and EvalMi-50K at their real size and
+resolution.
 
 Each scene is a few coloured shapes on a flat or gradient background, described in words by its prompt, and is
 rendered at five distortion levels of one distortion (blur, noise, JPEG blocking, pixelation or colour banding).
@@ -302,12 +303,13 @@ STANDIN_FOLDERS = {
     "agiqa-3k": "AGIQA-3K",
     "aigciqa2023": "AIGCIQA2023",
     "aigiqa-20k": "AIGIQA-20K",
+    "evalmi-50k": "EvalMi-50K",
 }
 """Benchmark (its `data.source`) → the folder of its stand-in, named as the configs' `data.root` name it."""
-RELEASE_IMAGES = {"agiqa-1k": 1080, "agiqa-3k": 2982, "aigciqa2023": 2400, "aigiqa-20k": 20000}
+RELEASE_IMAGES = {"agiqa-1k": 1080, "agiqa-3k": 2982, "aigciqa2023": 2400, "aigiqa-20k": 20000, "evalmi-50k": 50400}
 """Images of each benchmark's release: a stand-in's size at scale 1."""
 STANDIN_MARKER = "standin.json"
-STANDIN_VERSION = 1
+STANDIN_VERSION = 2
 """Bump when the drawing or a layout changes, so that existing stand-ins are redrawn rather than reused."""
 PNG_COMPRESSION = 1
 """zlib level of the PNG files: level 1 writes much faster than Pillow's default (6), for slightly larger files that
@@ -352,6 +354,35 @@ AIGIQA20K_PARTS = {"train": 14000, "val": 2000, "test": 4000}
 """AIGIQA-20K's official split; only train is labelled in the challenge release."""
 AIGIQA20K_PER_PROMPT = 5
 """Images per prompt in the AIGIQA-20K stand-in, each by another generator."""
+EVALMI50K_MODELS = {
+    "ali_flux_schnell": (0, 1024),
+    "DALLE3": (0, 1024),
+    "ELLA": (1, 512),
+    "EMU3": (1, 720),
+    "hart": (1, 1024),
+    "i-Code-V3": (3, 512),
+    "Infinity": (0, 1024),
+    "Janus": (2, 384),
+    "Kandinsky-3": (1, 1024),
+    "Kolors": (0, 1024),
+    "LaVi-Bridge": (2, 512),
+    "LlamaGen_256": (3, 256),
+    "LLMGA": (2, 1024),
+    "LWM": (3, 256),
+    "NOVA": (1, 1024),
+    "omnigen": (1, 1024),
+    "PixArt-sigma": (0, 1024),
+    "playground": (0, 1024),
+    "sd_v2-1": (2, 768),
+    "sd3_5_large": (0, 1024),
+    "sdxl_base_1": (1, 1024),
+    "seed-xi": (2, 1024),
+    "Show-o": (2, 512),
+    "vila-u": (3, 256),
+}
+"""EvalMi-50K's 24 generators, as its image folders are named: the distortion level their images usually get and
+their side in pixels (the generators' usual output sizes, approximately)."""
+EVALMI50K_PROMPTS = 2100
 
 
 @dataclass(frozen=True)
@@ -414,7 +445,8 @@ def make_standins(
     At scale 1 each has its release's size: AGIQA-1K 1,080 JPEGs of 512 x 512 (six per prompt); AGIQA-3K 2,982 PNGs
     of 512-1024 px over 300 prompts; AIGCIQA2023 2,400 PNGs of 512 x 512 (6 generators x 100 prompts x 4) with
     quality, authenticity and correspondence MOS; AIGIQA-20K 14,000 train, 2,000 val and 4,000 test PNGs of 512-1024
-    px from 15 generators. `scale` multiplies every count, prompts included, down to the least that still gives each
+    px from 15 generators; EvalMi-50K 50,400 PNGs of 256-1024 px (24 generators x 2,100 prompts) with perception and
+    correspondence MOS. `scale` multiplies every count, prompts included, down to the least that still gives each
     benchmark's protocol (see experiments/) a validation and a test part of 2 rows or more. Scenes are drawn at
     `DRAWING_SIDE` px, distorted there and then resized to the image size, so a level looks alike at every size; MOS
     follow the level (and, for alignment, whether an image was drawn wrong), on each release's scale. Images are
@@ -656,8 +688,9 @@ def _plan_aigciqa2023(rng: np.random.Generator, scale: float, withhold_labels: b
             for i, column in enumerate(values, 1):
                 name = f"mosz{i}.mat" if kind == "MOS" else f"SD{i}.mat"
                 scipy.io.savemat(root / "DATA" / kind / name, {variable: np.round(column, 4).reshape(-1, 1)})
-        frame = pd.DataFrame({"Style": styles, "Object": "shapes", "prompt": prompts})
-        frame.to_excel(root / "AIGCIQA2023_Prompts.xlsx", index=False)
+        # As the release holds it: no header row, (category, subcategory, prompt) per row.
+        frame = pd.DataFrame({"category": styles, "subcategory": "shapes", "prompt": prompts})
+        frame.to_excel(root / "AIGCIQA2023_Prompts.xlsx", index=False, header=False)
 
     return _Release(scenes, write_tables)
 
@@ -696,9 +729,47 @@ def _plan_aigiqa20k(rng: np.random.Generator, scale: float, withhold_labels: boo
     return _Release(scenes, write_tables)
 
 
+def _plan_evalmi50k(rng: np.random.Generator, scale: float, withhold_labels: bool) -> _Release:
+    """EvalMi-50K: each prompt drawn by all 24 generators as <model>/<NNN>.png (NNN from 001, the prompt's row in
+    question.xlsx) in the root; MOS&QA/AIGI2025_MOS_yn.xlsx (ImageName, MOS1 perception, MOS2 correspondence, the
+    yes/no answers) and MOS&QA/question.xlsx (prompt, question_1..question_5)."""
+    # 10 prompts: prompt-disjoint splits validate on 1 and test on 2.
+    n_prompts = _scaled(EVALMI50K_PROMPTS, scale, 10)
+    scenes: Scenes = []
+    rows = []  # ImageName, MOS1, MOS2, Y/N
+    for prompt in range(n_prompts):
+        shots = []
+        for model, (usual, side) in EVALMI50K_MODELS.items():
+            level = _level(usual, rng)
+            misdrawn = bool(rng.random() < MISALIGNED_SHARE)
+            name = f"{model}/{prompt + 1:03d}.png"
+            shots.append(_Shot(name, (side, side), level, misdrawn))
+            # Rescaled z-scores around 50, as the release's (which lie in about 16-73).
+            perception, correspondence = (
+                50 + 10 * (v - 2.6) for v in (_quality(level, rng), _alignment(level, misdrawn, rng))
+            )
+            rows.append((name, round(perception, 4), round(correspondence, 4), int(not misdrawn)))
+        scenes.append(tuple(shots))
+
+    def write_tables(root: Path, prompts: list[str]) -> None:
+        labels = pd.DataFrame(rows, columns=["ImageName", "MOS1", "MOS2", "Y/N"])
+        for i in range(1, 5):
+            labels[f"YN_{i}"] = None
+        (root / "MOS&QA").mkdir(exist_ok=True)
+        labels.to_excel(root / "MOS&QA" / "AIGI2025_MOS_yn.xlsx", index=False)
+        questions = pd.DataFrame({"prompt": prompts})
+        questions["question_1"] = [f"Does the image show {prompt}? Answer yes or no." for prompt in prompts]
+        for i in range(2, 6):
+            questions[f"question_{i}"] = None
+        questions.to_excel(root / "MOS&QA" / "question.xlsx", index=False)
+
+    return _Release(scenes, write_tables)
+
+
 _PLANS: dict[str, Callable[[np.random.Generator, float, bool], _Release]] = {
     "agiqa-1k": _plan_agiqa1k,
     "agiqa-3k": _plan_agiqa3k,
     "aigciqa2023": _plan_aigciqa2023,
     "aigiqa-20k": _plan_aigiqa20k,
+    "evalmi-50k": _plan_evalmi50k,
 }

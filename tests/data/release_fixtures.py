@@ -103,13 +103,18 @@ def aigciqa2023_mos(n: int) -> dict[str, np.ndarray]:
     return {"mosz1.mat": 30 + rows, "mosz2.mat": 1000 + rows, "mosz3.mat": 2000 + rows}
 
 
-def make_aigciqa2023(root: Path, *, per_model: int = 8, layout: str = "models", first_prompt: int = 0) -> Path:
-    """AIGCIQA2023 with `per_model` images per model (the release has 400).
+def make_aigciqa2023(
+    root: Path, *, per_model: int = 8, layout: str = "models", first_prompt: int = 0, prompts_header: bool = False
+) -> Path:
+    """AIGCIQA2023 with `per_model` images per model (the release has 400), its files in the release's shapes.
 
     Args:
-        layout: "models" (Image/<model>/<PPP-k>.png), "pic-index" (the same plus pic-index.xlsx, whose files
-            are named differently to prove it is preferred), or "flat" (Image/allimg/<i>.png).
+        layout: "models" (Image/<model>/<PPP-k>.png), "pic-index" (the same plus pic-index.xlsx, without a header
+            as in the release, whose files are named differently to prove it is preferred), or "flat"
+            (Image/allimg/<i>.png).
         first_prompt: the number of the first prompt in the file names (000 or 001).
+        prompts_header: AIGCIQA2023_Prompts.xlsx with a header row (some copies); the release's has none: rows of
+            (category, subcategory, prompt).
     """
     n = per_model * len(AIGCIQA2023_MODELS)
     for file, values in aigciqa2023_mos(n).items():
@@ -118,12 +123,12 @@ def make_aigciqa2023(root: Path, *, per_model: int = 8, layout: str = "models", 
         scipy.io.savemat(path, {"MOSz": values.reshape(-1, 1)})
     prompts = pd.DataFrame(
         {
-            "Style": ["realistic"] * (per_model // 4),
-            "Object": ["thing"] * (per_model // 4),
+            "category": ["Basic"] * (per_model // 4),
+            "subcategory": ["Animals"] * (per_model // 4),
             "prompt": [f"prompt number {p}" for p in range(per_model // 4)],
         }
     )
-    write_table(root / "AIGCIQA2023_Prompts.xlsx", prompts)
+    write_table(root / "AIGCIQA2023_Prompts.xlsx", prompts, header=prompts_header)
     index = []
     for i in range(n):
         model, prompt, k = AIGCIQA2023_MODELS[i // per_model], (i % per_model) // 4, i % 4 + 1
@@ -135,7 +140,53 @@ def make_aigciqa2023(root: Path, *, per_model: int = 8, layout: str = "models", 
         else:
             write_image(root / "Image" / model / f"{prompt + first_prompt:03d}-{k}.png", shade=i)
     if index:
-        write_table(root / "DATA" / "pic-index.xlsx", pd.DataFrame(index, columns=["model", "file"]))
+        write_table(root / "DATA" / "pic-index.xlsx", pd.DataFrame(index), header=False)
+    return root
+
+
+AIGCIQA2023_HUB_ROWS = [
+    ("Controlnet/000-1.png", "a corgi", 61.5, 58.0, 44.25),
+    ("DALLE/000-1.png", "a corgi", 52.0, 49.5, 40.0),
+    ("Glide/001-2.png", "a girl", 30.75, 35.0, 33.5),
+]
+AIGCIQA2023_HUB_HEADER = ["name", "prompt", "mos_quality", "mos_correspondence", "mos_authenticity"]
+
+
+def make_aigciqa2023_hub(root: Path, image_dir: str = "images") -> Path:
+    """AIGCIQA2023 as a hub copy holds it: data.csv (`AIGCIQA2023_HUB_HEADER`) and the images it names."""
+    write_table(root / "data.csv", pd.DataFrame(AIGCIQA2023_HUB_ROWS, columns=AIGCIQA2023_HUB_HEADER))
+    for i, row in enumerate(AIGCIQA2023_HUB_ROWS):
+        write_image(root / image_dir / row[0], shade=i)
+    return root
+
+
+# (ImageName, MOS1, MOS2) in the release's order, which lists 1000 before 999 (names sorted as text).
+EVALMI50K_ROWS = [
+    ("DALLE3/001.png", 66.25, 64.5),
+    ("DALLE3/002.png", 41.0, 58.75),
+    ("DALLE3/010.png", 20.5, 30.25),
+    ("Janus/001.png", 55.0, 62.0),
+    ("Janus/002.png", 35.5, 25.0),
+    ("Janus/010.png", 72.75, 69.5),
+]
+EVALMI50K_PROMPTS = [f"prompt of row {row}" for row in range(1, 11)]
+
+
+def make_evalmi50k(root: Path, *, labels_dir: str = "MOS&QA", image_dir: str = ".") -> Path:
+    """EvalMi-50K: AIGI2025_MOS_yn.xlsx and question.xlsx in `labels_dir` (as the repository lays them out, or "."
+    for flat) and the images `<model>/<NNN>.png` in `image_dir`. Image NNN belongs to prompt row NNN, from 1."""
+    labels = pd.DataFrame(EVALMI50K_ROWS, columns=["ImageName", "MOS1", "MOS2"])
+    labels["Y/N"] = 1
+    for i in range(1, 5):
+        labels[f"YN_{i}"] = None
+    write_table(root / labels_dir / "AIGI2025_MOS_yn.xlsx", labels)
+    questions = pd.DataFrame({"prompt": EVALMI50K_PROMPTS})
+    questions["question_1"] = [f"Does the image show {p}? Answer yes or no." for p in EVALMI50K_PROMPTS]
+    for i in range(2, 6):
+        questions[f"question_{i}"] = None
+    write_table(root / labels_dir / "question.xlsx", questions)
+    for i, row in enumerate(EVALMI50K_ROWS):
+        write_image(root / image_dir / row[0], shade=i)
     return root
 
 

@@ -1,4 +1,4 @@
-"""The readers: the four official releases, any table, Hugging Face datasets, and `load_source`."""
+"""The readers: the five official releases, any table, Hugging Face datasets, and `load_source`."""
 
 from pathlib import Path
 
@@ -10,20 +10,32 @@ import scipy.io
 from release_fixtures import (
     AGIQA1K_ROWS,
     AGIQA3K_ROWS,
+    AIGCIQA2023_HUB_ROWS,
     AIGIQA20K_TEST,
     AIGIQA20K_TRAIN,
     AIGIQA20K_VAL,
+    EVALMI50K_PROMPTS,
+    EVALMI50K_ROWS,
     aigciqa2023_mos,
     make_agiqa1k,
     make_agiqa3k,
     make_aigciqa2023,
+    make_aigciqa2023_hub,
     make_aigiqa20k,
+    make_evalmi50k,
     write_image,
     write_table,
 )
 
 from mst_clipiqa.data.checks import check_dataset
-from mst_clipiqa.data.releases import AIGCIQA2023_MODELS, load_agiqa1k, load_agiqa3k, load_aigciqa2023, load_aigiqa20k
+from mst_clipiqa.data.releases import (
+    AIGCIQA2023_MODELS,
+    load_agiqa1k,
+    load_agiqa3k,
+    load_aigciqa2023,
+    load_aigiqa20k,
+    load_evalmi50k,
+)
 from mst_clipiqa.data.schema import FEATURES, target_column
 from mst_clipiqa.data.tables import SOURCES, Columns, _embedded_names, load_hf, load_source, load_table
 from mst_clipiqa.errors import BadRowError, OptionError
@@ -94,10 +106,16 @@ def test_agiqa3k_wrong_header_names_the_file_and_the_expected_header(tmp_path):
         load_agiqa3k(tmp_path)
 
 
-@pytest.mark.parametrize(("layout", "first_prompt"), [("models", 0), ("models", 1), ("pic-index", 0), ("flat", 0)])
-def test_aigciqa2023_maps_rows_to_model_prompt_and_image(tmp_path, layout, first_prompt):
+@pytest.mark.parametrize(
+    ("layout", "first_prompt", "prompts_header"),
+    [("models", 0, False), ("models", 1, False), ("pic-index", 0, False), ("flat", 0, False), ("models", 0, True)],
+)
+def test_aigciqa2023_maps_rows_to_model_prompt_and_image(tmp_path, layout, first_prompt, prompts_header):
     per_model = 8
-    ds = load_aigciqa2023(make_aigciqa2023(tmp_path, per_model=per_model, layout=layout, first_prompt=first_prompt))
+    root = make_aigciqa2023(
+        tmp_path, per_model=per_model, layout=layout, first_prompt=first_prompt, prompts_header=prompts_header
+    )
+    ds = load_aigciqa2023(root)
 
     n = per_model * len(AIGCIQA2023_MODELS)
     assert len(ds) == n
@@ -124,6 +142,28 @@ def test_aigciqa2023_maps_rows_to_model_prompt_and_image(tmp_path, layout, first
     assert check_dataset(ds, target="quality", need_prompt=True, num_threads=2) is ds
 
 
+def test_aigciqa2023_prompts_without_a_header_keep_their_first_row(tmp_path):
+    # As the release holds it: no header, the first row (Basic | Animals | a corgi) is the first prompt.
+    make_aigciqa2023(tmp_path, per_model=8)
+    rows = [("Basic", "Animals", "a corgi"), ("Basic", "People", "a girl")]
+    write_table(tmp_path / "AIGCIQA2023_Prompts.xlsx", pd.DataFrame(rows), header=False)
+
+    prompts = load_aigciqa2023(tmp_path)["prompt"]
+
+    assert prompts[:8] == ["a corgi"] * 4 + ["a girl"] * 4
+    assert prompts[8:16] == prompts[:8]  # the next model, the same prompts
+
+
+@pytest.mark.parametrize("image_dir", [".", "images"])
+def test_aigciqa2023_reads_a_hub_copy_data_csv(tmp_path, image_dir):
+    ds = load_aigciqa2023(make_aigciqa2023_hub(tmp_path, image_dir=image_dir))
+
+    got = [(r["name"], r["prompt"], r["mos_quality"], r["mos_alignment"], r["mos_authenticity"]) for r in rows_of(ds)]
+    assert got == AIGCIQA2023_HUB_ROWS
+    assert image_paths(ds) == [(tmp_path / image_dir / row[0]).resolve() for row in AIGCIQA2023_HUB_ROWS]
+    assert check_dataset(ds, target="alignment", need_prompt=True, num_threads=2) is ds
+
+
 def test_aigciqa2023_rejects_a_row_count_that_does_not_fit_six_models(tmp_path):
     make_aigciqa2023(tmp_path)
     scipy.io.savemat(tmp_path / "DATA" / "MOS" / "mosz1.mat", {"MOSz": np.ones((50, 1))})
@@ -140,6 +180,37 @@ def test_aigciqa2023_rejects_prompts_that_do_not_match_the_rows(tmp_path):
     write_table(tmp_path / "AIGCIQA2023_Prompts.xlsx", pd.DataFrame({"Style": ["a"], "Object": ["b"], "prompt": ["c"]}))
     with pytest.raises(BadRowError, match="AIGCIQA2023_Prompts.xlsx: 1 prompts.*need 2"):
         load_aigciqa2023(tmp_path)
+
+
+@pytest.mark.parametrize(("labels_dir", "image_dir"), [("MOS&QA", "."), (".", "images"), ("MOS&QA", "EvalMi-50K")])
+def test_evalmi50k_reads_perception_correspondence_and_the_prompt_of_each_number(tmp_path, labels_dir, image_dir):
+    ds = load_evalmi50k(make_evalmi50k(tmp_path, labels_dir=labels_dir, image_dir=image_dir))
+
+    rows = rows_of(ds)
+    assert [(r["name"], r["mos_quality"], r["mos_alignment"]) for r in rows] == EVALMI50K_ROWS
+    # <NNN> names the NNN-th prompt row, counted from 1.
+    assert [r["prompt"] for r in rows] == [EVALMI50K_PROMPTS[int(name[-7:-4]) - 1] for name, _, _ in EVALMI50K_ROWS]
+    assert rows[2]["prompt"] == rows[5]["prompt"] == "prompt of row 10"
+    assert all(r["source"] == "evalmi-50k" and r["mos_authenticity"] is None for r in rows)
+    assert image_paths(ds) == [(tmp_path / image_dir / name).resolve() for name, _, _ in EVALMI50K_ROWS]
+    assert check_dataset(ds, target="alignment", need_prompt=True, num_threads=2) is ds
+
+
+def test_evalmi50k_refuses_image_numbers_without_a_prompt_row(tmp_path):
+    make_evalmi50k(tmp_path)
+    labels = pd.DataFrame([("DALLE3/001.png", 50.0, 50.0), ("DALLE3/011.png", 40.0, 40.0), ("DALLE3/x.png", 1.0, 2.0)])
+    write_table(tmp_path / "MOS&QA" / "AIGI2025_MOS_yn.xlsx", labels.set_axis(["ImageName", "MOS1", "MOS2"], axis=1))
+
+    with pytest.raises(BadRowError, match=r"2 image names .* row of .*question.xlsx \(1 to 10\)") as err:
+        load_evalmi50k(tmp_path)
+    assert "DALLE3/011.png (row 2)" in str(err.value) and "DALLE3/x.png (row 3)" in str(err.value)
+
+
+def test_evalmi50k_without_labels_names_the_file(tmp_path):
+    make_evalmi50k(tmp_path)
+    (tmp_path / "MOS&QA" / "question.xlsx").unlink()
+    with pytest.raises(FileNotFoundError, match="no question.xlsx"):
+        load_evalmi50k(tmp_path)
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".xlsx"])
@@ -343,7 +414,7 @@ def test_load_source_dispatches_and_lists_the_known_kinds(tmp_path):
     assert load_source("agiqa-3k", tmp_path)["name"] == load_agiqa3k(tmp_path)["name"]
     with pytest.raises(ValueError, match="data.source 'agiqa-5k' is unknown; expected one of agiqa-1k, agiqa-3k"):
         load_source("agiqa-5k", tmp_path)
-    assert set(SOURCES) == {"agiqa-1k", "agiqa-3k", "aigciqa2023", "aigiqa-20k", "table", "hf"}
+    assert set(SOURCES) == {"agiqa-1k", "agiqa-3k", "aigciqa2023", "aigiqa-20k", "evalmi-50k", "table", "hf"}
 
 
 def test_releases_take_no_column_mapping_and_tables_need_one(tmp_path):

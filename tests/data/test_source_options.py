@@ -112,3 +112,15 @@ def test_a_checkpoint_of_a_mapping_given_in_part_resumes_a_run_of_the_same_mappi
     assert _differences(saved, {}, {"source_options": other}) == ["data.source_options"]
     unknown = {"hyper_parameters": {"net": {}}, "datamodule_hyper_parameters": {"source_options": {"old_key": 1}}}
     assert _differences(unknown, {}, {"source_options": same}) == ["data.source_options"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"test_source": "table"}, "data.test_source 'table' is not an official release: one of agiqa-1k"),
+        ({"test_source": "agiqa-1k"}, "data.test_source agiqa-1k needs data.test_root"),
+    ],
+)
+def test_a_test_source_must_be_a_release_with_its_folder(options, message, tmp_path):
+    with pytest.raises(OptionError, match=message):
+        IQADataModule(source="agiqa-3k", root=str(make_agiqa3k(tmp_path)), **options)

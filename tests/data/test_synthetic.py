@@ -135,16 +135,27 @@ SMALL = 0.001  # every benchmark at its floor: the least rows that keep its prot
 SMALL_ROWS = {"agiqa-1k": 20, "agiqa-3k": 20, "aigciqa2023": 24, "aigiqa-20k": 20 + 2 + 4}
 
 
+FIRST_FOUR = ["agiqa-1k", "agiqa-3k", "aigciqa2023", "aigiqa-20k"]  # EvalMi-50K, larger even at its floor, apart
+
+
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory) -> synthetic.StandIns:
-    return make_standins(tmp_path_factory.mktemp("standins"), scale=SMALL, workers=2)
+    return make_standins(tmp_path_factory.mktemp("standins"), FIRST_FOUR, scale=SMALL, workers=2)
 
 
 def test_full_size_plans_have_each_releases_counts_and_structure():
     # Planning draws nothing, so the real sizes are checked without writing 26,500 images.
     plans = {source: plan(np.random.default_rng(0), 1.0, False) for source, plan in synthetic._PLANS.items()}
     sizes = {source: sum(map(len, plan.scenes)) for source, plan in plans.items()}
-    assert sizes == RELEASE_IMAGES == {"agiqa-1k": 1080, "agiqa-3k": 2982, "aigciqa2023": 2400, "aigiqa-20k": 20000}
+    assert sizes == RELEASE_IMAGES
+    assert RELEASE_IMAGES == {
+        "agiqa-1k": 1080,
+        "agiqa-3k": 2982,
+        "aigciqa2023": 2400,
+        "aigiqa-20k": 20000,
+        "evalmi-50k": 50400,
+    }
+    assert len(plans["evalmi-50k"].scenes) == 2100 and {len(s) for s in plans["evalmi-50k"].scenes} == {24}
     assert len(plans["agiqa-3k"].scenes) == 300  # prompts
     assert len(plans["aigciqa2023"].scenes) == 100 and {len(s) for s in plans["aigciqa2023"].scenes} == {24}
     parts = [shot.path.split("/")[0] for scene in plans["aigiqa-20k"].scenes for shot in scene]
@@ -154,12 +165,12 @@ def test_full_size_plans_have_each_releases_counts_and_structure():
     # A twentieth keeps the releases' structure: 6 x prompts x 4 images for AIGCIQA2023, about 10 per prompt for
     # AGIQA-3K.
     twentieth = {source: plan(np.random.default_rng(0), 0.05, False) for source, plan in synthetic._PLANS.items()}
-    assert [sum(map(len, p.scenes)) for p in twentieth.values()] == [54, 149, 120, 1000]
+    assert [sum(map(len, p.scenes)) for p in twentieth.values()] == [54, 149, 120, 1000, 2520]
     assert len(twentieth["agiqa-3k"].scenes) == 15 and len(twentieth["aigciqa2023"].scenes) == 5
 
 
 def test_each_standin_is_read_by_its_reader(standins):
-    assert set(standins.roots) == set(STANDIN_FOLDERS) and standins.drawn == sum(SMALL_ROWS.values())
+    assert set(standins.roots) == set(FIRST_FOUR) and standins.drawn == sum(SMALL_ROWS.values())
     assert standins.images == SMALL_ROWS
     for source, root in standins.roots.items():
         assert root.name == STANDIN_FOLDERS[source]
@@ -191,6 +202,25 @@ def test_standin_images_have_the_releases_formats_and_sizes(standins):
     assert twenty <= {("PNG", size) for _, size in synthetic.AIGIQA20K_GENERATORS.values()} and len(twenty) > 1
 
 
+def test_evalmi50k_standin_is_read_by_its_reader(tmp_path):
+    made = make_standins(tmp_path, ["evalmi-50k"], scale=SMALL, workers=2)
+    root = made.roots["evalmi-50k"]
+    assert root.name == STANDIN_FOLDERS["evalmi-50k"] and made.images == {"evalmi-50k": 240}  # 10 prompts x 24
+    assert (root / "MOS&QA" / "AIGI2025_MOS_yn.xlsx").is_file() and (root / "MOS&QA" / "question.xlsx").is_file()
+    ds = load_source("evalmi-50k", root)
+    assert len(ds) == 240 and ds["name"][:2] == ["ali_flux_schnell/001.png", "DALLE3/001.png"]
+    prompts = {name.split("/")[1]: prompt for name, prompt in zip(ds["name"], ds["prompt"])}
+    assert len(set(prompts.values())) == 10  # one prompt per number, the same for all 24 generators
+    assert all(prompts[name.split("/")[1]] == prompt for name, prompt in zip(ds["name"], ds["prompt"]))
+    for column in ("mos_quality", "mos_alignment"):
+        assert all(15 < value < 75 for value in ds[column])  # inside the configs' mos_range
+    sides = {side for _, side in synthetic.EVALMI50K_MODELS.values()}
+    for image in ds["image"][:24]:
+        with Image.open(image["path"]) as file:
+            assert file.format == "PNG" and file.size[0] == file.size[1] in sides
+    assert check_dataset(ds, target="alignment", need_prompt=True, check_images=False) is ds
+
+
 def test_misdrawn_images_get_low_alignment(standins):
     ds = load_source("agiqa-3k", standins.roots["agiqa-3k"])
     lowcorr = np.array(["_lowcorr_" in name for name in ds["name"]])
@@ -204,7 +234,7 @@ def test_a_complete_standin_is_reused_and_other_arguments_redraw(standins):
     folder = standins.roots["agiqa-1k"].parent
     xlsx = standins.roots["agiqa-1k"] / "AIGC_MOS_Zscore.xlsx"
     stamp = xlsx.stat().st_mtime_ns
-    again = make_standins(folder, scale=SMALL, workers=2)
+    again = make_standins(folder, FIRST_FOUR, scale=SMALL, workers=2)
     assert again.drawn == 0 and again.images == standins.images and xlsx.stat().st_mtime_ns == stamp
     other = make_standins(folder, ["agiqa-1k"], scale=SMALL, seed=1, workers=1)
     assert other.drawn == 20 and xlsx.stat().st_mtime_ns != stamp

@@ -59,10 +59,6 @@ def quiet_third_party() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NO_TIPS)
 
 
-# Field docstrings of the config dataclasses become each option's --help text.
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
-
-
 class ArgumentParser(SuggestingErrors, LightningArgumentParser):
     """LightningCLI's parser, whose errors say which option, key or value was probably meant."""
 
@@ -76,6 +72,8 @@ class MSTCLIPIQACLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs):
         quiet_third_party()
+        # Field docstrings of the config dataclasses become each option's --help text.
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
         super().__init__(
             MSTCLIPIQAModule,
             IQADataModule,

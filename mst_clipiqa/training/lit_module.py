@@ -20,12 +20,6 @@ from mst_clipiqa.metrics import make_metrics
 from mst_clipiqa.model import MSTCLIPIQA, ModelConfig, QualityOutput
 from mst_clipiqa.training.checkpoints import read_checkpoint
 
-# The frozen towers are in eval mode on purpose; Lightning's generic notice about it would only alarm users.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-# Under DDP every rank computes the evaluation metrics from all ranks' gathered pairs, so they are already the same
-# everywhere; Lightning's advice to log them with sync_dist=True would only average identical values.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/(srcc|plcc|krcc|rmse)")
-
 
 @dataclass
 class OptimConfig:
@@ -137,6 +131,7 @@ class MSTCLIPIQAModule(L.LightningModule):
         init_from: str | None = None,
     ):
         super().__init__()
+        _quiet_lightning_notices()
         self.net_config = _as(ModelConfig, net)
         saved = None
         self.fine_tuned_from: dict[str, str] | None = None
@@ -293,3 +288,12 @@ class MSTCLIPIQAModule(L.LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith(prefixes):
                 state.setdefault(key, value)
+
+
+def _quiet_lightning_notices() -> None:
+    """Lightning's notices that do not apply to this module, silenced once one is made."""
+    # The frozen towers are in eval mode on purpose; Lightning's generic notice about it would only alarm users.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # Under DDP every rank computes the evaluation metrics from all ranks' gathered pairs, so they are already the
+    # same everywhere; Lightning's advice to log them with sync_dist=True would only average identical values.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/(srcc|plcc|krcc|rmse)")

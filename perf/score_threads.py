@@ -66,6 +66,7 @@ def run(model: Path, folder: Path, out: Path, env: dict[str, str], options: list
         environment["PYTHONPATH"] = code
     command = [sys.executable, "-m", "mst_clipiqa", "score", str(model), str(folder), "--out", str(out),
                "--accelerator", "cpu", *options]  # fmt: skip
+    out.unlink(missing_ok=True)  # score refuses to replace a finished file without --overwrite, which older code lacks
     start = time.perf_counter()
     subprocess.run(command, env=environment, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start

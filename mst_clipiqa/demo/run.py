@@ -39,5 +39,6 @@ def run(workdir: str | Path = "demo_run", extra: list[str] | None = None, n_scen
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # args= is the point
         cli = MSTCLIPIQACLI(args=["fit", "--config", str(DEMO_CONFIG), *overrides, *(extra or [])])
-    (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+        # Inside: leaving the block would drop the filters the CLI set for third-party noise.
+        (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     return results

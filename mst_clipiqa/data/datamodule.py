@@ -166,7 +166,8 @@ class IQADataModule(L.LightningDataModule):
         self.images_checked = 0
         """Images the setup check decoded itself, outside the feature cache's encoding pass."""
         self._cross: IQADataModule | None = None
-        self._dropped_rows = "dropped_rows.csv"
+        self.dropped_rows_name = "dropped_rows.csv"
+        """The file in the run folder that lists the rows the setup check dropped or refused."""
         self.test_on(test_source, test_root)
 
     # ---- setup ---------------------------------------------------------------------------------------------------
@@ -188,7 +189,7 @@ class IQADataModule(L.LightningDataModule):
                 what = "table file" if hp.source == "table" else f"{hp.source} release's folder"
                 raise FileNotFoundError(f"data.root {hp.root}: no such file or folder; set --data.root to the {what}")
             table = load_source(hp.source, hp.root, self.columns)
-            report = self.run_dir / self._dropped_rows if self.run_dir is not None else None
+            report = self.run_dir / self.dropped_rows_name if self.run_dir is not None else None
             self.table = check_dataset(
                 table,
                 target=hp.target,
@@ -443,7 +444,7 @@ class IQADataModule(L.LightningDataModule):
             settings |= {"source": hp.test_source, "root": hp.test_root, "source_options": None, "splits_file": None}
             cross = IQADataModule(**{**settings, "test_source": None, "test_root": None})
             cross.trainer = self.trainer
-            cross._dropped_rows = f"dropped_rows_{hp.test_source}.csv"
+            cross.dropped_rows_name = f"dropped_rows_{hp.test_source}.csv"
             cross.preprocess = self.preprocess
             column = target_column(hp.target)
             labelled = [row for row, mos in enumerate(cross.load_table()[column][:]) if mos is not None]

@@ -363,7 +363,7 @@ def model_card(saved: SavedModel, encoders: dict[str, dict[str, str | None]], na
 
     Args:
         saved: the model.
-        encoders: each stream's entry of config.json (see `SavedModel._place_encoders`).
+        encoders: each stream's entry of config.json, as `SavedModel.save` writes it.
         name: what to load it by in the examples: the folder's name.
     """
     from huggingface_hub import ModelCardData

@@ -199,11 +199,11 @@ TINY_HUB_TOWER = dict(
 
 HUB_LOAD = (
     "import json; from mst_clipiqa.model import MSTCLIPIQA, ModelConfig; "
-    "from mst_clipiqa.data.features import checkpoint_fingerprint; "
+    "from mst_clipiqa.hub.saved_model import hub_commit; "
     "net = MSTCLIPIQA(ModelConfig(variant='prompt')); "
     "print(json.dumps({'patches': [net.encoder.coarse.config.patch_size, net.encoder.fine.config.patch_size], "
     "'tokens': net.prompt_encoder.tokenize(['a red cube'])[0].shape[1], "
-    "'commits': [checkpoint_fingerprint(i, None)['commit'] for i in "
+    "'commits': [hub_commit(i, None) for i in "
     "('openai/clip-vit-base-patch32', 'openai/clip-vit-base-patch16')]}))"
 )
 """The model's defaults load by the two ids, with the prompt head's tokenizer and text tower; what they loaded."""

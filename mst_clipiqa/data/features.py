@@ -66,7 +66,6 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 from transformers.utils import cached_file
-from transformers.utils.hub import extract_commit_hash
 
 from mst_clipiqa.data.checks import image_problem
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
@@ -122,28 +121,6 @@ def default_cache_dir() -> Path:
 
 def _digest(data: bytes | memoryview) -> str:
     return hashlib.blake2b(data, digest_size=20).hexdigest()
-
-
-def checkpoint_fingerprint(name: str, revision: str | None, files: Sequence[str] = WEIGHT_FILES) -> dict[str, Any]:
-    """What identifies the weights of a checkpoint, cheaply: for a hub id, the commit a saved model records. The cache's
-    namespaces key a checkpoint by its content instead (`checkpoint_content`).
-
-    A local folder: its resolved path, a hash of its config.json, and the name, size and modification time of the
-    files matching `files` (glob patterns). A hub id: the id and the commit its revision resolves to, through Hugging
-    Face's cache and offline switches, as `from_pretrained` resolves it.
-    """
-    folder = Path(name)
-    if not folder.is_dir():
-        config = cached_file(name, "config.json", revision=revision)
-        commit = extract_commit_hash(config, None)
-        if commit is not None:
-            return {"id": name, "commit": commit}
-        folder = Path(config).parent  # not a hub snapshot: identify the files themselves
-    folder = folder.resolve()
-    stats = sorted(
-        (path.name, path.stat().st_size, path.stat().st_mtime_ns) for pattern in files for path in folder.glob(pattern)
-    )
-    return {"path": str(folder), "config": _digest((folder / "config.json").read_bytes()), "files": stats}
 
 
 def checkpoint_content(

@@ -39,7 +39,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from mst_clipiqa import __version__
-from mst_clipiqa.data.features import TOKENIZER_FILES, checkpoint_fingerprint
+from mst_clipiqa.data.features import TOKENIZER_FILES
 from mst_clipiqa.errors import BadCheckpointError, BadModelError, OptionError
 from mst_clipiqa.model import INTERNAL_HIGH, INTERNAL_LOW, MSTCLIPIQA, ModelConfig
 from mst_clipiqa.training.checkpoints import read_checkpoint
@@ -603,12 +603,26 @@ def _hub_commit(repo_id: str, revision: str | None, stream: str) -> str:
     from huggingface_hub import constants
 
     try:
-        return checkpoint_fingerprint(repo_id, revision)["commit"]
-    except (OSError, ValueError, KeyError) as err:
+        commit = hub_commit(repo_id, revision)
+    except (OSError, ValueError) as err:
+        commit, why = None, err
+    else:
+        why = "its config.json is not in a hub snapshot"
+    if commit is None:
         raise BadModelError(
             f"the {stream} encoder {repo_id!r} is neither a folder ({Path(repo_id).resolve()}) nor a model in the "
-            f"Hugging Face cache ({constants.HF_HUB_CACHE}) or on the hub: {err}"
-        ) from err
+            f"Hugging Face cache ({constants.HF_HUB_CACHE}) or on the hub: {why}"
+        )
+    return commit
+
+
+def hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a hub model's revision resolves to, through Hugging Face's cache and offline switches, as
+    `from_pretrained` resolves it; None where its config.json is not in a hub snapshot."""
+    from transformers.utils import cached_file
+    from transformers.utils.hub import extract_commit_hash
+
+    return extract_commit_hash(cached_file(repo_id, "config.json", revision=revision), None)
 
 
 def _hub_snapshot(repo_id: str, commit: str, stream: str) -> Path:

@@ -163,7 +163,7 @@ class Scorer:
                 scores = iter(())
                 if good:
                     batch_prompts = [prompts[start + i] for i in good] if prompts is not None else None
-                    scores = iter(self._score_pixels(torch.stack([pixels[i] for i in good]), batch_prompts))
+                    scores = iter(self.score_pixels(torch.stack([pixels[i] for i in good]), batch_prompts)[0])
                 for p in pixels:
                     yield (next(scores), None) if isinstance(p, Tensor) else (None, str(p))
 
@@ -183,10 +183,6 @@ class Scorer:
 
     def _pixels_or_error(self, item: ImageInput) -> Tensor | BadImageError:
         return pixels_or_error(item, self.preprocess, self.draft_decode)
-
-    def _score_pixels(self, pixel_values: Tensor, prompts: list[str] | None) -> list[float]:
-        """pixel_values (B, 3, 224, 224) → B scores on the MOS scale."""
-        return self.score_pixels(pixel_values, prompts)[0]
 
     def score_pixels(self, pixel_values: Tensor, prompts: list[str] | None) -> tuple[list[float], list[float]]:
         """The scores on the MOS scale and the gate's coarse shares of a (B, 3, 224, 224) batch of decoded images

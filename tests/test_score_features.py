@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import mst_clipiqa.data.preprocess as preprocess
 import mst_clipiqa.scoring.scorer as scorer
 from mst_clipiqa.data.features import TableFeatures, checkpoint_content
 from mst_clipiqa.data.preprocess import ClipPreprocess
@@ -66,8 +67,10 @@ def test_a_second_job_reads_every_good_image_from_the_cache(model, tmp_path, mon
     assert plain["cached"] == 0 and plain["scored"] == 6 and plain["failed"] == 1
 
     decoded = []
-    real = scorer.pixels_or_error
-    monkeypatch.setattr(scorer, "pixels_or_error", lambda item, *args: decoded.append(item) or real(item, *args))
+    real = preprocess.load_pixels
+    monkeypatch.setattr(
+        preprocess, "load_pixels", lambda image, *a, **k: decoded.append(image["path"]) or real(image, *a, **k)
+    )
     cache = tmp_path / "cache"
     first = score(model, folder, tmp_path / "first.csv", features=True, cache_dir=cache)
     assert (first["scored"], first["failed"], first["cached"]) == (6, 1, 0)

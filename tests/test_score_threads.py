@@ -11,19 +11,20 @@ import torch
 
 import mst_clipiqa.scoring.scorer as scorer
 from mst_clipiqa.cli.commands import main
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 
 @pytest.fixture
 def threads_seen(monkeypatch) -> list[int]:
     """The thread counts the predict steps of the scoring jobs ran with."""
     seen: list[int] = []
-    real = scorer.ScoreStep.predict_step
+    real = MSTCLIPIQAModule.predict_step
 
     def recording(step, *args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(step, *args, **kwargs)
 
-    monkeypatch.setattr(scorer.ScoreStep, "predict_step", recording)
+    monkeypatch.setattr(MSTCLIPIQAModule, "predict_step", recording)
     return seen
 
 

@@ -6,20 +6,19 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mst_clipiqa.data.checks import check_dataset, image_problems
 from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_features
-from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+from mst_clipiqa.data.preprocess import ClipPreprocess, ImageRows
 from mst_clipiqa.data.releases import RELEASES
 from mst_clipiqa.data.samplers import EvalDistributedSampler
 from mst_clipiqa.data.schema import target_column
@@ -30,27 +29,6 @@ from mst_clipiqa.model import MSTCLIPIQA, ModelConfig
 from mst_clipiqa.training import checkpoints
 
 log = logging.getLogger(__name__)
-
-
-class ImageRows(Dataset):
-    """Rows of the unified table → {"pixel_values", "prompt", "mos", "index"}; index is the row in the full table."""
-
-    def __init__(self, table: datasets.Dataset, rows: list[int], target: str, preprocess: ClipPreprocess, draft: bool):
-        self.table, self.rows, self.column = table, list(rows), target_column(target)
-        self.preprocess, self.draft = preprocess, draft
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.table[self.rows[i]]
-        mos = row[self.column]
-        return {
-            "pixel_values": load_pixels(row["image"], self.preprocess, draft=self.draft),  # (3, 224, 224)
-            "prompt": row["prompt"] or "",
-            "mos": torch.tensor(float("nan") if mos is None else mos, dtype=torch.float32),
-            "index": self.rows[i],
-        }
 
 
 def _columns(options: Columns | Mapping[str, Any] | None) -> Columns | None:
@@ -71,6 +49,49 @@ def _network_config(model: Any) -> ModelConfig | None:
 
 def default_workers() -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+def prepare_features(
+    features: TableFeatures, rows: Sequence[int], trainer: L.Trainer, progress: bool
+) -> dict[int, str]:
+    """`TableFeatures.prepare` of `rows` with the trainer's network and ranks (each encodes a share, all read the
+    union); every rank calls it with the same rows. Returns {row: why} of the images that cannot be read."""
+    return features.prepare(
+        rows,
+        trainer.lightning_module.net,
+        rank=trainer.global_rank,
+        world_size=trainer.world_size,
+        broadcast=trainer.strategy.broadcast,
+        barrier=trainer.strategy.barrier,
+        progress=progress and trainer.is_global_zero,
+    )
+
+
+def rows_loader(
+    dataset: Dataset, batch_size: int, trainer: L.Trainer | None, num_workers: int, *, shuffle_seed: int | None = None
+) -> DataLoader:
+    """A loader of table rows: shuffled by (`shuffle_seed`, epoch) and sharded for training; otherwise in order,
+    each row once over all ranks. Cached features (`FeatureRows`) are read in the main process."""
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    if shuffle_seed is not None:
+        # Shuffled from (seed, epoch), one process or many: the global RNG is not in checkpoints, so a run
+        # resumed from one sees the same batches as a run that was never interrupted.
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=shuffle_seed)
+    else:
+        # Every evaluation row exactly once across ranks: padded duplicates would bias SRCC.
+        sampler = EvalDistributedSampler(dataset, num_replicas=world, rank=rank)
+    features = isinstance(dataset, FeatureRows)
+    workers = 0 if features else num_workers  # in-memory tensors: workers would only add start-up and transfer time
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_features if features else None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda",
+        drop_last=False,
+    )
 
 
 class IQADataModule(L.LightningDataModule):
@@ -328,7 +349,8 @@ class IQADataModule(L.LightningDataModule):
     def rows_dataset(self, rows: list[int]) -> ImageRows | FeatureRows:
         if self.hparams.features:
             return self.feature_rows(rows)
-        return ImageRows(self.load_table(), rows, self.hparams.target, self.preprocess, self.hparams.draft_decode)
+        column = target_column(self.hparams.target)
+        return ImageRows(self.load_table(), rows, column, self.preprocess, self.hparams.draft_decode)
 
     def feature_rows(self, rows: list[int]) -> FeatureRows:
         """Cached features of `rows`, after encoding what the cache lacks with the trainer's frozen towers.
@@ -370,43 +392,18 @@ class IQADataModule(L.LightningDataModule):
         )
 
     def _prepare(self, rows: list[int] | range) -> dict[int, str]:
-        """`TableFeatures.prepare` of `rows` with the trainer's network, ranks and progress bar."""
         trainer = self.trainer
-        return self.features.prepare(
-            rows,
-            self._net(),
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            broadcast=trainer.strategy.broadcast,
-            barrier=trainer.strategy.barrier,
-            progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
-        )
+        return prepare_features(self.features, rows, trainer, progress=trainer.progress_bar_callback is not None)
 
     def loader(self, rows: list[int], train: bool) -> DataLoader:
         """Rows of the table: shuffled by (seed, epoch) and sharded for training, in order, each once, for the rest."""
         hp = self.hparams
-        dataset = self.rows_dataset(rows)
-        trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        if train:
-            # Shuffled from (seed, epoch), one process or many: the global RNG is not in checkpoints, so a run
-            # resumed from one sees the same batches as a run that was never interrupted.
-            sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=hp.seed)
-        else:
-            # Every evaluation row exactly once across ranks: padded duplicates would bias SRCC.
-            sampler = EvalDistributedSampler(dataset, num_replicas=world, rank=rank)
-        workers = default_workers() if hp.num_workers is None else hp.num_workers
-        if hp.features:
-            workers = 0  # rows of in-memory tensors: worker processes would only add start-up and transfer time
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size if train else hp.eval_batch_size,
-            sampler=sampler,
-            collate_fn=collate_features if hp.features else None,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=False,
+        return rows_loader(
+            self.rows_dataset(rows),
+            hp.batch_size if train else hp.eval_batch_size,
+            self.trainer,
+            default_workers() if hp.num_workers is None else hp.num_workers,
+            shuffle_seed=hp.seed if train else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -52,7 +52,7 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,10 +68,10 @@ from tqdm.auto import tqdm
 from transformers.utils import cached_file
 
 from mst_clipiqa.data.checks import image_problem
-from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
+from mst_clipiqa.data.preprocess import ClipPreprocess, ImageRows
 from mst_clipiqa.data.schema import target_column
-from mst_clipiqa.errors import BadImageError, write_error
-from mst_clipiqa.model import CPU_BATCH, MSTCLIPIQA, prefers_bf16, tower_autocast
+from mst_clipiqa.errors import write_error
+from mst_clipiqa.model import CPU_BATCH, MSTCLIPIQA, prefers_bf16
 
 CACHE_ENV = "MST_CLIPIQA_FEATURES"
 """Environment variable naming the cache folder (the `cache_dir` option, when given, wins)."""
@@ -186,18 +186,22 @@ def _preprocess_spec(preprocess: ClipPreprocess) -> dict[str, Any]:
     return {f.name: getattr(preprocess, f.name) for f in fields(preprocess) if f.init}
 
 
-def _compute_dtype(device: torch.device) -> str:
-    return "bfloat16-autocast" if prefers_bf16(device) else "float32"
+def tower_compute(device: torch.device, precision: str | None = None) -> tuple[str, AbstractContextManager]:
+    """How the towers run on `device`: the name the cache's namespaces give it, and the context to run them in.
 
-
-def compute_name(device: torch.device, precision: str) -> str:
-    """How a Lightning `precision` runs the towers on `device`, as the cache's namespaces name it: features the
-    encoding pass stores (float32, or bf16 autocast on CUDA) are found by a scoring job that computes them alike."""
+    Args:
+        precision: a Lightning precision ("32-true", "bf16-mixed", "16-mixed") as a scoring job runs; None for the
+            encoding pass of a fit: bf16 autocast on a GPU that supports it, float32 elsewhere (`prefers_bf16`).
+    """
+    if precision is None:
+        precision = "bf16-mixed" if prefers_bf16(device) else "32-true"
     if precision == "32-true":
-        return "float32"
+        return "float32", nullcontext()
     if precision == "bf16-mixed" and device.type == "cuda":
-        return "bfloat16-autocast"
-    return f"{precision}-{device.type}"
+        return "bfloat16-autocast", torch.autocast("cuda", dtype=torch.bfloat16)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    context = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    return f"{precision}-{device.type}", context
 
 
 def image_keys(images: datasets.Dataset, *, content_hash: bool = False) -> list[str | None]:
@@ -477,7 +481,7 @@ def image_shelves(
 ) -> dict[str, Shelf]:
     """The namespaces of `net`'s two image towers ("coarse", "fine") in the cache folder `root`, for images
     preprocessed by `preprocess` (decoded in draft mode where `draft`) and encoded in the `compute` dtype
-    (`compute_name`)."""
+    (`tower_compute`)."""
     image = {"preprocess": _preprocess_spec(preprocess), "draft_decode": draft, "compute": compute}
     return {
         stream: Shelf(
@@ -539,30 +543,6 @@ class FeatureStats:
     """Seconds this process spent in the frozen towers (image and text), outputs copied to the host."""
 
 
-class _Pixels(Dataset):
-    """Images of a table → (i, pixel_values (3, 224, 224)), or (i, why) for an image that does not decode, decoded
-    in the loader's workers; batch them with `_collate_pixels`."""
-
-    def __init__(self, images: datasets.Dataset, preprocess: ClipPreprocess, draft: bool):
-        self.images, self.preprocess, self.draft = images, preprocess, draft
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[int, Tensor | str]:
-        try:
-            return i, load_pixels(self.images[i]["image"], self.preprocess, draft=self.draft)
-        except BadImageError as err:
-            return i, str(err)
-
-
-def _collate_pixels(items: list[tuple[int, Tensor | str]]) -> tuple[list[int], Tensor | None, list[tuple[int, str]]]:
-    """(indices of the decoded images, their pixel_values (B, 3, 224, 224) or None, (index, why) of the others)."""
-    good = [(i, pixels) for i, pixels in items if isinstance(pixels, Tensor)]
-    bad = [(i, why) for i, why in items if isinstance(why, str)]
-    return [i for i, _ in good], torch.stack([pixels for _, pixels in good]) if good else None, bad
-
-
 def _same(obj: T) -> T:
     return obj
 
@@ -582,6 +562,7 @@ class TableFeatures:
         content_hash: key image files by a hash of their bytes instead of their path, size and mtime.
         batch_size: images or prompts per tower call.
         num_workers: loader processes decoding images while the towers run.
+        precision: how the towers run (`tower_compute`): a scoring job's Lightning precision, None for a fit's.
     """
 
     def __init__(
@@ -594,15 +575,15 @@ class TableFeatures:
         content_hash: bool = False,
         batch_size: int = 64,
         num_workers: int = 0,
+        precision: str | None = None,
     ):
-        self.table, self.preprocess, self.draft = table, preprocess, draft_decode
+        self.table, self.preprocess, self.draft, self.precision = table, preprocess, draft_decode, precision
         self.root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.content_hash, self.batch_size, self.num_workers = content_hash, batch_size, num_workers
         self.prompts = [prompt or "" for prompt in table["prompt"][:]]
         self.keys: list[str | None] = [None] * len(table)
         self.loaded = torch.zeros(len(table), dtype=torch.bool)
-        self.coarse_embeds: Tensor | None = None  # (N, D) image_embeds of every row, valid where `loaded`
-        self.fine_embeds: Tensor | None = None  # (N, D)
+        self.coarse_embeds = self.fine_embeds = torch.zeros(len(table), 0)  # (N, D) of every row, valid where `loaded`
         self.stats = FeatureStats()
         self._net: MSTCLIPIQA | None = None
 
@@ -612,8 +593,8 @@ class TableFeatures:
         if net is self._net:
             return
         config = net.config
-        device = next(net.encoder.parameters()).device
-        self.shelves = image_shelves(self.root, net, self.preprocess, self.draft, _compute_dtype(device))
+        compute, _ = tower_compute(next(net.encoder.parameters()).device, self.precision)
+        self.shelves = image_shelves(self.root, net, self.preprocess, self.draft, compute)
         self.prompt_shelf = None
         if net.needs_prompt:
             spec = {
@@ -623,10 +604,12 @@ class TableFeatures:
                 ),
                 "weights_dtype": str(next(net.prompt_encoder.parameters()).dtype),
                 "max_tokens": net.prompt_encoder.max_tokens,
-                "compute": _compute_dtype(device),
+                "compute": compute,
             }
             self.prompt_shelf = Shelf(self.root, spec, "text")
         self.loaded[:] = False  # rows read for another network
+        self.coarse_embeds = torch.zeros(len(self.table), net.encoder.dim)
+        self.fine_embeds = torch.zeros(len(self.table), net.encoder.dim)
         self._net = net
 
     def _image_keys(self, rows: list[int]) -> list[str | None]:
@@ -646,8 +629,7 @@ class TableFeatures:
         other.prompts = [self.prompts[row] for row in index.tolist()]
         other.keys = [self.keys[row] for row in index.tolist()]
         other.loaded = self.loaded[index]
-        if self.coarse_embeds is not None:
-            other.coarse_embeds, other.fine_embeds = self.coarse_embeds[index], self.fine_embeds[index]
+        other.coarse_embeds, other.fine_embeds = self.coarse_embeds[index], self.fine_embeds[index]
         return other
 
     # ---- the one entry point -----------------------------------------------------------------------------------------
@@ -809,37 +791,38 @@ class TableFeatures:
         if not items:
             return failed
         device = next(net.encoder.parameters()).device
+        _, compute = tower_compute(device, self.precision)
         towers = [
             (net.encoder.coarse, coarse, ShardWriter(self.shelves["coarse"])),
             (net.encoder.fine, fine, ShardWriter(self.shelves["fine"])),
         ]
-        images = _Pixels(self.table.select([row for _, row in items]), self.preprocess, self.draft)
+        key_of = {row: key for key, row in items}
+        images = ImageRows(self.table, list(key_of), None, self.preprocess, self.draft, keep_errors=True)
         loader = DataLoader(
             images,
             batch_size=min(self.batch_size, CPU_BATCH) if device.type == "cpu" else self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=_collate_pixels,
             pin_memory=device.type == "cuda",
         )
         waiting = time.perf_counter()
-        for decoded, pixels, errors in loader:  # pixels (B, 3, 224, 224)
+        for rows in loader:
             self.stats.decode_seconds += time.perf_counter() - waiting
-            failed.update((items[i][0], why) for i, why in errors)
-            batch = [items[i][0] for i in decoded]
-            if pixels is not None:
-                pixels = pixels.to(device, non_blocking=True)
+            keys = [key_of[row] for row in rows["index"].tolist()]
+            failed.update((key, why) for key, why in zip(keys, rows["error"]) if why)
+            decoded = [i for i, why in enumerate(rows["error"]) if not why]
+            pixels = rows["pixel_values"][decoded].to(device, non_blocking=True)  # (B, 3, 224, 224)
             for tower, todo, writer in towers:
-                chosen = [i for i, key in enumerate(batch) if key in todo]
+                chosen = [i for i, k in enumerate(decoded) if keys[k] in todo]
                 if not chosen:
                     continue
                 began = time.perf_counter()
-                with torch.inference_mode(), tower_autocast(device):
-                    embeds = tower(pixel_values=pixels if len(chosen) == len(batch) else pixels[chosen])
+                with torch.inference_mode(), compute:
+                    embeds = tower(pixel_values=pixels if len(chosen) == len(decoded) else pixels[chosen])
                 values = embeds.image_embeds.float().cpu().numpy()  # (b, D)
                 self.stats.tower_seconds += time.perf_counter() - began
-                writer.add([batch[i] for i in chosen], [row[None] for row in values])
-            self.stats.images_decoded += len(decoded) + len(errors)
-            bar.update(len(decoded) + len(errors))
+                writer.add([keys[decoded[i]] for i in chosen], [row[None] for row in values])
+            self.stats.images_decoded += len(keys)
+            bar.update(len(keys))
             waiting = time.perf_counter()
         for _, _, writer in towers:
             writer.close()
@@ -849,13 +832,13 @@ class TableFeatures:
         """Token states of each prompt, stored without padding."""
         if not prompts:
             return
-        device = next(net.prompt_encoder.parameters()).device
+        _, compute = tower_compute(next(net.prompt_encoder.parameters()).device, self.precision)
         writer = ShardWriter(self.prompt_shelf)
         with tqdm(total=len(prompts), desc="Encoding prompts", unit="prompt", disable=not progress) as bar:
             for start in range(0, len(prompts), self.batch_size):
                 batch = prompts[start : start + self.batch_size]
                 began = time.perf_counter()
-                with torch.inference_mode(), tower_autocast(device):
+                with torch.inference_mode(), compute:
                     states, mask = net.prompt_encoder(batch)  # (B, L, Dt), (B, L), padding on the right
                 states = states.float().cpu().numpy()
                 self.stats.tower_seconds += time.perf_counter() - began
@@ -865,11 +848,10 @@ class TableFeatures:
         writer.close()
 
     def _fill(self, rows: list[int], keys: list[str]) -> None:
+        if not rows:
+            return
         coarse = np.stack([self.shelves["coarse"].get(key)[0] for key in keys])  # (n, D)
         fine = np.stack([self.shelves["fine"].get(key)[0] for key in keys])  # (n, D)
-        if self.coarse_embeds is None:
-            self.coarse_embeds = torch.zeros(len(self.table), coarse.shape[1])  # (N, D)
-            self.fine_embeds = torch.zeros(len(self.table), fine.shape[1])  # (N, D)
         index = torch.tensor(rows)
         self.coarse_embeds[index] = torch.from_numpy(coarse)
         self.fine_embeds[index] = torch.from_numpy(fine)
@@ -890,43 +872,47 @@ class FeatureRows(Dataset):
     Args:
         features: features prepared for at least these rows.
         rows: rows of the table; `index` in each item is the row.
-        target: the MOS to return (see `schema.target_column`).
+        target: the MOS to return (see `schema.target_column`); None for no ``mos``.
+        errors: {row: why} of rows whose image `TableFeatures.prepare` could not read: they stay, with zero
+            embeddings, and every item gets an ``error`` ("" where the image was read), as `ImageRows` gives them
+            with ``keep_errors``; None: every row must have its features.
     """
 
-    def __init__(self, features: TableFeatures, rows: Sequence[int], target: str):
-        self.features, self.rows = features, [int(row) for row in rows]
-        if not bool(features.loaded[self.rows].all()):
+    def __init__(
+        self, features: TableFeatures, rows: Sequence[int], target: str | None, errors: dict[int, str] | None = None
+    ):
+        self.features, self.rows, self.errors = features, [int(row) for row in rows], errors
+        needed = [row for row in self.rows if row not in (errors or {})]
+        if not bool(features.loaded[needed].all()):
             raise RuntimeError("features of some rows were not prepared: call TableFeatures.prepare first")
-        mos = features.table.select(self.rows)[target_column(target)][:]
-        self.mos = torch.tensor([math.nan if value is None else value for value in mos], dtype=torch.float32)
+        self.mos = None
+        if target is not None:
+            mos = features.table.select(self.rows)[target_column(target)][:]
+            self.mos = torch.tensor([math.nan if value is None else value for value in mos], dtype=torch.float32)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        row = self.rows[i]
-        item = {
-            "coarse_embeds": self.features.coarse_embeds[row],  # (D,)
-            "fine_embeds": self.features.fine_embeds[row],  # (D,)
-            "mos": self.mos[i],
-            "index": row,
-        }
-        if self.features.prompt_shelf is not None:
-            item["prompt_states"] = self.features.prompt_states(row)  # (L, Dt)
+        batch = self.__getitems__([i])
+        item = {key: value[0] for key, value in batch.items() if key not in ("prompt_states", "prompt_mask")}
+        if "prompt_states" in batch:
+            item["prompt_states"] = batch["prompt_states"][0, : int(batch["prompt_mask"][0].sum())]  # (L, Dt)
         return item
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
-        """The batch of items `indices`, as `collate_features` would make it from them, read by indexing the tensors
-        in memory at once: a data loader calls this instead of one `__getitem__` per item, then passes the batch
-        through `collate_features` unchanged."""
-        positions = torch.tensor(indices, dtype=torch.long)
+        """The batch of items `indices`, read by indexing the tensors in memory at once: a data loader calls this
+        instead of one `__getitem__` per item, then passes the batch through `collate_features` unchanged."""
         rows = torch.tensor([self.rows[i] for i in indices], dtype=torch.long)
-        batch = {
+        batch: dict[str, Any] = {
             "coarse_embeds": self.features.coarse_embeds[rows],  # (B, D)
             "fine_embeds": self.features.fine_embeds[rows],  # (B, D)
-            "mos": self.mos[positions],  # (B,)
             "index": rows,  # (B,)
         }
+        if self.mos is not None:
+            batch["mos"] = self.mos[torch.tensor(indices, dtype=torch.long)]  # (B,)
+        if self.errors is not None:
+            batch["error"] = [self.errors.get(row, "") for row in rows.tolist()]
         if self.features.prompt_shelf is not None:
             batch.update(_pad_prompts([self.features.prompt_states(row) for row in rows.tolist()]))
         return batch

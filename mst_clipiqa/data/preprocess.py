@@ -15,13 +15,17 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch.utils.data import Dataset
 
 from mst_clipiqa.errors import BadImageError
+
+if TYPE_CHECKING:
+    import datasets
 
 DRAFT_MIN_SIDE = 224
 """Short side below which draft decoding never goes, so the resize to 224 never upsamples a draft."""
@@ -173,6 +177,54 @@ def load_pixels(source: Any, preprocess: ClipPreprocess, *, draft: bool = False)
         BadImageError: as `open_image`.
     """
     return preprocess(open_image(source, draft=draft))
+
+
+class ImageRows(Dataset):
+    """Rows of a unified table (`schema.FEATURES`) → {"pixel_values", "prompt", "mos", "index"}, decoded and
+    preprocessed where the loader's workers run; ``index`` is the row in the table. The one pixel dataset: training
+    and evaluation read it, the feature cache encodes from it, `score` scores it.
+
+    Args:
+        table: the table.
+        rows: the rows to read, in order.
+        mos_column: the MOS column ``mos`` comes from (NaN where a row has none); None for no ``mos``.
+        preprocess: CLIP preprocessing of the coarse encoder.
+        draft: decode JPEGs in Pillow's draft mode (the model's `draft_decode`).
+        keep_errors: an image that cannot be read becomes its item's ``error`` (zeros for its pixels) instead of
+            raising its `BadImageError`, so one bad file never stops a scoring job; every item then has an
+            ``error``, "" where the image was read.
+    """
+
+    def __init__(
+        self,
+        table: datasets.Dataset,
+        rows: list[int],
+        mos_column: str | None,
+        preprocess: ClipPreprocess,
+        draft: bool = False,
+        keep_errors: bool = False,
+    ):
+        self.table, self.rows, self.column = table, list(rows), mos_column
+        self.preprocess, self.draft, self.keep_errors = preprocess, draft, keep_errors
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row, error = self.table[self.rows[i]], ""
+        try:
+            pixels = load_pixels(row["image"], self.preprocess, draft=self.draft)  # (3, 224, 224)
+        except BadImageError as err:
+            if not self.keep_errors:
+                raise
+            pixels, error = torch.zeros(3, *self.preprocess.crop_size), str(err)
+        item = {"pixel_values": pixels, "prompt": row["prompt"] or "", "index": self.rows[i]}
+        if self.column is not None:
+            mos = row[self.column]
+            item["mos"] = torch.tensor(np.nan if mos is None else mos, dtype=torch.float32)
+        if self.keep_errors:
+            item["error"] = error
+        return item
 
 
 @contextmanager

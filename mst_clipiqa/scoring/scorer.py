@@ -9,9 +9,9 @@ same tensor. On a GPU the encoders run under bf16 autocast by default; the templ
 
 `Scorer` is the in-memory API for small jobs: images in, scores out, decoding in a thread pool one batch ahead of
 the model. `score_files` is the command's engine for collections of any size: `Trainer.predict` of the trained
-module's predict step over a loader whose worker processes decode (`ImageRows`), on as many devices and nodes as
-given, with `PredictionWriter` streaming each rank's rows to disk and merging them in input order; a killed job
-resumes where its shards end.
+module over the data pieces training reads (the inputs as a table, `ImageRows` decoding in loader workers, or the
+feature cache's `TableFeatures`), on as many devices and nodes as given, with `PredictionWriter` streaming each
+rank's rows to disk and merging them in input order; a killed job resumes where its shards end.
 """
 
 from __future__ import annotations
@@ -27,20 +27,21 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator as CPU
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mst_clipiqa.data.cells import assemble
 from mst_clipiqa.data.checks import require_prompts
-from mst_clipiqa.data.features import ShardWriter, Shelf, compute_name, default_cache_dir, file_key, image_shelves
-from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
-from mst_clipiqa.data.samplers import EvalDistributedSampler
+from mst_clipiqa.data.datamodule import prepare_features, rows_loader
+from mst_clipiqa.data.features import FeatureRows, TableFeatures
+from mst_clipiqa.data.preprocess import ClipPreprocess, ImageRows, load_pixels
 from mst_clipiqa.data.schema import IMAGE_EXTENSIONS
 from mst_clipiqa.data.tables import Columns, load_table
 from mst_clipiqa.errors import BadImageError, BadRowError, WriteError
@@ -287,174 +288,75 @@ def collect_inputs(
     image_column: str = "image",
     prompt_column: str | None = None,
     image_root: str | Path | None = None,
-) -> tuple[list[str], list[Any], list[str | None]]:
-    """Expand the command's INPUTs into (names as written, image sources, prompts) of every image, in order.
+) -> datasets.Dataset:
+    """Expand the command's INPUTs into one table of every image, in order (`schema.FEATURES`: the name as written,
+    the image file, the prompt).
 
     A folder gives its images (by extension, recursively, sorted); a .txt file one path per line (blank lines and
     lines starting with # skipped); a table its `image_column` and, when `prompt_column` is given, its prompts.
     Relative paths in lists and tables are relative to `image_root`, by default the list's or table's folder.
     Anything else is an image path, checked when it is decoded. Only table rows carry prompts.
     """
-    names: list[str] = []
-    sources: list[Any] = []
-    prompts: list[str | None] = []
+    parts: list[datasets.Dataset] = []
     for given in inputs:
         path = Path(given)
         suffix = path.suffix.lower()
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            rows = [(str(p), str(p), None) for p in found]
-        elif suffix in TABLE_EXTENSIONS:
+        if suffix in TABLE_EXTENSIONS and not path.is_dir():
             columns = Columns(
                 image_column=image_column,
                 mos_columns={},
                 prompt_column=prompt_column,
                 image_root=str(image_root) if image_root is not None else None,
             )
-            table = load_table(path, columns)
-            rows = list(zip(table["name"][:], [image["path"] for image in table["image"][:]], table["prompt"][:]))
+            parts.append(load_table(path, columns))
+            continue
+        if path.is_dir():
+            names = [str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+            files = names
         elif suffix == LIST_EXTENSION:
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-            kept = [line for line in lines if line and not line.startswith("#")]
-            folder = Path(image_root) if image_root is not None else path.parent
-            rows = [(line, str(folder / line), None) for line in kept]
+            names = [line for line in lines if line and not line.startswith("#")]
+            files = [str((Path(image_root) if image_root is not None else path.parent) / name) for name in names]
         else:
-            rows = [(given, given, None)]
-        for name, source, prompt in rows:
-            names.append(name)
-            sources.append(source)
-            prompts.append(prompt)
-    return names, sources, prompts
-
-
-class ImageRows(Dataset):
-    """The images of some input rows, decoded and preprocessed where the loader's worker processes run.
-
-    Item i is ``(row, pixels or None, error or None, prompt)`` for input row ``rows[i]``: an image that cannot be
-    read becomes its error, so one bad file never stops a job. A row in `held` (its embeddings are in the feature
-    cache) is not decoded: its item has neither pixels nor error.
-    """
-
-    def __init__(
-        self,
-        rows: Sequence[int],
-        sources: Sequence[Any],
-        prompts: Sequence[str | None],
-        preprocess: ClipPreprocess,
-        draft: bool,
-        held: frozenset[int] = frozenset(),
-    ):
-        self.rows, self.sources, self.prompts = list(rows), sources, prompts
-        self.preprocess, self.draft, self.held = preprocess, draft, held
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None, str | None]:
-        row = self.rows[i]
-        if row in self.held:
-            return row, None, None, self.prompts[row]
-        pixels = pixels_or_error(self.sources[row], self.preprocess, self.draft)
-        if isinstance(pixels, BadImageError):
-            return row, None, str(pixels), self.prompts[row]
-        return row, pixels, None, self.prompts[row]
-
-
-def collate_rows(items: list[tuple[int, Tensor | None, str | None, str | None]]) -> dict[str, Any]:
-    """A batch of `ImageRows` items: every row's index and error, which rows were decoded and which are held in the
-    feature cache, the decoded rows' pixels, and the prompts of both (the good rows), in row order."""
-    decoded = [item for item in items if item[1] is not None]
-    return {
-        "index": torch.tensor([item[0] for item in items]),
-        "decoded": torch.tensor([item[1] is not None for item in items]),
-        "held": torch.tensor([item[1] is None and item[2] is None for item in items]),
-        "pixel_values": torch.stack([item[1] for item in decoded]) if decoded else None,
-        "prompt": [item[3] for item in items if item[2] is None],
-        "error": [item[2] for item in items],
-    }
-
-
-class CachedEmbeddings:
-    """The feature cache as a scoring job uses it: the two image embeddings of the input files it already holds,
-    read instead of decoding and encoding those files again, and the embeddings the job computes, stored for later
-    jobs and fits.
-
-    Files are keyed as the training data's (`mst_clipiqa.data.features.image_keys`: path, size and modification
-    time) in the namespaces of the model's towers, preprocessing, draft decoding and compute precision, so a file
-    encoded by a fit of this model on this kind of device is found here, and the other way round.
-
-    Args:
-        shelves: the towers' namespaces ("coarse", "fine"), from `image_shelves`.
-        sources: every input row's file.
-    """
-
-    def __init__(self, shelves: dict[str, Shelf], sources: Sequence[Any]):
-        self.shelves = shelves
-        self.keys = [file_key(Path(source)) if isinstance(source, (str, os.PathLike)) else None for source in sources]
-        self.held = frozenset(
-            row for row, key in enumerate(self.keys) if all(key in shelf.index for shelf in shelves.values())
-        )
-        self.writers = {stream: ShardWriter(shelf) for stream, shelf in shelves.items()}
-        self.read = 0
-        """Rows this process read from the cache."""
-
-    def get(self, rows: list[int]) -> tuple[Tensor, Tensor]:
-        """The (n, D) coarse and fine embeddings of held rows."""
-        self.read += len(rows)
-        return tuple(
-            torch.from_numpy(np.stack([self.shelves[stream].get(self.keys[row])[0] for row in rows]))
-            for stream in ("coarse", "fine")
-        )
-
-    def add(self, rows: list[int], coarse_embeds: Tensor, fine_embeds: Tensor) -> None:
-        """Store the embeddings a batch computed for these rows (those whose file has a key)."""
-        keep = [i for i, row in enumerate(rows) if self.keys[row] is not None]
-        if keep:
-            keys = [self.keys[rows[i]] for i in keep]
-            for stream, values in (("coarse", coarse_embeds), ("fine", fine_embeds)):
-                self.writers[stream].add(keys, [row[None] for row in values[keep].cpu().numpy()])
-
-    def close(self) -> None:
-        """Write what is left to store."""
-        for writer in self.writers.values():
-            writer.close()
+            names = files = [given]
+        parts.append(assemble("score", given, names, [{"path": file, "bytes": None} for file in files]))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
 class ScoreData(L.LightningDataModule):
     """The input rows of `score_files` for `Trainer.predict`, with what `PredictionWriter` writes of each row.
 
+    Rows are read as `predict` reads a data module's: pixels through `ImageRows`, or with the feature cache the
+    embeddings `TableFeatures` holds or encodes (`FeatureRows`). An image that cannot be read keeps its reason
+    (``error``) and gets no score, so one bad file never stops a job.
+
     Args:
-        names: each image as the user gave it (the file's image column).
-        sources: what to decode for each row (a path).
-        prompts: each row's prompt (the prompt head's), or None.
+        table: the input rows (`collect_inputs`).
         preprocess: CLIP preprocessing of the coarse encoder.
         draft: decode JPEGs in Pillow's draft mode (the model's `draft_decode`).
         needs_prompt: the model has the prompt head: the file gets a prompt column.
         batch_size: images per forward pass.
         num_workers: loader processes decoding images, per rank.
         resume_from: leave out the rows the shards of this file already hold (`done_rows`); None scores all.
-        cache: the feature cache's embeddings of the inputs; None decodes and encodes every image.
+        features: the feature cache's front end for the table; None decodes and encodes every image.
     """
 
     def __init__(
         self,
-        names: Sequence[str],
-        sources: Sequence[Any],
-        prompts: Sequence[str | None],
+        table: datasets.Dataset,
         preprocess: ClipPreprocess,
         draft: bool,
         needs_prompt: bool,
         batch_size: int,
         num_workers: int,
         resume_from: Path | None = None,
-        cache: CachedEmbeddings | None = None,
+        features: TableFeatures | None = None,
     ):
         super().__init__()
-        self.cache = cache
-        self.names, self.sources, self.prompts = names, sources, prompts
-        self.preprocess, self.draft, self.needs_prompt = preprocess, draft, needs_prompt
+        self.table, self.preprocess, self.draft, self.needs_prompt = table, preprocess, draft, needs_prompt
         self.batch_size, self.num_workers, self.resume_from = batch_size, num_workers, resume_from
-        self.todo = len(names)
+        self.features = features
+        self.todo = len(table)
         """Rows left to score, over all ranks: all of them unless resuming."""
 
     @property
@@ -462,90 +364,43 @@ class ScoreData(L.LightningDataModule):
         return "image", *(("prompt",) if self.needs_prompt else ()), "score", "error"
 
     def describe_rows(self, index: Sequence[int]) -> list[dict[str, Any]]:
-        return [{"image": self.names[row], "prompt": self.prompts[row]} for row in index]
+        rows = self.table.select_columns(["name", "prompt"])[list(index)]
+        return [{"image": name, "prompt": prompt} for name, prompt in zip(rows["name"], rows["prompt"])]
 
     def predict_dataloader(self) -> DataLoader:
         done = done_rows(self.resume_from) if self.resume_from is not None else set()
         # Every rank must read the same rows done before any rank starts writing more.
         self.trainer.strategy.barrier("scores-done-read")
-        rows = [row for row in range(len(self.names)) if row not in done]
+        rows = [row for row in range(len(self.table)) if row not in done]
         self.todo = len(rows)
-        held = self.cache.held if self.cache is not None else frozenset()
-        dataset = ImageRows(rows, self.sources, self.prompts, self.preprocess, self.draft, held)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EvalDistributedSampler(dataset),  # each row on one rank, none repeated
-            num_workers=self.num_workers,
-            collate_fn=collate_rows,
-            pin_memory=not isinstance(self.trainer.accelerator, CPU),
-        )
+        if self.features is not None:
+            bad = prepare_features(self.features, rows, self.trainer, progress=True)
+            dataset = FeatureRows(self.features, rows, None, errors=bad)
+        else:
+            dataset = ImageRows(self.table, rows, None, self.preprocess, self.draft, keep_errors=True)
+        return rows_loader(dataset, self.batch_size, self.trainer, self.num_workers)
 
 
-class ScoreStep(L.LightningModule):
-    """The trained module's predict step on the good rows of each `ScoreData` batch; the others keep their error.
-
-    With the feature cache (`cache`), the towers encode only the decoded rows, whose embeddings it stores, and the
-    held rows' embeddings come from it; the head scores both alike. Counts the rows it scored and failed, on this
-    rank.
-    """
-
-    def __init__(self, module: MSTCLIPIQAModule, cache: CachedEmbeddings | None = None):
-        super().__init__()
-        self.module, self.cache = module, cache
-        self.scored = self.failed = 0
-        self.first_error: str | None = None
-        """The first reason a row of this rank failed, to name when none could be scored."""
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        index, decoded, held = batch["index"], batch["decoded"], batch["held"]
-        good = decoded | held
-        scores: list[float | None] = [None] * len(index)
-        positions = good.nonzero().flatten().tolist()
-        if positions:
-            rows = {"index": index[good], "prompt": batch["prompt"]}
-            if self.cache is None:
-                rows["pixel_values"] = batch["pixel_values"]
-            else:
-                rows["coarse_embeds"], rows["fine_embeds"] = self._embeddings(batch, good)
-            for position, score in zip(positions, self.module.predict_step(rows, batch_idx)["score"].tolist()):
-                scores[position] = score
-        self.scored += len(positions)
-        self.failed += len(index) - len(positions)
-        if self.first_error is None:
-            self.first_error = next((error for error in batch["error"] if error is not None), None)
-        return {"index": index, "score": scores, "error": batch["error"]}
-
-    def _embeddings(self, batch: dict[str, Any], good: Tensor) -> tuple[Tensor, Tensor]:
-        """The (n, D) float32 coarse and fine embeddings of the good rows, in row order: the towers' for the decoded
-        rows (stored in the cache), the cache's for the held ones."""
-        index, decoded, held = batch["index"], batch["decoded"], batch["held"]
-        parts = []
-        if batch["pixel_values"] is not None:
-            encoded = tuple(e.float() for e in self.module.net.encoder(batch["pixel_values"]))
-            self.cache.add(index[decoded].tolist(), *encoded)
-            parts.append((decoded[good], encoded))
-        if held.any():
-            parts.append((held[good], tuple(e.to(self.device) for e in self.cache.get(index[held].tolist()))))
-        n, dim = int(good.sum()), parts[0][1][0].shape[1]
-        coarse_embeds, fine_embeds = (torch.empty(n, dim, device=self.device) for _ in range(2))
-        for where, (coarse, fine) in parts:
-            where = where.to(self.device)
-            coarse_embeds[where], fine_embeds[where] = coarse, fine
-        return coarse_embeds, fine_embeds
-
-
-class ImagesProgress(Callback):
-    """A progress bar in images (all ranks' together) with images/s and the time left, on rank 0."""
+class ScoreProgress(Callback):
+    """Counts the rows this rank scored and failed, and shows a progress bar in images (all ranks' together) with
+    images/s and the time left, on rank 0."""
 
     def __init__(self) -> None:
         self._bar: tqdm | None = None
+        self.scored = self.failed = 0
+        self.first_error: str | None = None
+        """The first reason a row of this rank failed, to name when none could be scored."""
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self._bar = tqdm(total=trainer.datamodule.todo, unit="img", dynamic_ncols=True)
 
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
+        errors = [error for error in outputs["error"] if error is not None]
+        self.failed += len(errors)
+        self.scored += len(outputs["error"]) - len(errors)
+        if self.first_error is None and errors:
+            self.first_error = errors[0]
         if self._bar is not None:
             # The other ranks run batches of the same size in step.
             self._bar.update(min(len(outputs["index"]) * trainer.world_size, self._bar.total - self._bar.n))
@@ -636,15 +491,16 @@ def score_files(
     out = checked_path(out)
     module = from_pretrained(model, revision=revision)
     needs_prompt = module.net.needs_prompt
-    names, sources, prompts = collect_inputs(inputs, image_column, prompt_column if needs_prompt else None, image_root)
-    if not names:
+    table = collect_inputs(inputs, image_column, prompt_column if needs_prompt else None, image_root)
+    if not len(table):
         raise FileNotFoundError(f"no images in {', '.join(map(str, inputs))}")
     if needs_prompt:
+        prompts = table["prompt"][:]
         require_prompts(prompts, ", ".join(map(str, inputs)))
-        checked_prompts(sources, prompts)
+        checked_prompts([image["path"] for image in table["image"][:]], prompts)
     if resume and out.is_file() and not parts_folder(out).exists():
         print(f"nothing to resume: {out} was completed, every image is in it", file=sys.stderr)
-        return {"scored": 0, "failed": 0, "cached": 0, "done_before": len(names), "images_per_s": 0.0}
+        return {"scored": 0, "failed": 0, "cached": 0, "done_before": len(table), "images_per_s": 0.0}
     options: dict[str, Any] = {
         "accelerator": accelerator,
         "strategy": "auto",
@@ -667,7 +523,7 @@ def score_files(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[writer, ImagesProgress()],
+        callbacks=[writer, progress := ScoreProgress()],
         default_root_dir=out.parent,
     )
     check_world_size(trainer.num_devices, trainer.num_nodes, None, prefix="--", job="a scoring job")
@@ -677,36 +533,38 @@ def score_files(
         # On a CPU the towers need every core: a second decoding process takes cores from them and slows scoring
         # more than it speeds decoding (docs/PERFORMANCE.md).
         num_workers = 1 if on_cpu else min(8, max(1, (os.cpu_count() or 1) // trainer.num_devices))
+    batch_size = batch_size or (CPU_BATCH if on_cpu else GPU_BATCH)
     preprocess = ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision)
     cache = None
     if features:
-        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        compute = compute_name(trainer.strategy.root_device, options["precision"])
-        cache = CachedEmbeddings(image_shelves(root, module.net, preprocess, config.draft_decode, compute), sources)
+        cache = TableFeatures(
+            table,
+            preprocess,
+            draft_decode=config.draft_decode,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=options["precision"],
+        )
     data = ScoreData(
-        names,
-        sources,
-        prompts,
+        table,
         preprocess,
         config.draft_decode,
         needs_prompt,
-        batch_size or (CPU_BATCH if on_cpu else GPU_BATCH),
+        batch_size,
         num_workers,
         resume_from=out if resume else None,
-        cache=cache,
+        features=cache,
     )
     if compile:
         module.net.encoder.compile_towers()
-    step = ScoreStep(module, cache)
     threads = cpu_threads(trainer.num_devices) if on_cpu else None
     kept = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     started = time.perf_counter()
     try:
-        trainer.predict(step, datamodule=data, return_predictions=False)
-        if cache is not None:
-            cache.close()
+        trainer.predict(module, datamodule=data, return_predictions=False)
         writer.finish(trainer)  # a rank left without rows skipped the loop; the others wait for it here
     except WriteError as err:
         if err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
@@ -715,27 +573,26 @@ def score_files(
     finally:
         restore_threads(kept if threads is not None else None)
     seconds = time.perf_counter() - started
-    read = cache.read if cache is not None else 0
     counts = trainer.strategy.reduce(
-        torch.tensor([step.scored, step.failed, read], dtype=torch.float64), reduce_op="sum"
+        torch.tensor([progress.scored, progress.failed], dtype=torch.float64), reduce_op="sum"
     )
-    scored, failed, cached = (int(count) for count in counts.tolist())
+    scored, failed = (int(count) for count in counts.tolist())
+    cached = cache.stats.images_cached if cache is not None else 0  # the same on every rank
     report = {
         "scored": scored,
         "failed": failed,
         "cached": cached,
-        "done_before": len(names) - data.todo,
+        "done_before": len(table) - data.todo,
         "images_per_s": (scored + failed) / seconds,
     }
     if scored == 0 and failed > 0 and report["done_before"] == 0:
-        first = f" The first: {step.first_error}" if step.first_error else ""
+        first = f" The first: {progress.first_error}" if progress.first_error else ""
         raise BadImageError(f"no image could be scored: all {failed} failed; {out} names each reason.{first}")
     if trainer.is_global_zero:
         resumed = f" ({report['done_before']} done before)" if resume else ""
         print(
             f"scored {scored}{f' ({cached} from the feature cache)' if features else ''}, failed {failed}{resumed}, "
-            f"{report['images_per_s']:.1f} images/s: {out}"
-            + ("; see the error column" if failed else ""),
+            f"{report['images_per_s']:.1f} images/s: {out}" + ("; see the error column" if failed else ""),
             file=sys.stderr,
         )
     return report

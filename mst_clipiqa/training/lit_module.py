@@ -236,8 +236,15 @@ class MSTCLIPIQAModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
-        return self._per_sample(batch, self(batch))
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Row index, score and coarse share of each sample; a batch whose rows carry an ``error`` (an image that
+        could not be read, kept by `score`) gets no score for those rows and their reason as ``error``."""
+        rows: dict[str, Any] = self._per_sample(batch, self(batch))
+        if "error" in batch:
+            errors = [error or None for error in batch["error"]]
+            rows["score"] = [None if error else score for score, error in zip(rows["score"].tolist(), errors)]
+            rows["error"] = errors
+        return rows
 
     # ---- optimisation ------------------------------------------------------------------------------------------
 

@@ -84,7 +84,7 @@ def test_a_cold_fit_decodes_each_image_once_and_a_warm_one_none(root, tmp_path, 
 
 
 def test_without_features_the_setup_check_decodes_every_image(root, tiny_clip, decoded):
-    data = IQADataModule(source="agiqa-3k", root=str(root), preprocess_from=tiny_clip[0], features=False)
+    data = IQADataModule(source="agiqa-3k", root=str(root), features=False).follow(ModelConfig(tiny_clip[0]))
     data.setup("fit")
     assert data.images_checked == len(data.load_table()) == len(decoded)
 

@@ -31,8 +31,8 @@ def train_srcc(trainer: L.Trainer, module: MSTCLIPIQAModule, data: IQADataModule
 
 
 def test_training_learns_on_the_demo_training_set(tiny_clip, demo_data, tmp_path):
-    data = IQADataModule(source="agiqa-3k", root=demo_data, batch_size=16, num_workers=0,
-                         preprocess_from=tiny_clip[0], predict_split="train")
+    data = IQADataModule(source="agiqa-3k", root=demo_data, batch_size=16, num_workers=0, predict_split="train")
+    data.follow(ModelConfig(tiny_clip[0]))
     net = ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], tau_init=3.0)
     L.seed_everything(0)
     module = MSTCLIPIQAModule(net=net, optim=OptimConfig(lr=3e-3))

@@ -233,8 +233,6 @@ def test_the_feature_path_gives_the_pixel_paths_validation_metrics(demo_data, ti
         return IQADataModule(
             source="agiqa-3k",
             root=demo_data,
-            preprocess_from=tiny_clip[0],
-            need_prompt=variant == "prompt",
             eval_batch_size=16,
             num_workers=0,
             features=features,
@@ -255,7 +253,7 @@ def test_the_feature_path_gives_the_pixel_paths_validation_metrics(demo_data, ti
 
 
 def test_features_need_the_trainers_model_but_pixels_do_not(demo_data, tiny_clip):
-    data = IQADataModule(source="agiqa-3k", root=demo_data, preprocess_from=tiny_clip[0], num_workers=0)
+    data = IQADataModule(source="agiqa-3k", root=demo_data, num_workers=0).follow(ModelConfig(tiny_clip[0]))
     data.setup("fit")
     with pytest.raises(RuntimeError, match="features=False"):
         data.val_dataloader()

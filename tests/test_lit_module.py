@@ -188,8 +188,8 @@ def test_init_from_takes_the_saved_network_where_the_config_keeps_the_defaults(t
 
 def test_the_data_scale_is_the_mos_range_option_else_the_training_split(tiny_clip, demo_data):
     def data(**options) -> IQADataModule:
-        return IQADataModule(source="agiqa-3k", root=demo_data, preprocess_from=tiny_clip[0], features=False,
-                             num_workers=0, **options)  # fmt: skip
+        data = IQADataModule(source="agiqa-3k", root=demo_data, features=False, num_workers=0, **options)
+        return data.follow(ModelConfig(tiny_clip[0]))
 
     unset = data()
     low, high = unset.mos_range

@@ -77,9 +77,9 @@ def test_mixed_precision_trains_and_the_metrics_get_float32(tiny_clip, tmp_path,
 
 def test_bf16_mixed_fit_and_test_on_the_demo_data(tiny_clip, demo_data, tmp_path):
     data = IQADataModule(
-        source="agiqa-3k", root=demo_data, protocol="random", need_prompt=True, preprocess_from=tiny_clip[0],
+        source="agiqa-3k", root=demo_data, protocol="random",
         cache_dir=str(Path(demo_data).parent / "feature-cache"), batch_size=16, num_workers=0,
-    )  # fmt: skip
+    ).follow(ModelConfig(tiny_clip[0], variant="prompt"))  # fmt: skip
     net = ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], variant="prompt")
     module = MSTCLIPIQAModule(net=net, optim=OptimConfig(lr=3e-3))
     trainer = L.Trainer(

@@ -183,7 +183,7 @@ def test_a_table_with_file_prompt_and_score_trains_with_the_documented_command(
     trainer, data = cli.trainer, cli.datamodule
     assert trainer.global_step > 0 and math.isfinite(trainer.callback_metrics["train/loss"])
     assert Path(trainer.checkpoint_callback.last_model_path).is_file()
-    assert cli.model.net_config.variant == "template" and not data.hparams.need_prompt
+    assert cli.model.net_config.variant == "template" and not data.model_settings.need_prompt
     scores = [float(row["score"]) for row in read_csv(inhouse_table)]
     train_scores = [scores[row] for row in data.split.train]  # no data.mos_range: the training split's min and max
     assert cli.model.net.mos_range.tolist() == [min(train_scores), max(train_scores)]
@@ -209,7 +209,7 @@ def test_fine_tuning_on_another_scale_takes_the_saved_network_and_predicts_on_th
     module, data = cli.model, cli.datamodule
     # The saved encoders, head and its settings: the config's hub ids are at their defaults, so they give way.
     assert module.net_config == saved.net and module.hparams["net"]["coarse_encoder"] == saved.net.coarse_encoder
-    assert data.hparams.preprocess_from == saved.net.coarse_encoder and not data.hparams.need_prompt
+    assert data.model_settings.preprocess_from == saved.net.coarse_encoder and not data.model_settings.need_prompt
     assert module.net.mos_range.tolist() == [0.0, 10.0]
 
     checkpoint = cli.trainer.checkpoint_callback.last_model_path
@@ -231,7 +231,7 @@ def test_a_saved_prompt_head_brings_its_variant_to_the_data(inhouse_table, tiny_
     with pytest.raises(BadRowError, match="none of its .* images has a prompt.*--data.source_options.prompt_column"):
         in_process("fit", args)
     cli = in_process("fit", [*args, "--data.source_options.prompt_column", "prompt"])
-    assert cli.model.net_config.variant == "prompt" and cli.datamodule.hparams.need_prompt
+    assert cli.model.net_config.variant == "prompt" and cli.datamodule.model_settings.need_prompt
     assert cli.trainer.global_step > 0
 
 
@@ -239,7 +239,8 @@ def test_a_data_module_without_a_trainer_follows_the_model_it_is_given(tiny_clip
     data = IQADataModule(source="agiqa-3k", root=demo_data, features=False, num_workers=0, batch_size=4)
     net = ModelConfig(coarse_encoder=tiny_clip[0], fine_encoder=tiny_clip[1], variant="prompt", draft_decode=True)
     data.follow(MSTCLIPIQAModule(net=net))
-    assert (data.hparams.need_prompt, data.hparams.preprocess_from, data.hparams.draft_decode) == (
+    settings = data.model_settings
+    assert (settings.need_prompt, settings.preprocess_from, settings.draft_decode) == (
         True, tiny_clip[0], True)  # fmt: skip
     data.setup("fit")  # the default preprocess_from, a hub id, would not load offline
     assert data.preprocess == ClipPreprocess.from_pretrained(tiny_clip[0])

@@ -289,7 +289,7 @@ def test_exported_model_scores_offline_anywhere_without_its_original_encoders(
         os.chmod(Path(path) / "model.safetensors", 0o600)
     module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=clip[0], fine_encoder=clip[1], tau_init=3.0),
                               optim=OptimConfig(lr=3e-3))
-    data = IQADataModule(source="agiqa-3k", root=demo_data, batch_size=16, num_workers=0, preprocess_from=clip[0])
+    data = IQADataModule(source="agiqa-3k", root=demo_data, batch_size=16, num_workers=0).follow(ModelConfig(clip[0]))
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path / "run"), enable_progress_bar=False,
                         callbacks=[ModelCheckpoint(monitor="val/srcc", mode="max", save_last=True)],
                         enable_model_summary=False, default_root_dir=tmp_path / "run")
@@ -444,8 +444,8 @@ def test_fine_tuning_starts_from_the_saved_weights_and_mos_range(tiny_clip, demo
     assert module.net.mos_range.tolist() == [1.0, 4.0]
     assert "init_from" not in module.hparams  # a fine-tuned checkpoint reloads without the original model
 
-    data = IQADataModule(source="agiqa-3k", root=demo_data, batch_size=16, num_workers=0,
-                         preprocess_from=tiny_clip[0], features=False)
+    data = IQADataModule(source="agiqa-3k", root=demo_data, batch_size=16, num_workers=0, features=False)
+    data.follow(ModelConfig(tiny_clip[0]))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         limit_val_batches=0)

@@ -147,7 +147,8 @@ def test_an_evaluation_split_under_two_rows_is_refused_at_setup(demo_data, tiny_
     rows = range(len(table))
     splits_file = tmp_path / "splits.json"
     save_splits([Split("one-val-row", tuple(rows[:-6]), (rows[-6],), tuple(rows[-5:]))], splits_file, table)
-    data = IQADataModule(source="agiqa-3k", root=demo_data, splits_file=str(splits_file), preprocess_from=tiny_clip[0])
+    data = IQADataModule(source="agiqa-3k", root=demo_data, splits_file=str(splits_file))
+    data.follow(ModelConfig(tiny_clip[0]))
     with pytest.raises(ValueError, match="the val part of split one-val-row has fewer than 2 rows"):
         data.setup("fit")
 

@@ -24,13 +24,6 @@ from mst_clipiqa.training.checkpoints import ResumingModelCheckpoint, continue_r
 from mst_clipiqa.training.launch import check_world_size, take_launcher_options
 from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, settings_from
 
-LINKS = {
-    "data.need_prompt": ("model.net.variant", lambda variant: variant == "prompt"),
-    "data.preprocess_from": ("model.net.coarse_encoder", None),
-    "data.draft_decode": ("model.net.draft_decode", None),
-}
-"""Data options that follow the network's: target → (source, how it follows, None for the same value)."""
-
 TRAINER_DEFAULTS = {"devices": 1, "enable_model_summary": False}
 """Trainer options whose default here is not Lightning's: one device unless asked (every config says so too; a
 launcher's LT_DEVICES fills it in); no model summary table (the module prints its trainable and frozen counts)."""
@@ -64,7 +57,8 @@ class ArgumentParser(SuggestingErrors, LightningArgumentParser):
 
 
 class MSTCLIPIQACLI(LightningCLI):
-    """LightningCLI with the model's choices passed on to the data, and checkpoints ranked by validation SRCC.
+    """LightningCLI with checkpoints ranked by validation SRCC (the data takes what it owes the model from the
+    trainer's model: `IQADataModule.follow`).
 
     A parse error raises `argparse.ArgumentError` (`mst_clipiqa.cli.commands.main` reports it in one message) instead of
     printing the usage and exiting.
@@ -88,8 +82,6 @@ class MSTCLIPIQACLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        for target, (source, compute) in LINKS.items():
-            parser.link_arguments(source, target, compute_fn=compute)
         parser.add_lightning_class_args(ResumingModelCheckpoint, "checkpoint")
         # Idle unless the run logs to W&B (see experiments/wandb.yaml).
         parser.add_lightning_class_args(WandbEvaluationLogger, "wandb_eval")
@@ -134,8 +126,6 @@ class MSTCLIPIQACLI(LightningCLI):
             resolved = settings_from(SavedModel.read(init_from).net, ModelConfig(**net.as_dict()), init_from)
             for key, value in asdict(resolved).items():
                 net[key] = value
-            for target, (source, compute) in LINKS.items():  # as the parser links them
-                config[target] = compute(config[source]) if compute else config[source]
 
     def after_instantiate_classes(self) -> None:
         """Under any launcher, stop before touching data unless the Trainer's devices and nodes are its processes;

@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,22 @@ def _columns(options: Columns | Mapping[str, Any] | None) -> Columns | None:
     if "mos_columns" not in options or any(key not in keys for key in options):
         raise OptionError(f"data.source_options {dict(options)}: expected mos_columns and any of {', '.join(keys[1:])}")
     return Columns(**options)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What the data owes the model: set by `IQADataModule.follow`, never given apart from the model."""
+
+    need_prompt: bool
+    """Every row must have a prompt: the prompt head (variant B)."""
+    preprocess_from: str
+    """The CLIP checkpoint whose preprocessing both towers read: the coarse encoder."""
+    draft_decode: bool
+    """Faster, reduced-size JPEG decoding (Pillow draft mode), as the model scores."""
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> ModelSettings:
+        return cls(config.variant == "prompt", config.coarse_encoder, config.draft_decode)
 
 
 def _network_config(model: Any) -> ModelConfig | None:
@@ -113,17 +129,11 @@ class IQADataModule(L.LightningDataModule):
         seed: seed of the splits.
         splits_file: read the splits from this file (a run's splits.json, or one of experiments/splits/) instead of
             making them.
-        need_prompt: every row must have a prompt (the model's variant: under a Trainer taken from its model, else
-            from `follow`).
-        preprocess_from: CLIP checkpoint whose preprocessing is used (the model's coarse encoder: under a Trainer
-            taken from its model, else from `follow`).
         on_bad: what to do with bad rows or images found at setup: 'error' stops with one message naming them all,
             'drop' removes them; either way every one is listed in dropped_rows.csv in the run folder.
         check_images: check every image at setup, so a broken file fails now and not hours into training. With
             `features` (under a Trainer) the encoding pass is the check: it decodes the images the cache lacks, once,
             and an image the cache holds, encoded from the same file, is not decoded again.
-        draft_decode: faster, reduced-size JPEG decoding (Pillow draft mode); the model's setting (under a Trainer
-            taken from its model, else from `follow`), so training and scoring decode alike.
         batch_size: training batch size (per device).
         eval_batch_size: validation, test and predict batch size (per device).
         num_workers: data loader workers; None picks from the CPU count. With `features`, they decode the images
@@ -156,11 +166,8 @@ class IQADataModule(L.LightningDataModule):
         folds: int = 5,
         seed: int = 0,
         splits_file: str | None = None,
-        need_prompt: bool = False,
-        preprocess_from: str = "openai/clip-vit-base-patch32",
         on_bad: Literal["error", "drop"] = "error",
         check_images: bool = True,
-        draft_decode: bool = False,
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int | None = None,
@@ -186,6 +193,8 @@ class IQADataModule(L.LightningDataModule):
         self.features: TableFeatures | None = None
         self.images_checked = 0
         """Images the setup check decoded itself, outside the feature cache's encoding pass."""
+        self.model_settings = ModelSettings.of(ModelConfig())
+        """What the data owes the model (`follow`); a default model's until then."""
         self._cross: IQADataModule | None = None
         self.dropped_rows_name = "dropped_rows.csv"
         """The file in the run folder that lists the rows the setup check dropped or refused."""
@@ -214,7 +223,7 @@ class IQADataModule(L.LightningDataModule):
             self.table = check_dataset(
                 table,
                 target=hp.target,
-                need_prompt=hp.need_prompt,
+                need_prompt=self.model_settings.need_prompt,
                 check_images=self._image_problems if hp.check_images else False,
                 on_bad=hp.on_bad,
                 report_path=report,
@@ -262,7 +271,7 @@ class IQADataModule(L.LightningDataModule):
             return
         self._follow_model()
         hp = self.hparams
-        self.preprocess = ClipPreprocess.from_pretrained(hp.preprocess_from)
+        self.preprocess = ClipPreprocess.from_pretrained(self.model_settings.preprocess_from)
         splits = self.all_splits()
         self.split = self.split_at(hp.split_index, stage, splits)
         # Read on every rank: Trainer.log_dir is a broadcast, which rank 0 alone would wait on forever under DDP.
@@ -288,34 +297,31 @@ class IQADataModule(L.LightningDataModule):
 
     def _follow_model(self) -> None:
         """Under a Trainer, `follow` its model, whose network may come from a saved one (`MSTCLIPIQAModule`'s
-        ``init_from``) rather than from the options linked to these."""
+        ``init_from``)."""
         model = self.trainer.lightning_module if self.trainer is not None else None
         if _network_config(model) is not None:
             self.follow(model)
 
-    def follow(self, model: Any) -> None:
-        """Take the settings the data owes the model from it: whether every row needs a prompt (the prompt head),
-        whose preprocessing to use (its coarse encoder) and draft decoding, so training and scoring see the same
-        pixels. `setup` does this with the trainer's model; call it before `setup` when the data module is used
-        without a Trainer. A setting given otherwise is replaced, and the log says which.
+    def follow(self, model: Any) -> IQADataModule:
+        """Take the settings the data owes the model from it (`ModelSettings`): whether every row needs a prompt,
+        whose preprocessing to use and draft decoding, so training and scoring see the same pixels. `setup` does
+        this with the trainer's model, the one way these settings reach the data; call it before `setup` when the
+        data module is used without a Trainer (until then it follows a default `ModelConfig`).
 
         Args:
             model: an `MSTCLIPIQAModule`, an `MSTCLIPIQA` or a `ModelConfig`.
+
+        Returns:
+            This data module.
         """
         config = _network_config(model)
         if config is None:
             raise TypeError(f"follow takes an MSTCLIPIQAModule, an MSTCLIPIQA or a ModelConfig, not {type(model)}")
-        wanted = {
-            "need_prompt": config.variant == "prompt",
-            "preprocess_from": config.coarse_encoder,
-            "draft_decode": config.draft_decode,
-        }
-        changed = {name: value for name, value in wanted.items() if self.hparams[name] != value}
-        if changed and self.split is not None:
+        wanted = ModelSettings.of(config)
+        if wanted != self.model_settings and self.split is not None:
             raise RuntimeError("follow the model before setup: the data is already prepared with other settings")
-        if changed:
-            log.info("data settings taken from the model: %s", ", ".join(f"{k}={v!r}" for k, v in changed.items()))
-        self.hparams.update(wanted)
+        self.model_settings = wanted
+        return self
 
     @rank_zero_only
     def _write_splits(self, splits: list[Split], run_dir: Path | None) -> None:
@@ -350,7 +356,7 @@ class IQADataModule(L.LightningDataModule):
         if self.hparams.features:
             return self.feature_rows(rows)
         column = target_column(self.hparams.target)
-        return ImageRows(self.load_table(), rows, column, self.preprocess, self.hparams.draft_decode)
+        return ImageRows(self.load_table(), rows, column, self.preprocess, self.model_settings.draft_decode)
 
     def feature_rows(self, rows: list[int]) -> FeatureRows:
         """Cached features of `rows`, after encoding what the cache lacks with the trainer's frozen towers.
@@ -384,7 +390,7 @@ class IQADataModule(L.LightningDataModule):
         return TableFeatures(
             table,
             self.preprocess,
-            draft_decode=hp.draft_decode,
+            draft_decode=self.model_settings.draft_decode,
             cache_dir=hp.cache_dir,
             content_hash=hp.content_hash,
             batch_size=hp.eval_batch_size,
@@ -442,7 +448,7 @@ class IQADataModule(L.LightningDataModule):
             cross = IQADataModule(**{**settings, "test_source": None, "test_root": None})
             cross.trainer = self.trainer
             cross.dropped_rows_name = f"dropped_rows_{hp.test_source}.csv"
-            cross.preprocess = self.preprocess
+            cross.preprocess, cross.model_settings = self.preprocess, self.model_settings
             column = target_column(hp.target)
             labelled = [row for row, mos in enumerate(cross.load_table()[column][:]) if mos is not None]
             if not labelled:

@@ -165,6 +165,25 @@ def test_compute_reset_and_what_stays_out_of_the_state(models):
     assert metric._reductions["scores"] is dim_zero_cat and metric.higher_is_better and not metric.full_state_update
 
 
+def test_a_module_holding_the_metric_neither_saves_counts_nor_trains_the_towers_but_moves_them(models):
+    """As a LightningModule holds it: the towers stay out of its state_dict (a strict load still takes it), its
+    parameters, buffers and modules, and its train(); its .to() moves them."""
+    owner = torch.nn.Module()
+    owner.head = torch.nn.Linear(2, 1)
+    owner.quality = MSTCLIPIQAScore(models["template"])
+    model = owner.quality.model
+    assert set(owner.state_dict()) == {"head.weight", "head.bias"}
+    assert owner.load_state_dict(owner.state_dict()) is not None  # strict: no missing key for the towers
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*quality\.model\."):  # nor are towers loaded
+        owner.load_state_dict({**owner.state_dict(), **model.state_dict(prefix="quality.model.")})
+    assert len(list(owner.parameters())) == 2 and list(owner.buffers()) == []
+    assert not any(module is model for module in owner.modules())
+    owner.train()
+    assert owner.quality.training and not model.training
+    owner.to(torch.float64)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+
+
 def test_bad_input_gets_one_clear_error(models, tiny_clip):
     template = MSTCLIPIQAScore(models["template"])
     images = as_tensor(drawn_images(64, 64, 2, 0))

@@ -1,10 +1,12 @@
-"""The parser internals the command line reads, each behind one function: argparse and jsonargparse offer no public
-way to list a parser's options, an option's type hint or its subcommands' parsers. tests/test_cli_internals.py fails
-loudly where a release changes them."""
+"""What the command line reads of argparse and jsonargparse that they do not offer publicly, each behind one function:
+a parser's options, an option's type hint, and what a parse error is about (the libraries raise it with a message and
+nothing else). tests/test_cli_internals.py fails loudly, by name, where a release changes them."""
 
 from __future__ import annotations
 
+import re
 from argparse import Action, ArgumentParser
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -18,7 +20,40 @@ def type_hint(action: Action) -> Any:
     return getattr(action, "_typehint", None)
 
 
-def subcommand_parsers(parser: ArgumentParser) -> dict[str, ArgumentParser]:
-    """The parser of each subcommand of `parser`, by name; empty where it has none."""
-    action = getattr(parser, "_subcommands_action", None)
-    return dict(action.choices) if action is not None else {}
+@dataclass(frozen=True)
+class ParseFailure:
+    """What a parse error says went wrong; empty where it says none of these."""
+
+    missing: tuple[str, ...] = ()
+    """The required arguments not given, by name ("out", "model"): argparse's and jsonargparse's check."""
+    unrecognized: tuple[str, ...] = ()
+    """The command-line arguments no option took, as given ("--epohcs", "2", "--x=1")."""
+    unknown_key: str = ""
+    """A key no option has, from a config file or --key=value ("model.net.fusion_width")."""
+    unreadable_config: bool = False
+    """A config file is not valid YAML (or JSON)."""
+    key: str = ""
+    """The option whose value was refused ("data.protocol")."""
+    value: str | None = None
+    """That value, where the message ends with it."""
+    detail: str = ""
+    """What the message says about that value, after naming its key."""
+
+
+_UNKNOWN_KEY = r"(?:Group '([^']+)' does not accept|Subcommand '[^']+' does not accept|Option) (?:option )?'([^']+)'"
+
+
+def parse_failure(message: str) -> ParseFailure:
+    """What the message of a jsonargparse (or argparse) parse error is about, read from its wording."""
+    if match := re.match(r"the following arguments are required: (.*)", message):
+        return ParseFailure(missing=tuple(match[1].split(", ")))
+    if match := re.match(r"unrecognized arguments: (.*)", message):
+        return ParseFailure(unrecognized=tuple(match[1].split()))
+    if match := re.search(_UNKNOWN_KEY, message):
+        return ParseFailure(unknown_key=".".join(filter(None, match.groups())))
+    if message.startswith("Problems parsing config"):
+        return ParseFailure(unreadable_config=True)
+    if key := re.match(r'Parser key "([^"]+)"(?: element \d+)?:\s*', message):
+        given = re.search(r"(?:Got|Given) value: (.*)$", message)
+        return ParseFailure(key=key[1], value=given[1] if given else None, detail=message[key.end() :])
+    return ParseFailure()

@@ -7,13 +7,14 @@ Trainer's of `mst_clipiqa.cli.trainer`. Neither torch nor Lightning is imported 
 from __future__ import annotations
 
 import difflib
-import re
+import sys
 import typing
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
-from mst_clipiqa.cli.internals import option_actions, subcommand_parsers, type_hint
+from mst_clipiqa.cli.internals import option_actions, parse_failure, type_hint
 from mst_clipiqa.errors import OptionError
 
 if TYPE_CHECKING:
@@ -37,17 +38,34 @@ class SuggestingErrors:
     a "did you mean" in the error message. A shortened option is such a misspelling too (``allow_abbrev=False``):
     argparse would otherwise take ``--trainer.max_epoch`` for ``--trainer.max_epochs`` without a word."""
 
+    last_argv: Sequence[str] = ()
+    """The arguments this parser parsed last."""
+    last_subcommand_parser: SuggestingErrors | None = None
+    """The parser of the subcommand whose arguments were parsed within that parse, if any: an error this parser
+    reports after it is about that parser's options (jsonargparse checks a subcommand's config keys in the parent)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)  # subcommand parsers inherit it (jsonargparse)
         super().__init__(*args, **kwargs)
 
+    def parse_args(self, args: Sequence[str] | None = None, *more: Any, **kwargs: Any) -> Any:
+        self.last_argv = list(sys.argv[1:] if args is None else args)
+        self.last_subcommand_parser = None
+        parent = _PARSING.get()
+        if parent is not None:  # jsonargparse parses a subcommand's arguments with its parser, inside the parent's
+            parent.last_subcommand_parser = self
+        token = _PARSING.set(self)
+        try:
+            return super().parse_args(args, *more, **kwargs)
+        finally:
+            _PARSING.reset(token)
+
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        parser = getattr(ex, "subcommand_parser", None) or _chosen_subcommand(self) or self
-        super().error(explain(message, parser, getattr(self, "args", ())), ex)
+        super().error(explain(message, self.last_subcommand_parser or self, self.last_argv), ex)
 
 
-UNKNOWN_KEY = r"(?:Group '([^']+)' does not accept|Subcommand '[^']+' does not accept|Option) (?:option )?'([^']+)'"
-"""jsonargparse's words for a key it does not know (from a config file, or given as --key=value)."""
+_PARSING: ContextVar[SuggestingErrors | None] = ContextVar("parsing", default=None)
+"""The `SuggestingErrors` parser whose parse_args is running (in this thread)."""
 
 
 def explain(message: str, parser: ArgumentParser, argv: Sequence[str] = ()) -> str:
@@ -55,25 +73,23 @@ def explain(message: str, parser: ArgumentParser, argv: Sequence[str] = ()) -> s
     meant: the option or key closest to a misspelled one, or the allowed value closest to the one given."""
     if "did you mean" in message:  # explained already, by the parser of a nested parse
         return message
+    failure = parse_failure(message)
     options = option_actions(parser)
-    if match := re.match(r"the following arguments are required: (.*)", message):
-        return "missing " + ", ".join(f"--{name}" if f"--{name}" in options else name for name in match[1].split(", "))
-    if match := re.match(r"unrecognized arguments: (.*)", message):
-        given = [arg.split("=", 1)[0] for arg in match[1].split() if arg.startswith("--")]
+    if failure.missing:
+        return "missing " + ", ".join(f"--{name}" if f"--{name}" in options else name for name in failure.missing)
+    if failure.unrecognized:
+        given = [arg.split("=", 1)[0] for arg in failure.unrecognized if arg.startswith("--")]
         return message + did_you_mean(given, [option for option in options if option.startswith("--")])
-    if match := re.search(UNKNOWN_KEY, message):
-        key = ".".join(filter(None, match.groups()))
-        return message + did_you_mean([key], [option.removeprefix("--") for option in options])
-    if message.startswith("Problems parsing config"):
+    if failure.unknown_key:
+        return message + did_you_mean([failure.unknown_key], [option.removeprefix("--") for option in options])
+    if failure.unreadable_config:
         return next(filter(None, map(_yaml_error, config_paths(argv))), message)
-    key = re.match(r'Parser key "([^"]+)"(?: element \d+)?:\s*', message)
-    given = re.search(r"(?:Got|Given) value: (.*)$", message)
-    if key and given:
-        choices = [str(choice) for choice in _choices(options.get(f"--{key[1]}"))]
+    if failure.key and failure.value is not None:
+        choices = [str(choice) for choice in _choices(options.get(f"--{failure.key}"))]
         if choices:
-            value = given[1].strip()
-            return f"--{key[1]}: {value!r} is not one of {', '.join(choices)}" + did_you_mean([value], choices)
-    return f"--{key[1]}: {message[key.end() :]}" if key else message
+            value = failure.value.strip()
+            return f"--{failure.key}: {value!r} is not one of {', '.join(choices)}" + did_you_mean([value], choices)
+    return f"--{failure.key}: {failure.detail}" if failure.key else message
 
 
 def did_you_mean(given: Sequence[str], known: Sequence[str]) -> str:
@@ -100,13 +116,6 @@ def _literal_values(hint: Any) -> Iterator[Any]:
     else:
         for argument in typing.get_args(hint):
             yield from _literal_values(argument)
-
-
-def _chosen_subcommand(parser: ArgumentParser) -> ArgumentParser | None:
-    """The parser of the subcommand named on the command line, where `parser` has subcommands."""
-    subcommands = subcommand_parsers(parser)
-    chosen = next((arg for arg in getattr(parser, "args", []) if arg in subcommands), None)
-    return subcommands.get(chosen)
 
 
 def config_paths(argv: Sequence[str]) -> list[Path]:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities.data import dim_zero_cat
 
@@ -114,9 +114,12 @@ class MSTCLIPIQAScore(Metric):
             )
         if not model.net.has_mos_range:
             raise BadModelError("the model has no MOS range to score on: train it first or load a trained model")
-        # Set around nn.Module's registration: a submodule would put the towers into the metric's (and its owner's)
-        # state_dict and parameters, and follow its train(); `_apply` still moves it with the metric.
-        object.__setattr__(self, "model", freeze(model))
+        # A submodule, so that every move of the metric (its own .to(), or its owner's) moves the towers too; but
+        # the metric's judge, not part of it: `named_modules`, `train` and the two hooks keep the towers out of the
+        # metric's (and its owner's) parameters, train() and state_dict.
+        self.model = freeze(model)
+        self.register_state_dict_post_hook(_leave_out_model)
+        self.register_load_state_dict_pre_hook(_keep_model)
         config = model.net_config
         self.preprocess = ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision)
         self.add_state("scores", [], dist_reduce_fx="cat")
@@ -172,9 +175,29 @@ class MSTCLIPIQAScore(Metric):
         scores = dim_zero_cat(self.scores) if len(self.scores) else torch.empty(0, device=self.device)
         return {"mean": scores.mean(), "scores": scores}
 
-    def _apply(self, fn: Any, exclude_state: Sequence[str] = "") -> MSTCLIPIQAScore:
-        self.model._apply(fn)  # not a registered submodule (see __init__), so moved here
-        return super()._apply(fn, exclude_state)
+    def named_modules(
+        self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Module]]:
+        """nn.Module's, less the frozen model and its modules: its parameters and buffers are not the metric's (nor
+        its owner's, whose own `named_modules` comes through here)."""
+        memo = set() if memo is None else memo
+        if remove_duplicate:
+            if self in memo:
+                return
+            memo.add(self)
+        yield prefix, self
+        for name, child in self.named_children():
+            if child is not self.model:
+                yield from child.named_modules(memo, f"{prefix}.{name}" if prefix else name, remove_duplicate)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"  # without the towers' modules, as they are not the metric's
+
+    def train(self, mode: bool = True) -> MSTCLIPIQAScore:
+        """The metric's mode; the model stays in eval mode (no dropout: it judges, it does not train)."""
+        super().train(mode)
+        self.model.eval()
+        return self
 
     def _checked_prompts(self, count: int, prompts: Sequence[str] | None) -> list[str] | None:
         if not self.needs_prompt:
@@ -196,6 +219,30 @@ class MSTCLIPIQAScore(Metric):
                     "prompt of every image"
                 )
         return list(prompts)
+
+
+def _leave_out_model(metric: MSTCLIPIQAScore, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict post-hook: the towers are not saved with the metric, nor with a module that holds it."""
+    for key in [key for key in state_dict if key.startswith(f"{prefix}model.")]:
+        del state_dict[key]
+
+
+def _keep_model(
+    metric: MSTCLIPIQAScore,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load-state-dict pre-hook: a state dict has no towers (see `_leave_out_model`), so loading one leaves them as
+    they are: their own tensors stand in for them (copying a tensor onto itself changes nothing), and towers a state
+    dict does bring are unexpected keys, as for a metric without a model."""
+    model_prefix = f"{prefix}model."
+    unexpected_keys.extend(key for key in state_dict if key.startswith(model_prefix))
+    state_dict.update(metric.model.state_dict(prefix=model_prefix, keep_vars=True))
 
 
 def _check_images(images: Tensor) -> None:

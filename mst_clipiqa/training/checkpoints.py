@@ -322,6 +322,8 @@ class ResumingModelCheckpoint(ModelCheckpoint):
         }
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # Private, for want of a public way: which public hook (on_train_epoch_end or on_validation_end) evaluates
+        # top-k depends on private settings, and only here is it known that it did, improved or not.
         super()._save_topk_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             # Lightning saves last.ckpt next if, and only if, a checkpoint was saved at this step.

@@ -78,6 +78,21 @@ def test_splits_trained_together_equal_each_split_trained_alone(demo_data, tiny_
     assert saved.training["validation"]["monitor"] == "val/srcc"
 
 
+def test_a_member_fine_tuned_from_a_saved_model_says_so_as_a_split_fitted_alone(
+    demo_data, tiny_clip, saved_models, tmp_path
+):
+    base = ("--variants", "template", "--data.folds", "2", "--model.init_from", str(saved_models["template"][1]))
+    alone = benchmark(demo_data, tiny_clip, tmp_path, "alone", *base, "--trainer.max_epochs", "1")
+    together = benchmark(
+        demo_data, tiny_clip, tmp_path, "together", *base, "--trainer.max_epochs", "1", "--together", "true"
+    )
+    for solo, joint in zip(alone, together, strict=True):
+        fine_tuned_from = SavedModel.read(solo["checkpoint"]).training["fine_tuned_from"]
+        assert (
+            SavedModel.read(joint["checkpoint"]).training["fine_tuned_from"] == fine_tuned_from == {"name": "template"}
+        )
+
+
 @pytest.mark.parametrize(
     ("option", "value", "named"),
     [("--trainer.accumulate_grad_batches", "2", "trainer.accumulate_grad_batches"), ("--splits", "4", "--splits 4")],

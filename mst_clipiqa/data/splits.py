@@ -24,15 +24,32 @@ import numpy as np
 from mst_clipiqa.data.schema import target_column
 from mst_clipiqa.errors import BadRowError
 
-PROTOCOLS = ("random", "prompt", "kfold", "official")
-
-# The make_splits arguments each protocol depends on, saved with its splits.
-_ARGUMENTS = {
-    "random": ("target", "n_splits", "train_fraction", "val_fraction", "seed"),
-    "prompt": ("target", "n_splits", "train_fraction", "val_fraction", "seed"),
-    "kfold": ("target", "k", "val_fraction", "seed"),
-    "official": ("target", "val_fraction", "seed"),
+PROTOCOL_SETTINGS = {
+    "random": ("split_index", "n_splits", "train_fraction"),
+    "prompt": ("split_index", "n_splits", "train_fraction"),
+    "kfold": ("split_index", "folds"),
+    "official": (),
 }
+"""Per protocol, the data-module settings (`IQADataModule`'s) that define its split beyond those every protocol
+shares (`split_settings`): which of its splits, and the `make_splits` arguments it alone depends on (``folds`` is
+``k``)."""
+PROTOCOLS = tuple(PROTOCOL_SETTINGS)
+
+
+def split_settings(*protocols: str | None) -> tuple[str, ...]:
+    """The data-module settings that define which rows train, validate and test under any of `protocols`: where the
+    rows come from, the target, the protocol and its `PROTOCOL_SETTINGS`, val_fraction and seed, and the file the
+    splits are read from instead of made. An unknown protocol (or None) adds none of its own."""
+    own = dict.fromkeys(key for protocol in protocols for key in PROTOCOL_SETTINGS.get(protocol, ()))
+    return ("source", "root", "source_options", "target", "protocol", *own, "val_fraction", "seed", "splits_file")
+
+
+def _arguments(protocol: str) -> tuple[str, ...]:
+    """The `make_splits` arguments `protocol` depends on, in the order saved with its splits: target, its
+    `PROTOCOL_SETTINGS` but the split index (folds as k), val_fraction and seed."""
+    own = ("k" if key == "folds" else key for key in PROTOCOL_SETTINGS[protocol] if key != "split_index")
+    return ("target", *own, "val_fraction", "seed")
+
 
 PARTS = ("train", "val", "test")
 _TRAIN, _VAL, _TEST = range(3)
@@ -142,7 +159,7 @@ def make_splits(
         "k": k,
         "seed": seed,
     }
-    arguments = {key: given[key] for key in _ARGUMENTS[protocol]}
+    arguments = {key: given[key] for key in _arguments(protocol)}
     return [
         Split(name, _sorted(train), _sorted(val), _sorted(test), protocol, dict(arguments))
         for name, train, val, test in parts

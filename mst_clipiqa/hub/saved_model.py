@@ -40,6 +40,7 @@ from torch import Tensor
 
 from mst_clipiqa import __version__
 from mst_clipiqa.data.features import TOKENIZER_FILES
+from mst_clipiqa.data.splits import split_settings
 from mst_clipiqa.errors import BadCheckpointError, BadModelError, OptionError
 from mst_clipiqa.model import INTERNAL_HIGH, INTERNAL_LOW, MSTCLIPIQA, ModelConfig
 from mst_clipiqa.training.checkpoints import read_checkpoint
@@ -63,14 +64,6 @@ ENCODER_FILES = (CONFIG_NAME, "preprocessor_config.json", "added_tokens.json", *
 SAFETENSORS_FILES = ("*.safetensors", "model.safetensors.index.json")
 PYTORCH_FILES = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 """Weights in PyTorch's format, read only where a checkpoint has no safetensors (as transformers does)."""
-
-PROTOCOL_KEYS = {
-    "random": ("split_index", "n_splits", "train_fraction"),
-    "prompt": ("split_index", "n_splits", "train_fraction"),
-    "kfold": ("split_index", "folds"),
-    "official": (),
-}
-"""Data-module settings that define the split, per protocol: what the model card reports of the training data."""
 
 MUST_MATCH = ("coarse_encoder", "fine_encoder", "revision", "variant", "fusion_dim")
 """Config fields that give the trainable weights their shape or meaning: a model can only start from saved weights
@@ -513,8 +506,9 @@ def _training_of_module(module: L.LightningModule) -> dict[str, Any]:
 def _data_summary(hparams: dict[str, Any]) -> dict[str, Any]:
     """The data module's settings that say what the model learnt from: source, target, protocol and split. Local
     paths are cut to their last part: they name the data, not where it lay on the training machine."""
-    protocol_keys = PROTOCOL_KEYS.get(hparams.get("protocol"), ())
-    keys = ("source", "root", "target", "protocol", *protocol_keys, "val_fraction", "seed", "mos_range", "splits_file")
+    # What defines the split under the run's protocol (the column mapping aside), and the MOS scale.
+    keys = [key for key in split_settings(hparams.get("protocol")) if key != "source_options"]
+    keys.insert(keys.index("splits_file"), "mos_range")
     summary = {key: hparams[key] for key in keys if hparams.get(key) not in (None, "")}
     root = str(summary.get("root", ""))
     if summary.get("source") != "hf" or _looks_like_path(root) or Path(root).expanduser().exists():

@@ -38,24 +38,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from mst_clipiqa.data.splits import PROTOCOLS, split_settings
 from mst_clipiqa.data.tables import Columns
 from mst_clipiqa.errors import BadCheckpointError
 
-SPLIT_KEYS = (
-    "source",
-    "root",
-    "source_options",
-    "target",
-    "protocol",
-    "split_index",
-    "n_splits",
-    "train_fraction",
-    "val_fraction",
-    "folds",
-    "seed",
-    "splits_file",
-)
-"""Data module settings that decide which rows train and which test: a run resumes only a checkpoint that agrees."""
+SPLIT_KEYS = split_settings(*PROTOCOLS)
+"""Data module settings that decide which rows train and which test, under any protocol: a run resumes only a
+checkpoint that agrees on all of them."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -333,6 +322,8 @@ class ResumingModelCheckpoint(ModelCheckpoint):
         }
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # Private, for want of a public way: which public hook (on_train_epoch_end or on_validation_end) evaluates
+        # top-k depends on private settings, and only here is it known that it did, improved or not.
         super()._save_topk_checkpoint(trainer, monitor_candidates)
         if self.save_last:
             # Lightning saves last.ckpt next if, and only if, a checkpoint was saved at this step.

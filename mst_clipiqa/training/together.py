@@ -122,6 +122,8 @@ class TogetherModule(L.LightningModule):
         """Member 0, whose frozen towers and settings the data follows (`IQADataModule.follow`)."""
         self.loss_config, self.optim_config = model.loss_config, model.optim_config
         self.member_hparams = dict(model.hparams)
+        self.member_on_save_checkpoint = model.on_save_checkpoint
+        """The module's own hook, which each member's checkpoint goes through as a solo fit's does."""
         self.members = nn.ModuleList()
         self.val_metrics = nn.ModuleList()
         self.test_metrics = nn.ModuleList()
@@ -236,6 +238,8 @@ class TogetherModule(L.LightningModule):
                 self.checkpoints[k] = str(self._save(k, best, folder))
 
     def _save(self, k: int, best: Best, folder: Path) -> Path:
+        """Member k's best weights as the checkpoint a fit of its split alone keeps. Built by hand, as
+        `Trainer.save_checkpoint` writes the state of the together run: every member, at its current epoch and step."""
         path = folder / f"split{k}-best-epoch{best.epoch:02d}.ckpt"
         data = self.trainer.datamodule.data
         checkpoint = {
@@ -244,11 +248,12 @@ class TogetherModule(L.LightningModule):
             "pytorch-lightning_version": L.__version__,
             "state_dict": {f"net.{name}": value for name, value in best.weights.items()},
             MSTCLIPIQAModule.CHECKPOINT_HYPER_PARAMS_KEY: self.member_hparams,
-            "datamodule_hyper_parameters": {**dict(data.hparams), "split_index": k},
+            IQADataModule.CHECKPOINT_HYPER_PARAMS_KEY: {**dict(data.hparams), "split_index": k},
             "callbacks": {
                 "ModelCheckpoint": {"monitor": "val/srcc", "best_model_score": best.srcc, "best_model_path": str(path)}
             },
         }
+        self.member_on_save_checkpoint(checkpoint)  # e.g. the saved model it was fine-tuned from
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, path)
         return path

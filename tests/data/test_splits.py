@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from release_fixtures import synthetic_dataset
 
-from mst_clipiqa.data.splits import PROTOCOLS, Split, load_splits, make_splits, predict_indices, save_splits
+from mst_clipiqa.data.splits import (
+    PROTOCOLS,
+    Split,
+    load_splits,
+    make_splits,
+    predict_indices,
+    save_splits,
+    split_settings,
+)
 from mst_clipiqa.errors import BadRowError
 
 
@@ -124,6 +132,21 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="no row of the dataset carries mos_alignment"):
         make_splits(ds, "random", target="alignment")
     assert set(PROTOCOLS) == {"random", "prompt", "kfold", "official"}
+
+
+def test_the_settings_that_define_a_split_name_every_argument_it_is_made_with():
+    # What a resumed run must agree on and the model card reports: each protocol's make_splits arguments by their
+    # data module names (folds is k), and the split index wherever the protocol makes several splits.
+    ds = synthetic_dataset(40, splits=["train"] * 30 + ["val"] * 4 + ["test"] * 6)
+    for protocol in PROTOCOLS:
+        splits = make_splits(ds, protocol, n_splits=2, k=3)
+        settings = split_settings(protocol)
+        assert {"folds" if key == "k" else key for key in splits[0].arguments} <= set(settings), protocol
+        assert ("split_index" in settings) == (len(splits) > 1), protocol
+    shared = ("source", "root", "source_options", "target", "protocol", "val_fraction", "seed", "splits_file")
+    assert split_settings("official") == split_settings(None) == shared
+    own = ("split_index", "n_splits", "train_fraction", "folds")
+    assert split_settings(*PROTOCOLS) == (*shared[:5], *own, *shared[5:])
 
 
 def test_saved_splits_load_by_name_in_any_row_order(tmp_path):

@@ -106,8 +106,17 @@ def fit_step(work: Path) -> None:
     FeatureRows.__getitems__ = traced
     module = MSTCLIPIQAModule(net=ModelConfig(coarse_encoder=str(coarse), fine_encoder=str(fine)))
     data = IQADataModule(source="agiqa-3k", root=str(root), num_workers=0, cache_dir=str(work / "cache"))
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[Trace()])  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=0,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Trace()],
+        default_root_dir=work,
+    )
     trainer.fit(module, datamodule=data)
     FeatureRows.__getitems__ = getitems
     trace.report("fit, one training step")

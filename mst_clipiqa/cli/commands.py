@@ -34,6 +34,7 @@ from mst_clipiqa.cli.parse_errors import (
     no_weights,
 )
 from mst_clipiqa.errors import MSTCLIPIQAError, OptionError
+from mst_clipiqa.scoring import FORMATS
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -54,7 +55,6 @@ USER_ERRORS = (MSTCLIPIQAError, FileNotFoundError, NotADirectoryError, IsADirect
 """What a user's input causes: reported in one message, without a traceback. Lightning's MisconfigurationException
 (an impossible Trainer setting) joins them where Lightning is loaded."""
 
-SCORE_FORMATS = (".csv", ".jsonl", ".parquet")
 
 # ---- the commands beyond the Trainer's ---------------------------------------------------------------------------
 
@@ -164,8 +164,8 @@ def score(
             are stored for later jobs and fits
         cache_dir: the feature cache folder (null: $MST_CLIPIQA_FEATURES, else ~/.cache/mst_clipiqa/features)
     """
-    if Path(out).suffix.lower() not in SCORE_FORMATS:
-        raise OptionError(f"--out {out}: the extension picks the format; use {', '.join(SCORE_FORMATS)}")
+    if Path(out).suffix.lower() not in FORMATS:
+        raise OptionError(f"--out {out}: the extension picks the format; use {', '.join(FORMATS)}")
     missing = [given for given in inputs if not Path(given).exists()]
     if missing:
         raise FileNotFoundError(f"no such image, folder, list or table: {', '.join(missing)}")

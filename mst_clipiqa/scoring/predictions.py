@@ -41,10 +41,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from mst_clipiqa.errors import OptionError, write_error
+from mst_clipiqa.scoring import FORMATS
 from mst_clipiqa.training.checkpoints import new_run_file, run_dir
 
-FORMATS = (".csv", ".jsonl", ".parquet")
-"""File formats, chosen by the file's extension."""
 DEFAULT_NAME = "predictions.csv"
 """The file's name in the run's log folder when no path is given."""
 FLOAT_COLUMNS = frozenset({"score", "mos", "coarse_share"})

@@ -563,6 +563,9 @@ class TableFeatures:
         batch_size: images or prompts per tower call.
         num_workers: loader processes decoding images while the towers run.
         precision: how the towers run (`tower_compute`): a scoring job's Lightning precision, None for a fit's.
+        in_memory: hold every prepared row's embeddings in memory (2 x N x D floats), read by indexing at each
+            step, as a fit does; False reads each batch's from the cache's memory-mapped shards, so that memory does
+            not grow with the table, as a scoring job of any size does.
     """
 
     def __init__(
@@ -576,10 +579,12 @@ class TableFeatures:
         batch_size: int = 64,
         num_workers: int = 0,
         precision: str | None = None,
+        in_memory: bool = True,
     ):
         self.table, self.preprocess, self.draft, self.precision = table, preprocess, draft_decode, precision
         self.root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.content_hash, self.batch_size, self.num_workers = content_hash, batch_size, num_workers
+        self.in_memory = in_memory
         self.prompts = [prompt or "" for prompt in table["prompt"][:]]
         self.keys: list[str | None] = [None] * len(table)
         self.loaded = torch.zeros(len(table), dtype=torch.bool)
@@ -608,8 +613,8 @@ class TableFeatures:
             }
             self.prompt_shelf = Shelf(self.root, spec, "text")
         self.loaded[:] = False  # rows read for another network
-        self.coarse_embeds = torch.zeros(len(self.table), net.encoder.dim)
-        self.fine_embeds = torch.zeros(len(self.table), net.encoder.dim)
+        rows = len(self.table) if self.in_memory else 0
+        self.coarse_embeds, self.fine_embeds = torch.zeros(rows, net.encoder.dim), torch.zeros(rows, net.encoder.dim)
         self._net = net
 
     def _image_keys(self, rows: list[int]) -> list[str | None]:
@@ -629,7 +634,8 @@ class TableFeatures:
         other.prompts = [self.prompts[row] for row in index.tolist()]
         other.keys = [self.keys[row] for row in index.tolist()]
         other.loaded = self.loaded[index]
-        other.coarse_embeds, other.fine_embeds = self.coarse_embeds[index], self.fine_embeds[index]
+        if self.in_memory:
+            other.coarse_embeds, other.fine_embeds = self.coarse_embeds[index], self.fine_embeds[index]
         return other
 
     # ---- the one entry point -----------------------------------------------------------------------------------------
@@ -848,14 +854,28 @@ class TableFeatures:
         writer.close()
 
     def _fill(self, rows: list[int], keys: list[str]) -> None:
-        if not rows:
-            return
-        coarse = np.stack([self.shelves["coarse"].get(key)[0] for key in keys])  # (n, D)
-        fine = np.stack([self.shelves["fine"].get(key)[0] for key in keys])  # (n, D)
-        index = torch.tensor(rows)
-        self.coarse_embeds[index] = torch.from_numpy(coarse)
-        self.fine_embeds[index] = torch.from_numpy(fine)
+        index = torch.tensor(rows, dtype=torch.long)
+        if rows and self.in_memory:
+            self.coarse_embeds[index], self.fine_embeds[index] = self._read(keys)
         self.loaded[index] = True
+
+    def _read(self, keys: Sequence[str | None]) -> tuple[Tensor, Tensor]:
+        """The (n, D) coarse and fine embeddings stored under `keys` (zeros for None)."""
+        dim = self._net.encoder.dim
+        zero = np.zeros(dim, dtype=np.float32)
+        return tuple(
+            torch.from_numpy(np.stack([self.shelves[stream].get(key)[0] if key is not None else zero for key in keys]))
+            if keys
+            else torch.zeros(0, dim)
+            for stream in ("coarse", "fine")
+        )
+
+    def image_embeds(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The (B, D) coarse and fine embeddings of prepared `rows` (zeros for a row whose image cannot be read)."""
+        if self.in_memory:
+            return self.coarse_embeds[rows], self.fine_embeds[rows]
+        loaded = self.loaded[rows].tolist()
+        return self._read([self.keys[row] if ok else None for row, ok in zip(rows.tolist(), loaded)])
 
     def prompt_states(self, row: int) -> Tensor:
         """Token states (L, Dt) of a row's prompt, without padding."""
@@ -904,11 +924,8 @@ class FeatureRows(Dataset):
         """The batch of items `indices`, read by indexing the tensors in memory at once: a data loader calls this
         instead of one `__getitem__` per item, then passes the batch through `collate_features` unchanged."""
         rows = torch.tensor([self.rows[i] for i in indices], dtype=torch.long)
-        batch: dict[str, Any] = {
-            "coarse_embeds": self.features.coarse_embeds[rows],  # (B, D)
-            "fine_embeds": self.features.fine_embeds[rows],  # (B, D)
-            "index": rows,  # (B,)
-        }
+        coarse_embeds, fine_embeds = self.features.image_embeds(rows)  # (B, D) each
+        batch: dict[str, Any] = {"coarse_embeds": coarse_embeds, "fine_embeds": fine_embeds, "index": rows}
         if self.mos is not None:
             batch["mos"] = self.mos[torch.tensor(indices, dtype=torch.long)]  # (B,)
         if self.errors is not None:

@@ -545,6 +545,7 @@ def score_files(
             batch_size=batch_size,
             num_workers=num_workers,
             precision=options["precision"],
+            in_memory=False,
         )
     data = ScoreData(
         table,

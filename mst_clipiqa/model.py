@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -126,11 +126,6 @@ def prefers_bf16(device: torch.device) -> bool:
     """The frozen towers run under bf16 autocast on a GPU that supports it, in float32 elsewhere: the feature cache
     encodes so, and scoring does so by default."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def tower_autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast where `prefers_bf16`, else nothing."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if prefers_bf16(device) else nullcontext()
 
 
 class TwoStreamEncoder(nn.Module):

@@ -25,7 +25,6 @@ import csv
 import filecmp
 import json
 import math
-import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -709,19 +708,21 @@ def _located_encoders(
     return replace(net, **names), commits
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-"""A Hugging Face repo id: "name" or "owner/name"."""
-
-
 def _check_hub_id(name: Any, stream: str, origin: Path) -> None:
     """Refuse an encoder name of a saved folder that is not a well-formed hub id, or that is one but also names a local
     path here (transformers would load that path), before anything it names is opened."""
-    text = str(name)
-    if isinstance(name, str) and HUB_ID.fullmatch(text) and ".." not in text and not Path(text).exists():
-        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)  # "name" or "owner/name", by the hub's rules: no "..", no path; None passes
+    except HFValidationError:
+        pass
+    else:
+        if name is not None and not Path(name).exists():
+            return
     raise BadModelError(
-        f"{origin}: the {stream} encoder {text!r} is not a hub id (owner/name) nor a folder under {ENCODERS}/: a saved "
-        "model reads no file outside its folder; save or export the model again"
+        f"{origin}: the {stream} encoder {str(name)!r} is not a hub id (owner/name) nor a folder under {ENCODERS}/: a "
+        "saved model reads no file outside its folder; save or export the model again"
     )
 
 

@@ -84,18 +84,10 @@ def push_to_hub(
     from huggingface_hub import HfApi, constants, get_token
 
     folder = Path(folder)
-    net = SavedModel.read(folder).net
-    # Written by an older version: local encoders named by a path outside the folder, which nobody else has.
-    outside = [
-        name
-        for name in (net.coarse_encoder, net.fine_encoder)
-        if Path(name).expanduser().is_dir() and not Path(name).resolve().is_relative_to(folder.resolve())
-    ]
-    if outside:
-        raise BadModelError(
-            f"{folder} names local encoder folders outside it ({', '.join(outside)}): save it again with "
-            "`save_pretrained` or `mst-clipiqa export`, which copy them into the folder"
-        )
+    if not folder.is_dir():  # a checkpoint, a hub id: only a saved folder is uploaded
+        raise BadModelError(f"{folder} is not a model folder: save one with `save_pretrained` or `mst-clipiqa export`")
+    # Reading checks it whole; a folder naming encoders outside it (written by an older version) is refused there.
+    SavedModel.read(folder)
     if constants.HF_HUB_OFFLINE:
         raise MSTCLIPIQAError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine online")
     token = token or get_token()
@@ -118,12 +110,10 @@ def push_to_hub(
 @contextmanager
 def _hub_errors(repo_id: str) -> Iterator[None]:
     """The hub's failures said in one line that names the repo and what to do."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     try:
         yield
-    except OfflineModeIsEnabled as err:
-        raise MSTCLIPIQAError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine online") from err
     except RepositoryNotFoundError as err:
         raise MSTCLIPIQAError(
             f"repo {repo_id} not found, or the token may not write to it: check the name (user/name or org/name) and "

@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import warnings
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -713,11 +714,8 @@ def _check_hub_id(name: Any, stream: str, origin: Path) -> None:
     path here (transformers would load that path), before anything it names is opened."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    try:
+    with suppress(HFValidationError):
         validate_repo_id(name)  # "name" or "owner/name", by the hub's rules: no "..", no path; None passes
-    except HFValidationError:
-        pass
-    else:
         if name is not None and not Path(name).exists():
             return
     raise BadModelError(

@@ -84,7 +84,9 @@ def push_to_hub(
     from huggingface_hub import HfApi, constants, get_token
 
     folder = Path(folder)
-    if not folder.is_dir():  # a checkpoint, a hub id: only a saved folder is uploaded
+    if not folder.exists():
+        raise FileNotFoundError(f"no such model folder: {folder}")
+    if not folder.is_dir():  # a checkpoint: only a saved folder is uploaded
         raise BadModelError(f"{folder} is not a model folder: save one with `save_pretrained` or `mst-clipiqa export`")
     # Reading checks it whole; a folder naming encoders outside it (written by an older version) is refused there.
     SavedModel.read(folder)

@@ -78,7 +78,9 @@ def push_to_hub(
         commit_message: message of the upload commit.
 
     Raises:
-        BadModelError: the folder is not a complete saved model, or names encoders outside it.
+        FileNotFoundError: there is no such folder.
+        BadModelError: not a folder (a checkpoint, a hub id), not a complete saved model, or one that names encoders
+            outside it.
         MSTCLIPIQAError: offline, no token, the hub unreachable, the repo not found or not writable with the token.
     """
     from huggingface_hub import HfApi, constants, get_token

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
-from mst_clipiqa.data.schema import FEATURES, IMAGE_EXTENSIONS, MOS_COLUMNS, ROW_NUMBERS, SPLITS, summary
+from mst_clipiqa.data.schema import FEATURES, IMAGE_EXTENSIONS, MOS_COLUMNS, ROW_NUMBERS, SPLITS, row_label, summary
 from mst_clipiqa.errors import BadRowError
 
 
@@ -119,7 +119,7 @@ def image_names(values: Iterable[Any], origin: str | Path) -> list[str]:
             at once; the message names every such row.
     """
     names = as_texts(values)
-    empty = [f"row {row}" for row, name in enumerate(names, 1) if name is None]
+    empty = [row_label(None, row) for row, name in enumerate(names) if name is None]
     if empty:
         header = f"{origin}: {len(empty)} rows without an image name ({ROW_NUMBERS}); fill them in or remove them"
         raise BadRowError(summary(header, empty))

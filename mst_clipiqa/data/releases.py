@@ -29,7 +29,7 @@ from mst_clipiqa.data.cells import (
     read_mat,
     table_columns,
 )
-from mst_clipiqa.data.schema import SHOWN_PROBLEMS, summary
+from mst_clipiqa.data.schema import SHOWN_PROBLEMS, row_label, summary
 from mst_clipiqa.errors import BadRowError
 
 # How deep below a release's root its annotation files and image folders are searched for.
@@ -310,7 +310,7 @@ def load_evalmi50k(root: str | Path) -> datasets.Dataset:
         return int(number) - 1 if number.isdigit() and 0 < int(number) <= len(prompts) else None
 
     places = [prompt_row(name) for name in names]
-    unplaced = [f"{name} (row {row})" for row, (name, place) in enumerate(zip(names, places), 1) if place is None]
+    unplaced = [row_label(name, row) for row, (name, place) in enumerate(zip(names, places)) if place is None]
     if unplaced:
         header = (
             f"{table}: {len(unplaced)} image names are not <model>/<NNN>.png with NNN a row of {prompts_file} "

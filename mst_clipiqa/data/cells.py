@@ -26,7 +26,8 @@ def read_frame(path: Path, *, header: bool | None = True, name_at: int = 0) -> p
 
     Args:
         header: True reads the first row as the header; None (CSV and xlsx only) reads it as the header
-            unless `_is_data_row` says it is data, in which case the columns are numbered from 0.
+            unless `_is_data_row` says it is data, in which case the columns are numbered from 0; False (CSV and
+            xlsx only) reads every row as data, the columns numbered from 0.
         name_at: the column of image file names, for `_is_data_row`.
     """
     suffix = path.suffix.lower()
@@ -38,7 +39,7 @@ def read_frame(path: Path, *, header: bool | None = True, name_at: int = 0) -> p
     if header:
         return _read_cells(path, 0)
     frame = _read_cells(path, None)
-    if len(frame) and not _is_data_row(frame.iloc[0].tolist(), name_at):
+    if header is None and len(frame) and not _is_data_row(frame.iloc[0].tolist(), name_at):
         frame = frame.iloc[1:].set_axis([str(c) for c in frame.iloc[0]], axis=1).reset_index(drop=True)
     return frame
 

@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import pandas as pd
 
 from mst_clipiqa.data.cells import (
-    as_text,
     as_texts,
     assemble,
     image_files,
@@ -190,10 +188,10 @@ def _aigciqa2023_prompts(path: Path) -> list[str | None]:
     first `Basic | Animals | a corgi`; there the prompt is the last column. Copies with a header row name the
     column `prompt`.
     """
-    frame = pd.read_excel(path, header=None, dtype=object, na_filter=False)
+    frame = read_frame(path, header=False)
     if frame.empty:
         raise BadRowError(f"{path}: no prompts")
-    first = [as_text(cell) for cell in frame.iloc[0]]
+    first = as_texts(frame.iloc[0])
     if "prompt" in (cell.lower() for cell in first if cell is not None):
         return as_texts(table_columns(frame.iloc[1:].set_axis(first, axis=1), path, ("prompt",))["prompt"])
     return as_texts(frame.iloc[:, -1])

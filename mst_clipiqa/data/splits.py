@@ -22,7 +22,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from mst_clipiqa.data.schema import FEATURES, target_column
+from mst_clipiqa.data.schema import FEATURES, SHOWN_PROBLEMS, target_column
 from mst_clipiqa.errors import BadRowError
 
 PROTOCOL_SETTINGS = {
@@ -202,7 +202,7 @@ def _group_ids(rows: np.ndarray, meta: dict[str, list]) -> np.ndarray:
     missing = [meta["name"][row] for row in rows if not groups[row]]
     if missing:
         raise BadRowError(
-            f"{len(missing)} rows have no group (e.g. {', '.join(missing[:10])}); prompt-disjoint splits "
+            f"{len(missing)} rows have no group (e.g. {', '.join(missing[:SHOWN_PROBLEMS])}); prompt-disjoint splits "
             "need the group column (the prompt by default)"
         )
     distinct = sorted({groups[row] for row in rows})
@@ -217,7 +217,7 @@ def _official(rows: np.ndarray, meta: dict[str, list], val_fraction: float, seed
     unassigned = [meta["name"][row] for row in rows if official[row] is None]
     if unassigned:
         raise BadRowError(
-            f"{len(unassigned)} labelled rows have no official split (e.g. {', '.join(unassigned[:10])}); "
+            f"{len(unassigned)} labelled rows have no official split (e.g. {', '.join(unassigned[:SHOWN_PROBLEMS])}); "
             'the "official" protocol needs a split for every row'
         )
     train, val, test = (np.array([row for row in rows if official[row] == part], dtype=np.int64) for part in PARTS)
@@ -391,7 +391,7 @@ def load_splits(path: str | Path, ds: datasets.Dataset) -> list[Split]:
         if missing:
             raise BadRowError(
                 f"{path}: split {entry['name']!r} names {len(missing)} images the dataset lacks: "
-                f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+                f"{', '.join(missing[:SHOWN_PROBLEMS])}{' ...' if len(missing) > SHOWN_PROBLEMS else ''}"
             )
         parts = (tuple(sorted(row_of[name] for name in entry[part])) for part in PARTS)
         splits.append(Split(entry["name"], *parts, protocol=entry["protocol"], arguments=entry["arguments"]))

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
-from mst_clipiqa.data.schema import FEATURES, IMAGE_EXTENSIONS, MOS_COLUMNS, ROW_NUMBERS, SPLITS, summary
+from mst_clipiqa.data.schema import FEATURES, IMAGE_EXTENSIONS, MOS_COLUMNS, ROW_NUMBERS, SPLITS, row_label, summary
 from mst_clipiqa.errors import BadRowError
 
 
@@ -26,7 +26,8 @@ def read_frame(path: Path, *, header: bool | None = True, name_at: int = 0) -> p
 
     Args:
         header: True reads the first row as the header; None (CSV and xlsx only) reads it as the header
-            unless `_is_data_row` says it is data, in which case the columns are numbered from 0.
+            unless `_is_data_row` says it is data, in which case the columns are numbered from 0; False (CSV and
+            xlsx only) reads every row as data, the columns numbered from 0.
         name_at: the column of image file names, for `_is_data_row`.
     """
     suffix = path.suffix.lower()
@@ -38,7 +39,7 @@ def read_frame(path: Path, *, header: bool | None = True, name_at: int = 0) -> p
     if header:
         return _read_cells(path, 0)
     frame = _read_cells(path, None)
-    if len(frame) and not _is_data_row(frame.iloc[0].tolist(), name_at):
+    if header is None and len(frame) and not _is_data_row(frame.iloc[0].tolist(), name_at):
         frame = frame.iloc[1:].set_axis([str(c) for c in frame.iloc[0]], axis=1).reset_index(drop=True)
     return frame
 
@@ -119,7 +120,7 @@ def image_names(values: Iterable[Any], origin: str | Path) -> list[str]:
             at once; the message names every such row.
     """
     names = as_texts(values)
-    empty = [f"row {row}" for row, name in enumerate(names, 1) if name is None]
+    empty = [row_label(None, row) for row, name in enumerate(names) if name is None]
     if empty:
         header = f"{origin}: {len(empty)} rows without an image name ({ROW_NUMBERS}); fill them in or remove them"
         raise BadRowError(summary(header, empty))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import datasets
 
 from mst_clipiqa.data.preprocess import open_image
-from mst_clipiqa.data.schema import ROW_NUMBERS, SPLITS, summary, target_column
+from mst_clipiqa.data.schema import ROW_NUMBERS, SPLITS, row_label, summary, target_column
 from mst_clipiqa.errors import BadImageError, BadRowError
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def check_dataset(
         BadRowError: other problems were found (with "error").
     """
     column = target_column(target)
-    _check_on_bad(on_bad)
+    if on_bad not in ("error", "drop"):
+        raise ValueError(f'on_bad must be "error" or "drop", not {on_bad!r}')
     meta = ds.select_columns(["name", "prompt", column, "split", "bad_cells", "source"]).to_dict()
     # Readers record the file the rows came from; a dataset built otherwise is named by its source.
     origin = ds.info.description or (meta["source"][0] if len(ds) else "the data")
@@ -108,7 +109,7 @@ def check_dataset(
     if not problems:
         return ds
 
-    lines = [f"{_row_label(names[row], row)}: {'; '.join(reasons)}" for row, reasons in sorted(problems.items())]
+    lines = [f"{row_label(names[row], row)}: {'; '.join(reasons)}" for row, reasons in sorted(problems.items())]
     if report_path is not None:
         _write_report(report_path, names, problems)
     header = f"{origin}: {len(problems)} bad rows of {len(ds)} ({ROW_NUMBERS})"
@@ -137,11 +138,6 @@ def require_prompts(prompts: Sequence[str | None], origin: str) -> None:
             "image against its generation prompt: map the column of prompts (score: --prompt_column COLUMN of a "
             "table; training: --data.source_options.prompt_column COLUMN)"
         )
-
-
-def _row_label(name: str | None, row: int) -> str:
-    """How messages name the row at 0-based index `row` of a dataset: its name and its number from 1."""
-    return f"{name} (row {row + 1})" if name else f"row {row + 1}"
 
 
 def image_problems(ds: datasets.Dataset, num_threads: int = 8, batch_size: int = 256) -> list[tuple[int, str]]:
@@ -175,8 +171,3 @@ def _write_report(path: str | Path, names: Sequence[str], problems: Mapping[int,
         writer.writerow(["name", "row", "reason"])
         for row, reasons in sorted(problems.items()):
             writer.writerow([names[row], row + 1, "; ".join(reasons)])
-
-
-def _check_on_bad(on_bad: str) -> None:
-    if on_bad not in ("error", "drop"):
-        raise ValueError(f'on_bad must be "error" or "drop", not {on_bad!r}')

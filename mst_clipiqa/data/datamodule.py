@@ -21,7 +21,7 @@ from mst_clipiqa.data.features import FeatureRows, TableFeatures, collate_featur
 from mst_clipiqa.data.preprocess import ClipPreprocess, ImageRows
 from mst_clipiqa.data.releases import RELEASES
 from mst_clipiqa.data.samplers import EvalDistributedSampler
-from mst_clipiqa.data.schema import target_column
+from mst_clipiqa.data.schema import row_label, target_column
 from mst_clipiqa.data.splits import Split, load_splits, make_splits, predict_indices, save_splits
 from mst_clipiqa.data.tables import Columns, load_source
 from mst_clipiqa.errors import BadImageError, OptionError
@@ -378,7 +378,7 @@ class IQADataModule(L.LightningDataModule):
         bad = self._prepare([*rows, *self.split.train, *self.split.val, *self.split.test])
         if bad:
             names = self.features.table.select_columns(["name"])[sorted(bad)]["name"]
-            lines = "".join(f"\n  {name} (row {row + 1}): {bad[row]}" for name, row in zip(names, sorted(bad)))
+            lines = "".join(f"\n  {row_label(name, row)}: {bad[row]}" for name, row in zip(names, sorted(bad)))
             raise BadImageError(
                 f"{len(bad)} images do not decode; set data.check_images true to find them at setup and "
                 f"data.on_bad drop to leave them out:{lines}"

@@ -162,10 +162,7 @@ class _Digests:
 
     def __exit__(self, *exc: object) -> None:
         if self.changed and self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.path.with_name(f".tmp-{uuid.uuid4().hex}")
-            temporary.write_text(json.dumps(self.known, indent=0, sort_keys=True))
-            os.replace(temporary, self.path)  # atomic: another process reads the old file or this one
+            _replace_text(self.path, json.dumps(self.known, indent=0, sort_keys=True))
 
     def of(self, path: Path) -> str:
         file = path.resolve()
@@ -180,6 +177,14 @@ class _Digests:
         self.known[str(file)] = [stat.st_size, stat.st_mtime_ns, digest]
         self.changed = True
         return digest
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write `path` through a temporary file beside it: another process reads the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".tmp-{uuid.uuid4().hex}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def _preprocess_spec(preprocess: ClipPreprocess) -> dict[str, Any]:
@@ -270,9 +275,7 @@ class Shelf:
         self.folder = Path(root) / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
         self.folder.mkdir(parents=True, exist_ok=True)
         if not (self.folder / "spec.json").exists():
-            temporary = self.folder / f".tmp-{uuid.uuid4().hex}"
-            temporary.write_text(text)
-            os.replace(temporary, self.folder / "spec.json")
+            _replace_text(self.folder / "spec.json", text)
         self.index: dict[str, tuple[int, int]] = {}  # key → (shard, row)
         self._read: set[str] = set()
         self._values: list[Any] = []  # per shard: the "value" column, memory-mapped

@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import pandas as pd
 
 from mst_clipiqa.data.cells import (
-    as_text,
     as_texts,
     assemble,
     image_files,
@@ -29,7 +27,7 @@ from mst_clipiqa.data.cells import (
     read_mat,
     table_columns,
 )
-from mst_clipiqa.data.schema import SHOWN_PROBLEMS, summary
+from mst_clipiqa.data.schema import SHOWN_PROBLEMS, row_label, summary
 from mst_clipiqa.errors import BadRowError
 
 # How deep below a release's root its annotation files and image folders are searched for.
@@ -190,10 +188,10 @@ def _aigciqa2023_prompts(path: Path) -> list[str | None]:
     first `Basic | Animals | a corgi`; there the prompt is the last column. Copies with a header row name the
     column `prompt`.
     """
-    frame = pd.read_excel(path, header=None, dtype=object, na_filter=False)
+    frame = read_frame(path, header=False)
     if frame.empty:
         raise BadRowError(f"{path}: no prompts")
-    first = [as_text(cell) for cell in frame.iloc[0]]
+    first = as_texts(frame.iloc[0])
     if "prompt" in (cell.lower() for cell in first if cell is not None):
         return as_texts(table_columns(frame.iloc[1:].set_axis(first, axis=1), path, ("prompt",))["prompt"])
     return as_texts(frame.iloc[:, -1])
@@ -310,7 +308,7 @@ def load_evalmi50k(root: str | Path) -> datasets.Dataset:
         return int(number) - 1 if number.isdigit() and 0 < int(number) <= len(prompts) else None
 
     places = [prompt_row(name) for name in names]
-    unplaced = [f"{name} (row {row})" for row, (name, place) in enumerate(zip(names, places), 1) if place is None]
+    unplaced = [row_label(name, row) for row, (name, place) in enumerate(zip(names, places)) if place is None]
     if unplaced:
         header = (
             f"{table}: {len(unplaced)} image names are not <model>/<NNN>.png with NNN a row of {prompts_file} "

@@ -64,6 +64,11 @@ def target_column(target: str) -> str:
     raise ValueError(f"unknown target {target!r}; expected one of {sorted(TARGETS)} or {sorted(set(TARGETS.values()))}")
 
 
+def row_label(name: str | None, row: int) -> str:
+    """How messages name the row at 0-based index `row` of a dataset: its name and its number from 1."""
+    return f"{name} (row {row + 1})" if name else f"row {row + 1}"
+
+
 def summary(header: str, lines: Sequence[str]) -> str:
     """`header` and the first `SHOWN_PROBLEMS` of `lines`, one per line, with the count of the rest."""
     shown = "".join(f"\n  {line}" for line in lines[:SHOWN_PROBLEMS])

@@ -9,6 +9,7 @@ experiments/splits/) are written compactly by `save_shipped_splits`, with what i
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import lzma
@@ -21,7 +22,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from mst_clipiqa.data.schema import target_column
+from mst_clipiqa.data.schema import FEATURES, SHOWN_PROBLEMS, target_column
 from mst_clipiqa.errors import BadRowError
 
 PROTOCOL_SETTINGS = {
@@ -201,7 +202,7 @@ def _group_ids(rows: np.ndarray, meta: dict[str, list]) -> np.ndarray:
     missing = [meta["name"][row] for row in rows if not groups[row]]
     if missing:
         raise BadRowError(
-            f"{len(missing)} rows have no group (e.g. {', '.join(missing[:10])}); prompt-disjoint splits "
+            f"{len(missing)} rows have no group (e.g. {', '.join(missing[:SHOWN_PROBLEMS])}); prompt-disjoint splits "
             "need the group column (the prompt by default)"
         )
     distinct = sorted({groups[row] for row in rows})
@@ -216,7 +217,7 @@ def _official(rows: np.ndarray, meta: dict[str, list], val_fraction: float, seed
     unassigned = [meta["name"][row] for row in rows if official[row] is None]
     if unassigned:
         raise BadRowError(
-            f"{len(unassigned)} labelled rows have no official split (e.g. {', '.join(unassigned[:10])}); "
+            f"{len(unassigned)} labelled rows have no official split (e.g. {', '.join(unassigned[:SHOWN_PROBLEMS])}); "
             'the "official" protocol needs a split for every row'
         )
     train, val, test = (np.array([row for row in rows if official[row] == part], dtype=np.int64) for part in PARTS)
@@ -239,7 +240,8 @@ def predict_indices(ds: datasets.Dataset, target: str = "quality") -> tuple[int,
 
 
 def save_splits(splits: Sequence[Split], path: str | Path, ds: datasets.Dataset) -> None:
-    """Write splits as JSON, each with its protocol, arguments and the image names of its rows."""
+    """Write splits as JSON (compressed when `path` ends in .gz or .xz), each with its protocol, arguments and the
+    image names of its rows."""
     names = ds["name"][:]  # a list: indexing a column of a Dataset reads Arrow once per call
     content = {
         "format": _FORMAT,
@@ -254,9 +256,7 @@ def save_splits(splits: Sequence[Split], path: str | Path, ds: datasets.Dataset)
             for s in splits
         ],
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
+    _write_text(Path(path), json.dumps(content, indent=1) + "\n")
 
 
 def save_shipped_splits(splits: Sequence[Split], path: str | Path, ds: datasets.Dataset) -> None:
@@ -301,11 +301,6 @@ def _shipped_text(splits: Sequence[Split], ds: datasets.Dataset) -> str:
     return json.dumps(content, separators=(",", ":")) + "\n"
 
 
-def read_shipped_text(path: str | Path) -> str:
-    """The JSON text of a split file, compressed (.gz, .xz) or not."""
-    return _read_text(Path(path))
-
-
 def remake_shipped_splits(path: str | Path) -> str:
     """The text `save_shipped_splits` writes for the splits that `make_splits` makes, today, from the names (and
     groups) a shipped file holds, by the protocol and arguments it names: the file's own text (`read_shipped_text`)
@@ -317,35 +312,28 @@ def remake_shipped_splits(path: str | Path) -> str:
     arguments = dict(content["arguments"])
     target = arguments.pop("target")
     column = target_column(target)
-    ds = datasets.Dataset.from_dict(
-        {"name": names, column: [1.0 if u else None for u in used], "group": groups, "split": [None] * len(names)},
-        features=datasets.Features(
-            {
-                "name": datasets.Value("string"),
-                column: datasets.Value("float64"),
-                "group": datasets.Value("string"),
-                "split": datasets.Value("string"),
-            }
-        ),
-    )
+    rows = {"name": names, column: [1.0 if u else None for u in used], "group": groups, "split": [None] * len(names)}
+    ds = datasets.Dataset.from_dict(rows, features=datasets.Features({key: FEATURES[key] for key in rows}))
     return _shipped_text(make_splits(ds, content["protocol"], target=target, **arguments), ds)
 
 
-_COMPRESSED = {".gz": (gzip.compress, gzip.decompress), ".xz": (lzma.compress, lzma.decompress)}
-"""How a split file ending in .gz or .xz is compressed; others are plain JSON."""
+_COMPRESSED = {
+    # mtime 0: the same splits give the same bytes.
+    ".gz": (functools.partial(gzip.compress, compresslevel=9, mtime=0), gzip.decompress),
+    ".xz": (functools.partial(lzma.compress, preset=9), lzma.decompress),
+}
+"""How a split file ending in .gz or .xz is compressed and decompressed; others are plain JSON."""
 
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = text.encode("utf-8")
-    if path.suffix == ".gz":
-        data = gzip.compress(data, compresslevel=9, mtime=0)  # mtime 0: the same splits give the same bytes
-    elif path.suffix == ".xz":
-        data = lzma.compress(data, preset=9)
-    path.write_bytes(data)
+    path.write_bytes(_COMPRESSED[path.suffix][0](data) if path.suffix in _COMPRESSED else data)
 
 
-def _read_text(path: Path) -> str:
+def read_shipped_text(path: str | Path) -> str:
+    """The JSON text of a split file, compressed (.gz, .xz) or not."""
+    path = Path(path)
     data = path.read_bytes()
     if path.suffix in _COMPRESSED:
         try:
@@ -360,7 +348,7 @@ def _read_text(path: Path) -> str:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(_read_text(path))
+        return json.loads(read_shipped_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not a split file ({err})") from err
 
@@ -403,7 +391,7 @@ def load_splits(path: str | Path, ds: datasets.Dataset) -> list[Split]:
         if missing:
             raise BadRowError(
                 f"{path}: split {entry['name']!r} names {len(missing)} images the dataset lacks: "
-                f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+                f"{', '.join(missing[:SHOWN_PROBLEMS])}{' ...' if len(missing) > SHOWN_PROBLEMS else ''}"
             )
         parts = (tuple(sorted(row_of[name] for name in entry[part])) for part in PARTS)
         splits.append(Split(entry["name"], *parts, protocol=entry["protocol"], arguments=entry["arguments"]))

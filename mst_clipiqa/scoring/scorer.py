@@ -23,7 +23,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,7 +39,7 @@ from tqdm import tqdm
 from mst_clipiqa.data.cells import assemble
 from mst_clipiqa.data.checks import require_prompts
 from mst_clipiqa.data.datamodule import prepare_features, rows_loader
-from mst_clipiqa.data.features import FeatureRows, TableFeatures
+from mst_clipiqa.data.features import FeatureRows, TableFeatures, tower_compute
 from mst_clipiqa.data.preprocess import ClipPreprocess, ImageRows, load_pixels
 from mst_clipiqa.data.schema import IMAGE_EXTENSIONS
 from mst_clipiqa.data.tables import Columns, load_table
@@ -52,7 +51,7 @@ from mst_clipiqa.training.launch import check_world_size, take_launched_processe
 from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, restore_threads
 
 Precision = Literal["32", "bf16", "16"]
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
+LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 TABLE_EXTENSIONS = frozenset({".csv", ".tsv", ".jsonl", ".parquet", ".xlsx"})
 LIST_EXTENSION = ".txt"
 
@@ -112,7 +111,7 @@ class Scorer(TrainedModelView):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision is None:
             precision = "bf16" if prefers_bf16(self.device) else "32"
-        if precision not in ("32", *AUTOCAST_DTYPES):
+        if precision not in LIGHTNING_PRECISION:
             raise ValueError(f"unknown precision {precision!r}: choose 32, bf16 or 16")
         self.precision = precision
         self.module = module.to(self.device).eval()
@@ -211,8 +210,7 @@ class Scorer(TrainedModelView):
         }
         if prompts is not None:
             batch["prompt"] = prompts
-        dtype = AUTOCAST_DTYPES.get(self.precision)
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        _, autocast = tower_compute(self.device, LIGHTNING_PRECISION[self.precision])
         with torch.inference_mode(), autocast:
             rows = self.module.predict_step(batch, 0)
         return rows["score"].tolist(), rows["coarse_share"].tolist()
@@ -429,9 +427,6 @@ class ScoreProgress(Callback):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 
 def idle_cores(seconds: float = 0.2) -> float | None:

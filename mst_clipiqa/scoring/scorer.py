@@ -48,7 +48,7 @@ from mst_clipiqa.hub.pretrained import from_pretrained
 from mst_clipiqa.model import CPU_BATCH, GPU_BATCH, MSTCLIPIQA, prefers_bf16
 from mst_clipiqa.scoring.predictions import PredictionWriter, checked_path, done_rows, parts_folder
 from mst_clipiqa.training.launch import check_world_size, take_launched_processes, take_launcher_options
-from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, restore_threads
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 Precision = Literal["32", "bf16", "16"]
 LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
@@ -189,16 +189,16 @@ class Scorer(TrainedModelView):
         """(start, decoded images) per batch; the next batch decodes while the caller scores this one."""
 
         def submit(start: int) -> list[Future]:
-            return [pool.submit(self._pixels_or_error, item) for item in items[start : start + batch_size]]
+            return [
+                pool.submit(pixels_or_error, item, self.preprocess, self.draft_decode)
+                for item in items[start : start + batch_size]
+            ]
 
         starts = range(0, len(items), batch_size)
         ahead = submit(0) if starts else []
         for k, start in enumerate(starts):
             current, ahead = ahead, submit(starts[k + 1]) if k + 1 < len(starts) else []
             yield start, [future.result() for future in current]
-
-    def _pixels_or_error(self, item: ImageInput) -> Tensor | BadImageError:
-        return pixels_or_error(item, self.preprocess, self.draft_decode)
 
     def score_pixels(self, pixel_values: Tensor, prompts: list[str] | None) -> tuple[list[float], list[float]]:
         """The scores on the MOS scale and the gate's coarse shares of a (B, 3, 224, 224) batch of decoded images
@@ -588,7 +588,8 @@ def score_files(
             raise WriteError(f"{err}; once there is room, run the same command with --resume true") from err
         raise
     finally:
-        restore_threads(kept if threads is not None else None)
+        if threads is not None:
+            torch.set_num_threads(kept)
     seconds = time.perf_counter() - started
     counts = trainer.strategy.reduce(
         torch.tensor([progress.scored, progress.failed], dtype=torch.float64), reduce_op="sum"

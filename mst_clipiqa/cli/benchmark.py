@@ -27,7 +27,6 @@ grouped under ``<name>``, and one more W&B run of that group, ``<name>-summary``
 
 from __future__ import annotations
 
-import csv
 import gc
 import importlib
 import statistics
@@ -46,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 from mst_clipiqa.errors import OptionError
+from mst_clipiqa.scoring.predictions import write_rows
 from mst_clipiqa.training.callbacks import WandbEvaluationLogger
 
 METRICS = ("srcc", "plcc", "krcc")
@@ -147,19 +147,11 @@ def cross_matrix(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(table, ["train", "variant", "target", *tests])
 
 
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """`rows` as a CSV file with a header, the first row's keys."""
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def write_cross(folder: Path, results: Sequence[RunResult], title: str) -> str:
     """cross.csv (every run, own and cross tests) and cross.md (`cross_matrix`) in `folder`; returns the markdown."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"source": r.source, "test_source": r.test_source, **r.row()} for r in results]
-    write_csv(folder / "cross.csv", rows)
+    write_rows(folder / "cross.csv", rows)
     text = (
         f"# {title}: cross-dataset\n\nMedian SRCC / PLCC over the splits; rows: trained on, columns: tested on "
         f"(every labelled row; the own split's test part on the diagonal).\n\n{cross_matrix(cross_rows(results))}\n"
@@ -391,8 +383,8 @@ class Benchmark:
         rows = [result.row() for result in self.results]
         summary = summarise(self.results)
         self.output.mkdir(parents=True, exist_ok=True)
-        write_csv(self.output / "results.csv", rows)
-        write_csv(self.output / "summary.csv", summary)
+        write_rows(self.output / "results.csv", rows)
+        write_rows(self.output / "summary.csv", summary)
         text = (
             f"# {self.name}\n\n## Summary over splits\n\n{markdown_table(summary, list(summary[0]))}\n\n"
             f"## Per split\n\n{markdown_table(rows, [c for c in rows[0] if c != 'checkpoint'])}\n"

@@ -35,21 +35,16 @@ NOISE = (
 """Third-party warnings that a user of the commands can do nothing about."""
 
 
-class _NoTips(logging.Filter):
-    """Drops Lightning's advertisements for its cloud services ("💡 Tip: ... litlogger", "... litmodels")."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
-
-
-_NO_TIPS = _NoTips()
+def _no_tips(record: logging.LogRecord) -> bool:
+    """A logging filter that drops Lightning's advertisements for its cloud services ("💡 Tip: ... litlogger")."""
+    return not str(record.msg).startswith("💡 Tip:")
 
 
 def quiet_third_party() -> None:
     """Keep a command's output to what its user needs; called as the command starts, for the process it runs."""
     for message in NOISE:
         warnings.filterwarnings("ignore", message=message)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NO_TIPS)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_tips)
 
 
 class ArgumentParser(SuggestingErrors, LightningArgumentParser):

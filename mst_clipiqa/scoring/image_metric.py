@@ -15,7 +15,6 @@ scale the model was trained on, and under DDP `compute` gathers every rank's sco
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -29,7 +28,8 @@ from torchmetrics.utilities.data import dim_zero_cat
 from mst_clipiqa.data.preprocess import ClipPreprocess
 from mst_clipiqa.errors import BadImageError, BadModelError, BadRowError
 from mst_clipiqa.hub.pretrained import from_pretrained
-from mst_clipiqa.model import freeze
+from mst_clipiqa.model import MSTCLIPIQA, freeze
+from mst_clipiqa.scoring.scorer import TrainedModelView
 from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 _RESIZE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
@@ -73,7 +73,7 @@ def clip_pixel_values(images: Tensor, preprocess: ClipPreprocess) -> Tensor:
     return (pixels - mean) / std
 
 
-class MSTCLIPIQAScore(Metric):
+class MSTCLIPIQAScore(TrainedModelView, Metric):
     """Quality of images, on the MOS scale a trained MST-CLIPIQA model was trained on.
 
     Follows torchmetrics' `CLIPImageQualityAssessment`: `update` takes a batch of images, `compute` returns the
@@ -125,15 +125,8 @@ class MSTCLIPIQAScore(Metric):
         self.add_state("scores", [], dist_reduce_fx="cat")
 
     @property
-    def needs_prompt(self) -> bool:
-        """True for the prompt head (variant B): `update` needs each image's generation prompt."""
-        return self.model.net.needs_prompt
-
-    @property
-    def mos_range(self) -> tuple[float, float]:
-        """(low, high) of the MOS scale scores are on."""
-        low, high = self.model.net.mos_range.tolist()
-        return low, high
+    def _net(self) -> MSTCLIPIQA:
+        return self.model.net
 
     def update(self, images: Tensor, prompts: Sequence[str] | None = None) -> None:
         """Score a batch of images.
@@ -150,7 +143,12 @@ class MSTCLIPIQAScore(Metric):
         _check_images(images)
         if not len(images):
             return
-        prompts = self._checked_prompts(len(images), prompts)
+        count = len(images)
+        if self.needs_prompt and prompts is not None and (isinstance(prompts, str) or len(prompts) != count):
+            given = "one string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
+            raise BadRowError(f"{count} images need {count} prompts, one per image; got {given}")
+        named = "image {} of the batch".format
+        prompts = self._head_prompts(range(count), prompts, 4, name=named, ask="pass prompts, one per image")
         net = self.model.net
         # Autograd only when someone can use it; without it the towers compute their activations in place.
         with torch.set_grad_enabled(torch.is_grad_enabled() and images.requires_grad):
@@ -198,27 +196,6 @@ class MSTCLIPIQAScore(Metric):
         super().train(mode)
         self.model.eval()
         return self
-
-    def _checked_prompts(self, count: int, prompts: Sequence[str] | None) -> list[str] | None:
-        if not self.needs_prompt:
-            if prompts is not None:
-                warnings.warn("the template head (variant A) does not read prompts; they are ignored", stacklevel=4)
-            return None
-        if prompts is None:
-            raise BadRowError(
-                "this model's prompt head (variant B) scores each image against its generation prompt: "
-                "pass prompts, one per image"
-            )
-        if isinstance(prompts, str) or len(prompts) != count:
-            given = "one string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise BadRowError(f"{count} images need {count} prompts, one per image; got {given}")
-        for row, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise BadRowError(
-                    f"no prompt for image {row} of the batch: the prompt head (variant B) needs the generation "
-                    "prompt of every image"
-                )
-        return list(prompts)
 
 
 def _leave_out_model(metric: MSTCLIPIQAScore, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

@@ -131,11 +131,9 @@ class PredictionWriter(BasePredictionWriter):
         describe = getattr(trainer.datamodule, "describe_rows", None)
         described = describe(index) if describe is not None else [{} for _ in index]
         columns = self._declared_columns(trainer) or [key for key in prediction if key != "index"]
-        keep = ("index", *columns)
+        rows = ({**about, **{key: values[i] for key, values in outputs.items()}} for i, about in enumerate(described))
         try:
-            for i, about in enumerate(described):
-                row = {**about, **{key: values[i] for key, values in outputs.items()}}
-                self._shard.write(json.dumps({key: row.get(key) for key in keep}, ensure_ascii=False) + "\n")
+            _write_jsonl(self._shard, rows, ["index", *columns])
             # To the OS at every batch: a killed loop's rows survive it, for a resumed one to skip.
             self._shard.flush()
         except OSError as err:  # full disk, file-size limit: what reached the shard stays, for a resumed loop

@@ -21,9 +21,8 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,19 +39,19 @@ from tqdm import tqdm
 from mst_clipiqa.data.cells import assemble
 from mst_clipiqa.data.checks import require_prompts
 from mst_clipiqa.data.datamodule import prepare_features, rows_loader
-from mst_clipiqa.data.features import FeatureRows, TableFeatures
+from mst_clipiqa.data.features import FeatureRows, TableFeatures, tower_compute
 from mst_clipiqa.data.preprocess import ClipPreprocess, ImageRows, load_pixels
 from mst_clipiqa.data.schema import IMAGE_EXTENSIONS
 from mst_clipiqa.data.tables import Columns, load_table
 from mst_clipiqa.errors import BadImageError, BadRowError, WriteError
 from mst_clipiqa.hub.pretrained import from_pretrained
-from mst_clipiqa.model import CPU_BATCH, GPU_BATCH, prefers_bf16
+from mst_clipiqa.model import CPU_BATCH, GPU_BATCH, MSTCLIPIQA, prefers_bf16
 from mst_clipiqa.scoring.predictions import PredictionWriter, checked_path, done_rows, parts_folder
 from mst_clipiqa.training.launch import check_world_size, take_launched_processes, take_launcher_options
-from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, restore_threads
+from mst_clipiqa.training.lit_module import MSTCLIPIQAModule
 
 Precision = Literal["32", "bf16", "16"]
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
+LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 TABLE_EXTENSIONS = frozenset({".csv", ".tsv", ".jsonl", ".parquet", ".xlsx"})
 LIST_EXTENSION = ".txt"
 
@@ -60,7 +59,35 @@ ImageInput = Image.Image | str | os.PathLike | bytes | Tensor
 """One image: a PIL image, a file path, encoded bytes, or a preprocessed (3, 224, 224) float tensor."""
 
 
-class Scorer:
+class TrainedModelView:
+    """What `Scorer` and the metric `MSTCLIPIQAScore` tell of the trained network they score with (`_net`), and how
+    both take the prompts given with images."""
+
+    _net: MSTCLIPIQA
+
+    @property
+    def needs_prompt(self) -> bool:
+        """True for the prompt head (variant B): every image needs its generation prompt."""
+        return self._net.needs_prompt
+
+    @property
+    def mos_range(self) -> tuple[float, float]:
+        """(low, high) of the MOS scale scores are reported on."""
+        low, high = self._net.mos_range.tolist()
+        return low, high
+
+    def _head_prompts(self, items: Sequence[Any], prompts: Any, stacklevel: int, **how: Any) -> list[str] | None:
+        """None for the template head, which reads none (warning at `stacklevel` if given); else `checked_prompts`."""
+        if not self.needs_prompt:
+            if prompts is not None:
+                warnings.warn(
+                    "the template head (variant A) does not read prompts; they are ignored", stacklevel=stacklevel
+                )
+            return None
+        return checked_prompts(items, prompts, **how)
+
+
+class Scorer(TrainedModelView):
     """A trained model, ready to score images on the MOS scale of the data it was trained on.
 
     Args:
@@ -84,7 +111,7 @@ class Scorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if precision is None:
             precision = "bf16" if prefers_bf16(self.device) else "32"
-        if precision not in ("32", *AUTOCAST_DTYPES):
+        if precision not in LIGHTNING_PRECISION:
             raise ValueError(f"unknown precision {precision!r}: choose 32, bf16 or 16")
         self.precision = precision
         self.module = module.to(self.device).eval()
@@ -98,15 +125,8 @@ class Scorer:
             self.module.net.encoder.compile_towers()
 
     @property
-    def needs_prompt(self) -> bool:
-        """True for the prompt head (variant B): every image needs its generation prompt."""
-        return self.module.net.needs_prompt
-
-    @property
-    def mos_range(self) -> tuple[float, float]:
-        """(low, high) of the MOS scale scores are reported on."""
-        low, high = self.module.net.mos_range.tolist()
-        return low, high
+    def _net(self) -> MSTCLIPIQA:
+        return self.module.net
 
     def score(
         self,
@@ -143,14 +163,9 @@ class Scorer:
         """
         items = _as_items(images)
         batch_size = batch_size or self.default_batch_size
-        return self._scores(items, self._checked_prompts(items, prompts), batch_size, skip_bad)
-
-    def _checked_prompts(self, items: list[ImageInput], prompts: Sequence[str | None] | None) -> list[str] | None:
-        if not self.needs_prompt:
-            if prompts is not None:
-                warnings.warn("the template head (variant A) does not read prompts; they are ignored", stacklevel=3)
-            return None
-        return checked_prompts(items, prompts)
+        if prompts is not None:  # any value but None is a prompt, as its string
+            prompts = [None if prompt is None else str(prompt) for prompt in prompts]
+        return self._scores(items, self._head_prompts(items, prompts, stacklevel=3), batch_size, skip_bad)
 
     def _scores(
         self, items: list[ImageInput], prompts: list[str] | None, batch_size: int, skip_bad: bool
@@ -174,16 +189,16 @@ class Scorer:
         """(start, decoded images) per batch; the next batch decodes while the caller scores this one."""
 
         def submit(start: int) -> list[Future]:
-            return [pool.submit(self._pixels_or_error, item) for item in items[start : start + batch_size]]
+            return [
+                pool.submit(pixels_or_error, item, self.preprocess, self.draft_decode)
+                for item in items[start : start + batch_size]
+            ]
 
         starts = range(0, len(items), batch_size)
         ahead = submit(0) if starts else []
         for k, start in enumerate(starts):
             current, ahead = ahead, submit(starts[k + 1]) if k + 1 < len(starts) else []
             yield start, [future.result() for future in current]
-
-    def _pixels_or_error(self, item: ImageInput) -> Tensor | BadImageError:
-        return pixels_or_error(item, self.preprocess, self.draft_decode)
 
     def score_pixels(self, pixel_values: Tensor, prompts: list[str] | None) -> tuple[list[float], list[float]]:
         """The scores on the MOS scale and the gate's coarse shares of a (B, 3, 224, 224) batch of decoded images
@@ -195,8 +210,7 @@ class Scorer:
         }
         if prompts is not None:
             batch["prompt"] = prompts
-        dtype = AUTOCAST_DTYPES.get(self.precision)
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        _, autocast = tower_compute(self.device, LIGHTNING_PRECISION[self.precision])
         with torch.inference_mode(), autocast:
             rows = self.module.predict_step(batch, 0)
         return rows["score"].tolist(), rows["coarse_share"].tolist()
@@ -238,28 +252,33 @@ def pixels_or_error(item: ImageInput, preprocess: ClipPreprocess, draft: bool) -
         return err
 
 
-def checked_prompts(items: Sequence[ImageInput], prompts: Sequence[str | None] | None) -> list[str]:
-    """The prompt head's prompts, one per image, as strings.
+def checked_prompts(
+    items: Sequence[Any],
+    prompts: Sequence[str | None] | None,
+    name: Callable[[int], str] | None = None,
+    ask: str = "pass one prompt per image",
+) -> list[str]:
+    """The prompt head's prompts, one non-blank string per image. A message names an image by `name(row)` (by default
+    `_describe` and its row) and, when there are no prompts, asks to `ask`.
 
     Raises:
-        BadRowError: no prompts, or an image without one; the message names it and its row.
+        BadRowError: no prompts, or an image without one; the message names it.
         ValueError: not one prompt per image.
     """
     if prompts is None:
         raise BadRowError(
-            "this model's prompt head (variant B) scores each image against its generation prompt: "
-            "pass one prompt per image"
+            f"this model's prompt head (variant B) scores each image against its generation prompt: {ask}"
         )
     prompts = list(prompts)
     if len(prompts) != len(items):
         raise ValueError(f"{len(items)} images but {len(prompts)} prompts")
     for row, prompt in enumerate(prompts):
-        if prompt is None or not str(prompt).strip():
+        if not isinstance(prompt, str) or not prompt.strip():
+            image = name(row) if name else f"{_describe(items[row])} (row {row + 1} of {len(items)})"
             raise BadRowError(
-                f"no prompt for {_describe(items[row])} (row {row + 1} of {len(items)}): the prompt head "
-                "(variant B) needs the generation prompt of every image"
+                f"no prompt for {image}: the prompt head (variant B) needs the generation prompt of every image"
             )
-    return [str(prompt) for prompt in prompts]
+    return prompts
 
 
 def _as_items(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -408,9 +427,6 @@ class ScoreProgress(Callback):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-LIGHTNING_PRECISION = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
 
 
 def idle_cores(seconds: float = 0.2) -> float | None:
@@ -572,7 +588,8 @@ def score_files(
             raise WriteError(f"{err}; once there is room, run the same command with --resume true") from err
         raise
     finally:
-        restore_threads(kept if threads is not None else None)
+        if threads is not None:
+            torch.set_num_threads(kept)
     seconds = time.perf_counter() - started
     counts = trainer.strategy.reduce(
         torch.tensor([progress.scored, progress.failed], dtype=torch.float64), reduce_op="sum"

@@ -369,6 +369,7 @@ def serve(
     import torch
 
     from mst_clipiqa.hub.pretrained import from_pretrained
+    from mst_clipiqa.training.lit_module import base_model
 
     if not 1024 <= port <= 65535:
         raise OptionError(f"--port {port}: choose 1024 to 65535")
@@ -403,7 +404,7 @@ def serve(
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // workers_per_device)  # the workers share the cores
-    name = name or _model_name(model)
+    name = name or base_model(model)["name"]  # a folder's or checkpoint file's name, or the hub repo id
     api = ScoreAPI(
         model,
         name=name,
@@ -440,12 +441,6 @@ def serve(
         server.run(host=host, port=port, generate_client_file=False, log_level="warning")
     finally:
         _stop_children()
-
-
-def _model_name(model: str) -> str:
-    """A folder's or checkpoint file's name, or the hub repo id as given."""
-    path = Path(model).expanduser()
-    return path.resolve().name if path.exists() else model
 
 
 def _stop_on_signals() -> None:

@@ -54,22 +54,29 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: OptimConfig, total_s
     return get_cosine_schedule_with_warmup(optimizer, int(config.warmup_fraction * total), total)
 
 
-def one_thread_for_cached_steps(module: L.LightningModule, cached: bool, threads: int | None) -> int | None:
+class OneThreadForCachedSteps:
     """Steps on cached embeddings run the fusion and the head only: small operations, which several CPU threads
     slow down more than they share (each waits for the others, and far worse when other processes hold the cores:
     docs/PERFORMANCE.md). On a CPU such a fit's steps and validations run on one thread, from its first training
-    batch (`on_train_batch_start`) to `restore_threads` (`on_train_end`); the encoding pass before it and whatever
-    runs after it keep torch's thread count. Returns the thread count to restore, None when it was left alone."""
-    if threads is None and module.device.type == "cpu" and cached:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-    return threads
+    batch (`on_train_batch_start`) to `on_train_end`; the encoding pass before it and whatever runs after it keep
+    torch's thread count. A LightningModule's mixin; `_cached` says whether a training batch holds cached embeddings.
+    """
 
+    _threads: int | None = None
+    """torch's CPU thread count, kept while a fit on cached embeddings runs on one thread."""
 
-def restore_threads(threads: int | None) -> None:
-    """Give torch back the thread count `one_thread_for_cached_steps` kept (None: it kept none)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    def _cached(self, batch: dict[Any, Any]) -> bool:
+        return "coarse_embeds" in batch
+
+    def on_train_batch_start(self, batch: dict[Any, Any], batch_idx: int) -> None:
+        if self._threads is None and self.device.type == "cpu" and self._cached(batch):
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def on_train_end(self) -> None:
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)
+            self._threads = None
 
 
 def net_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +117,7 @@ def base_model(init_from: str) -> dict[str, str]:
     return {"name": local.resolve().name} if local.exists() else {"hub_id": init_from, "name": init_from}
 
 
-class MSTCLIPIQAModule(L.LightningModule):
+class MSTCLIPIQAModule(OneThreadForCachedSteps, L.LightningModule):
     """MST-CLIPIQA training and evaluation.
 
     Args:
@@ -146,8 +153,6 @@ class MSTCLIPIQAModule(L.LightningModule):
             {"net": asdict(self.net_config), "loss": asdict(self.loss_config), "optim": asdict(self.optim_config)}
         )
         self.net = MSTCLIPIQA(self.net_config)
-        self._threads: int | None = None
-        """torch's CPU thread count, kept while a fit on cached embeddings runs on one thread."""
         if saved is not None:
             saved.load_into(self.net)
         self.val_metrics = make_metrics("val/")
@@ -190,13 +195,6 @@ class MSTCLIPIQAModule(L.LightningModule):
         rank_zero_info(f"MST-CLIPIQA ({self.net_config.variant} head): {trainable:,} trainable, {frozen:,} frozen")
         for logger in self.loggers:
             logger.log_hyperparams({"trainable_params": trainable, "frozen_params": frozen})
-
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._threads = one_thread_for_cached_steps(self, "coarse_embeds" in batch, self._threads)
-
-    def on_train_end(self) -> None:
-        restore_threads(self._threads)
-        self._threads = None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         score = self(batch).score

@@ -46,11 +46,10 @@ from mst_clipiqa.model import MSTCLIPIQA
 from mst_clipiqa.training.checkpoints import run_dir
 from mst_clipiqa.training.lit_module import (
     MSTCLIPIQAModule,
+    OneThreadForCachedSteps,
     make_optimizer,
     make_schedule,
     net_inputs,
-    one_thread_for_cached_steps,
-    restore_threads,
 )
 
 
@@ -108,7 +107,7 @@ class Best:
     weights: dict[str, Tensor]
 
 
-class TogetherModule(L.LightningModule):
+class TogetherModule(OneThreadForCachedSteps, L.LightningModule):
     """The members of a `TogetherData`, trained in one loop; `model` is the network every member starts from.
 
     After `Trainer.test`, `results[k]` holds member k's test metrics (without the "test/" prefix) at its best weights
@@ -131,7 +130,6 @@ class TogetherModule(L.LightningModule):
         self.best: dict[int, Best] = {}
         self.results: dict[int, dict[str, float]] = {}
         self.checkpoints: dict[int, str] = {}
-        self._threads: int | None = None
 
     # ---- the members ---------------------------------------------------------------------------------------------
 
@@ -168,13 +166,8 @@ class TogetherModule(L.LightningModule):
         ]
         return optimizers, [{"scheduler": schedule, "interval": "step"} for schedule in schedules]
 
-    def on_train_batch_start(self, batch: dict[int, Any], batch_idx: int) -> None:
-        cached = any("coarse_embeds" in part for _, _, part in self._members_of(batch))
-        self._threads = one_thread_for_cached_steps(self, cached, self._threads)
-
-    def on_train_end(self) -> None:
-        restore_threads(self._threads)
-        self._threads = None
+    def _cached(self, batch: dict[int, dict[str, Any] | None]) -> bool:
+        return any("coarse_embeds" in part for _, _, part in self._members_of(batch))
 
     def training_step(self, batch: dict[int, dict[str, Any] | None], batch_idx: int) -> None:
         optimizers, schedules = self.optimizers(), self.lr_schedulers()

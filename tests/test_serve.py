@@ -255,7 +255,10 @@ def test_bad_requests_get_a_4xx_with_one_line_and_the_server_keeps_serving(serve
         400,
         "the upload: form field 'picture': upload images as 'image' files and prompts as 'prompt' fields",
     )
-    assert len({answer.json()["scores"][0] for answer in goods}) == 1
+    # The same image in every good request: one score, up to the last float bits, which on a CPU depend on how many
+    # images LitServe batched with it (the prompt head's products are blocked by batch size).
+    scores = [answer.json()["scores"][0] for answer in goods]
+    assert max(scores) - min(scores) < 1e-5
     assert all(answer.status_code == 200 for answer in goods)
     assert server.healthy() and server.process.poll() is None
 

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -28,6 +29,8 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from transformers.activations import QuickGELUActivation
 from transformers.utils import logging as hf_logging
+
+from mst_clipiqa.errors import BadModelError
 
 QUALITY_LEVELS = ("bad", "poor", "fair", "good", "perfect")
 INTERNAL_LOW, INTERNAL_HIGH = 1.0, 5.0
@@ -92,9 +95,27 @@ class InPlaceQuickGELU(nn.Module):
         return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
 
 
+@contextmanager
+def loading_checkpoint(name: str, config: ModelConfig) -> Iterator[None]:
+    """Load from the CLIP checkpoint `name` quietly; one that cannot be loaded (a mistyped folder, a hub id the hub
+    does not have or cannot be asked for) is a `BadModelError` naming the setting that gave it."""
+    try:
+        with quiet_transformers():
+            yield
+    except (OSError, ValueError) as err:
+        setting = "coarse_encoder" if name == config.coarse_encoder else "fine_encoder"
+        found = Path(name).expanduser().exists()
+        why = "not a CLIP checkpoint folder" if found else "no such folder, nor a model the Hugging Face Hub gave"
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadModelError(
+            f"model.net.{setting} {name}: {why} ({detail}); give the folder of a CLIP checkpoint or a hub id such as "
+            "openai/clip-vit-base-patch32"
+        ) from err
+
+
 def load_tower(cls: type, name: str, config: ModelConfig) -> nn.Module:
     """One CLIP tower (image or text) of the checkpoint `name`, frozen, with its QuickGELU computed in place."""
-    with quiet_transformers():
+    with loading_checkpoint(name, config):
         tower = cls.from_pretrained(name, revision=config.revision, attn_implementation="sdpa")
     for module in tower.modules():
         if isinstance(getattr(module, "activation_fn", None), QuickGELUActivation):
@@ -103,7 +124,7 @@ def load_tower(cls: type, name: str, config: ModelConfig) -> nn.Module:
 
 
 def load_tokenizer(config: ModelConfig):
-    with quiet_transformers():
+    with loading_checkpoint(config.coarse_encoder, config):
         return AutoTokenizer.from_pretrained(config.coarse_encoder, revision=config.revision)
 
 

@@ -72,6 +72,11 @@ def mistakes(tiny_clip: tuple[str, str], demo_data: str, tmp: Path) -> dict[str,
             2,
             ("predict needs trained weights", "--ckpt_path", "--model.init_from"),
         ),
+        "mistyped encoder folder": Mistake(
+            ["fit", *cli_args(demo_data, tiny_clip, runs, "--model.net.fine_encoder", str(tmp / "tiny-clip-b61"))],
+            1,
+            ("model.net.fine_encoder", "tiny-clip-b61", "no such folder"),
+        ),
         "missing data root": Mistake(
             ["fit", *cli_args(demo_data, tiny_clip, runs, "--data.root", str(tmp / "AGIQA-3K"))],
             1,
@@ -143,7 +148,8 @@ def made(tiny_clip, demo_data, tmp_path_factory) -> dict[str, tuple[Mistake, sub
     "name",
     ["unknown command", "misspelled option", "shortened option", "shortened trainer option", "no trained weights",
      "bad choice", "bad output extension", "a training config for score",
-     "missing input folder", "missing config file", "missing data root", "wrong column", "bad data", "missing model",
+     "missing input folder", "missing config file", "mistyped encoder folder", "missing data root", "wrong column",
+     "bad data", "missing model",
      "damaged model", "damaged checkpoint (test)", "damaged checkpoint (export)"],
 )  # fmt: skip
 def test_a_mistake_ends_in_one_message_that_names_the_culprit(made, name):

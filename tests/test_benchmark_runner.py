@@ -106,6 +106,9 @@ def test_a_runs_saved_config_configures_a_benchmark_and_score_and_export_say_wha
           "--trainer.default_root_dir", str(tmp_path / "bench")])  # fmt: skip
     (run,) = read_csv(tmp_path / "report" / "results.csv")
     assert (run["variant"], run["split"]) == ("template", "0") and Path(run["checkpoint"]).is_file()
+    # The run was a fit, and its own config.yaml configures the Trainer's commands as a fit's does.
+    (run_config,) = Path(run["checkpoint"]).parents[1].glob("config.yaml")
+    main(["validate", "--config", str(run_config), "--ckpt_path", run["checkpoint"]])
 
     (best,) = saved.parent.glob("checkpoints/best*.ckpt")
     for command, takes in (("export", f"export --ckpt_path {best} --out"), ("score", f"score {best} IMAGES")):

@@ -197,13 +197,20 @@ class _RunCLI(MSTCLIPIQACLI):
         super().add_arguments_to_parser(parser)
         added: set[str] = set()
         for command, skip in self.subcommands().items():
-            added.update(parser.add_method_arguments(self.trainer_class, command, skip=skip | added))
+            new = parser.add_method_arguments(self.trainer_class, command, skip=skip | added)
+            if command != "fit":
+                self.parsers.setdefault("not_fit", set()).update(new)
+            added.update(new)
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
         if self.config.get("ckpt_path"):
             rank_zero_warn(f"ckpt_path {self.config.ckpt_path} is ignored: every run of a benchmark starts afresh")
         self.configure(self.config)
+        # Each run is a fit: its config.yaml holds a fit's options, and configures any command as a fit's does.
+        for key in self.parsers.get("not_fit", ()):
+            if key in self.config:
+                del self.config[key]
 
 
 class Benchmark:

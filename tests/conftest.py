@@ -22,10 +22,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # models make small operations, which a second thread slows down (it mostly waits, spinning, for the first), and far
 # more while the other core runs a test's other process. Set before torch is imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Nothing the tests run writes into the user's home: W&B's data, cache and settings, and anything kept under the XDG
-# cache folder, go to one temporary folder of the session (removed at its end), in this process and its children.
+# Nothing the tests run writes into the user's home: W&B's data, cache and settings, anything kept under the XDG
+# cache, config and data folders (matplotlib's, Jupyter's), and the notebook kernel's IPython profile go to one
+# temporary folder of the session (removed at its end), in this process and its children.
 _HOME_DIRS = tempfile.mkdtemp(prefix="mst-clipiqa-tests-")
-for _name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "XDG_CACHE_HOME"):
+_REDIRECTED = ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME",
+               "XDG_DATA_HOME", "IPYTHONDIR", "MPLCONFIGDIR")  # fmt: skip
+for _name in _REDIRECTED:
     os.environ[_name] = os.path.join(_HOME_DIRS, _name.lower())
 
 

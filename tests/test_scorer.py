@@ -17,7 +17,7 @@ from PIL import Image
 from mst_clipiqa.cli.commands import main
 from mst_clipiqa.data.preprocess import ClipPreprocess, load_pixels
 from mst_clipiqa.errors import BadImageError, BadRowError
-from mst_clipiqa.scoring.scorer import load_scorer
+from mst_clipiqa.scoring.scorer import load_scorer, score_files
 
 
 @pytest.fixture(scope="module")
@@ -227,3 +227,8 @@ def test_the_prompt_head_without_any_prompt_names_the_option_before_decoding(mod
         assert f"score: error: {given}: none of its 3 images has a prompt" in error
         assert "--prompt_column COLUMN" in error and "--data.source_options.prompt_column COLUMN" in error
     assert decoded == [] and not (tmp_path / "x.csv").exists()
+
+
+def test_score_files_without_inputs_says_there_are_no_images(models, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no images in"):
+        score_files(models["template"][1], [], tmp_path / "s.csv", accelerator="cpu")

@@ -335,11 +335,12 @@ def collect_inputs(
         elif suffix == LIST_EXTENSION:
             lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
             names = [line for line in lines if line and not line.startswith("#")]
-            files = [str((Path(image_root) if image_root is not None else path.parent) / name) for name in names]
+            folder = Path(image_root) if image_root is not None else path.parent
+            files = [str(folder / name) for name in names]
         else:
             names = files = [given]
         parts.append(assemble("score", given, names, [{"path": file, "bytes": None} for file in files]))
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return datasets.concatenate_datasets(parts or [assemble("score", "", [], [])])
 
 
 class ScoreData(L.LightningDataModule):

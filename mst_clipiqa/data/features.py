@@ -819,7 +819,8 @@ class TableFeatures:
             keys = [key_of[row] for row in rows["index"].tolist()]
             failed.update((key, why) for key, why in zip(keys, rows["error"]) if why)
             decoded = [i for i, why in enumerate(rows["error"]) if not why]
-            pixels = rows["pixel_values"][decoded].to(device, non_blocking=True)  # (B, 3, 224, 224)
+            pixels = rows["pixel_values"] if len(decoded) == len(keys) else rows["pixel_values"][decoded]
+            pixels = pixels.to(device, non_blocking=True)  # (B, 3, 224, 224)
             for tower, todo, writer in towers:
                 chosen = [i for i, k in enumerate(decoded) if keys[k] in todo]
                 if not chosen:

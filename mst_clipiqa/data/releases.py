@@ -49,17 +49,7 @@ def load_agiqa1k(root: str | Path) -> datasets.Dataset:
         BadRowError: a missing column, or rows without an image name; the message names the file and the rows.
     """
     root = _existing_dir(root)
-    table = _find_file(root, "AIGC_MOS_Zscore.xlsx")
-    rows = table_columns(read_frame(table), table, ("image", "prompt", "mos"))
-    names = image_names(rows["image"], table)
-    return assemble(
-        "agiqa-1k",
-        table,
-        names,
-        image_files(_find_image_dir(root, names, table), names),
-        prompts=as_texts(rows["prompt"]),
-        mos={"mos_quality": rows["mos"]},
-    )
+    return _image_table("agiqa-1k", root, _find_file(root, "AIGC_MOS_Zscore.xlsx"), "image", {"mos_quality": "mos"})
 
 
 _AGIQA3K_HEADER = ("name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality", "mos_align", "std_align")
@@ -79,19 +69,8 @@ def load_agiqa3k(root: str | Path) -> datasets.Dataset:
         BadRowError: a header without the official columns, or rows without an image name.
     """
     root = _existing_dir(root)
-    table = _find_file(root, "data.csv")
-    rows = table_columns(
-        read_frame(table), table, ("name", "prompt", "mos_quality", "mos_align"), expected=_AGIQA3K_HEADER
-    )
-    names = image_names(rows["name"], table)
-    return assemble(
-        "agiqa-3k",
-        table,
-        names,
-        image_files(_find_image_dir(root, names, table), names),
-        prompts=as_texts(rows["prompt"]),
-        mos={"mos_quality": rows["mos_quality"], "mos_alignment": rows["mos_align"]},
-    )
+    mos = {"mos_quality": "mos_quality", "mos_alignment": "mos_align"}
+    return _image_table("agiqa-3k", root, _find_file(root, "data.csv"), "name", mos, expected=_AGIQA3K_HEADER)
 
 
 AIGCIQA2023_MODELS = ("Controlnet", "DALLE", "Glide", "Lafite", "stable-diffusion", "Unidiffuser")
@@ -169,16 +148,7 @@ _AIGCIQA2023_HUB_MOS = {
 def _aigciqa2023_hub_copy(root: Path, table: Path) -> datasets.Dataset:
     """AIGCIQA2023 as a hub copy holds it: `data.csv` (`name,prompt,mos_quality,mos_correspondence,mos_authenticity`)
     and the images it names, in the root or a folder below it."""
-    rows = table_columns(read_frame(table), table, ("name", "prompt", *_AIGCIQA2023_HUB_MOS.values()))
-    names = image_names(rows["name"], table)
-    return assemble(
-        "aigciqa2023",
-        table,
-        names,
-        image_files(_find_image_dir(root, names, table), names),
-        prompts=as_texts(rows["prompt"]),
-        mos={feature: rows[column] for feature, column in _AIGCIQA2023_HUB_MOS.items()},
-    )
+    return _image_table("aigciqa2023", root, table, "name", _AIGCIQA2023_HUB_MOS)
 
 
 def _aigciqa2023_prompts(path: Path) -> list[str | None]:
@@ -322,6 +292,29 @@ def load_evalmi50k(root: str | Path) -> datasets.Dataset:
         image_files(_find_image_dir(root, names, table), names),
         prompts=[prompts[place] for place in places],
         mos={"mos_quality": rows["mos1"], "mos_alignment": rows["mos2"]},
+    )
+
+
+def _image_table(
+    source: str,
+    root: Path,
+    table: Path,
+    name_column: str,
+    mos: dict[str, str],
+    *,
+    expected: Sequence[str] | None = None,
+) -> datasets.Dataset:
+    """A release's table of one image per row: its `name_column` (the image, below the folder that holds most of the
+    names), `prompt` and the MOS columns `mos` ({feature: column}); `expected` is the official header, if any."""
+    rows = table_columns(read_frame(table), table, (name_column, "prompt", *mos.values()), expected=expected)
+    names = image_names(rows[name_column], table)
+    return assemble(
+        source,
+        table,
+        names,
+        image_files(_find_image_dir(root, names, table), names),
+        prompts=as_texts(rows["prompt"]),
+        mos={feature: rows[column] for feature, column in mos.items()},
     )
 
 

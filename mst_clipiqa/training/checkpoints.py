@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import torch
@@ -281,9 +282,8 @@ class ResumingModelCheckpoint(ModelCheckpoint):
     keeps saving into the folder of the run it resumes (when that still exists), and every checkpoint records the
     run's folder and W&B run id for `continue_run`.
 
-    Lightning 2.6 rewrites last.ckpt at an epoch's end only when it has just written a top-k file, that is when the
-    monitored metric improved; a crash would then lose every epoch since the best one. In the resumed run's folder
-    the best-k bookkeeping (best score, top-k files, last) carries on as if the run had never stopped. A checkpoint
+    Lightning's own rewrites last.ckpt only with a new top-k file: a crash would lose every epoch since the best one.
+    In the resumed run's folder the best-k bookkeeping carries on as if the run had never stopped. A checkpoint
     loaded to validate, test or predict leaves the callback as it is: only a fit resumes.
     """
 
@@ -292,6 +292,7 @@ class ResumingModelCheckpoint(ModelCheckpoint):
     resumed_wandb_step: int | None = None
     """The W&B step counter at the checkpoint this fit resumes, set by `continue_run`."""
     _fitting = False
+    _saved_at: int | None = None
     _run_dir: str | None = None
     _wandb_id: str | None = None
     _wandb: WandbLogger | None = None
@@ -321,13 +322,41 @@ class ResumingModelCheckpoint(ModelCheckpoint):
             "wandb_step": step if isinstance(step, int) else None,
         }
 
-    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        # Private, for want of a public way: which public hook (on_train_epoch_end or on_validation_end) evaluates
-        # top-k depends on private settings, and only here is it known that it did, improved or not.
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
-        if self.save_last:
-            # Lightning saves last.ckpt next if, and only if, a checkpoint was saved at this step.
-            self._last_global_step_saved = trainer.global_step
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not trainer.is_last_batch:  # an evaluation within the epoch; one at its end is followed by the next hook
+            self._refresh_last(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._refresh_last(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self.last_model_path and self._saved_at == trainer.global_step):  # else last.ckpt is of this step
+            super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._saved_at = trainer.global_step
+
+    def _refresh_last(self, trainer: L.Trainer) -> None:
+        """Save last.ckpt at this step if Lightning did not: it does only when a top-k file was just written."""
+        if (
+            not (self.save_last and self._fitting)
+            or trainer.fast_dev_run
+            or trainer.sanity_checking
+            or self._saved_at == trainer.global_step
+        ):
+            return
+        if not self.last_model_path:
+            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+            version = self.STARTING_VERSION
+            while self.file_exists(self.last_model_path, trainer):  # never over another run's last.ckpt
+                self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST, ver=version)
+                version += 1
+        trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not self._fitting:

@@ -2,7 +2,7 @@
 
 Runs the real architectures (openai/clip-vit-base-patch32 and -patch16) with random weights, from an offline hub
 cache: speed and memory are those of the real models, scores mean nothing. The cache is ``--hub DIR``, by default
-WORKDIR/hub; where it does not exist, `demo.tiny_clip.build_random_hub_cache` builds it there (about a minute
+WORKDIR/hub; where it does not exist, `standins.build_random_hub_cache` builds it there (about a minute
 and 1 GB; with the default temporary work folder, at every run). The data is the demo generator's (5 images per
 scene), split scene-disjoint as in experiments/demo.yaml.
 
@@ -230,7 +230,7 @@ def use_hub_cache(hub: Path | None, workdir: Path) -> Path:
     folder = (workdir / "hub" if hub is None else hub).resolve()
     os.environ.update(HF_HUB_CACHE=str(folder), HF_HUB_OFFLINE="1")
     if hub is None or not folder.exists():
-        from mst_clipiqa.demo.tiny_clip import build_random_hub_cache
+        from standins import build_random_hub_cache
 
         print(f"Building random-weight towers of the real shapes in {folder}", file=sys.stderr, flush=True)
         build_random_hub_cache(folder)  # keeps the towers already there

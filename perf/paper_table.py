@@ -4,12 +4,12 @@
         [--benchmarks agiqa-1k agiqa-3k aigciqa2023 aigiqa-20k evalmi-50k] [--workers N] [--alone] [any fit option]
 
 1. Towers. ``--clip random`` (the default) writes CLIPs of the exact openai/clip-vit-base-patch32 and -patch16 shapes
-   with random weights as a Hugging Face hub cache in DIR/hub (`mst_clipiqa.demo.tiny_clip.build_random_hub_cache`) and
+   with random weights as a Hugging Face hub cache in DIR/hub (`standins.build_random_hub_cache`) and
    runs offline on it, so the configs load them by id, unchanged: time and memory are the real models', scores mean
    nothing. ``tiny`` uses the tests' tiny random towers (a smoke run); ``hub`` loads the configs' ids through the
    environment's own Hugging Face cache and switches (the real weights, where they are).
 2. Data. Stand-ins of each benchmark in its official layout at ``--scale`` of its real size, in DIR/data
-   (`mst_clipiqa.demo.synthetic.make_standins`), drawn in ``--workers`` processes (one per CPU by default).
+   (`standins.make_standins`), drawn in ``--workers`` processes (one per CPU by default).
 3. The table. Every config of experiments/ for the chosen benchmarks (agiqa1k_*.yaml, ...: heads A and B, each target
    the benchmark has a config for) runs through the benchmark runner (`mst_clipiqa.cli.benchmark.Benchmark`): the first
    ``--splits`` splits of its protocol (all of them by default; AIGIQA-20K's official split is one, EvalMi-50K's
@@ -104,10 +104,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from jsonargparse import Namespace  # noqa: E402
 from lightning.pytorch.profilers import Profiler  # noqa: E402
+from standins import RELEASE_IMAGES, STANDIN_FOLDERS, StandIns, build_random_hub_cache, make_standins  # noqa: E402
 
 from mst_clipiqa.cli.benchmark import Benchmark, RunResult, markdown_table  # noqa: E402
-from mst_clipiqa.demo.synthetic import RELEASE_IMAGES, STANDIN_FOLDERS, StandIns, make_standins  # noqa: E402
-from mst_clipiqa.demo.tiny_clip import build_random_hub_cache, build_tiny_pair  # noqa: E402
+from mst_clipiqa.demo.tiny_clip import build_tiny_pair  # noqa: E402
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 HEADS = {"template": "A", "prompt": "B"}

@@ -22,7 +22,9 @@ from pathlib import Path
 def random_model(work: Path, towers: str) -> Path:
     """A saved model of random weights on tiny towers or on towers of the real shapes (an offline hub cache in
     work/hub, which HF_HUB_CACHE must name), scoring on 0-5; built once in `work`."""
-    from mst_clipiqa.demo.tiny_clip import build_random_hub_cache, build_tiny_pair
+    from standins import build_random_hub_cache
+
+    from mst_clipiqa.demo.tiny_clip import build_tiny_pair
     from mst_clipiqa.hub.pretrained import save_pretrained
     from mst_clipiqa.model import ModelConfig
     from mst_clipiqa.training.lit_module import MSTCLIPIQAModule

@@ -215,9 +215,9 @@ HUB_LOAD = (
 @pytest.fixture(scope="session")
 def hub_snapshot_beside(beside, tmp_path_factory) -> SimpleNamespace:
     """Tiny towers written as hub snapshots under openai/clip-vit-base-patch32 and -patch16
-    (`tiny_clip.write_hub_snapshot`), then loaded by id, offline, in a process of its own (`HUB_LOAD`): the cache,
+    (perf/standins.py), then loaded by id, offline, in a process of its own (`HUB_LOAD`): the cache,
     the snapshots, and the load to come (tests/test_paper_table.py)."""
-    from mst_clipiqa.demo.tiny_clip import OPENAI_PATCHES, write_hub_snapshot
+    from standins import OPENAI_PATCHES, write_hub_snapshot
 
     cache = tmp_path_factory.mktemp("hub")
     text = dict(TINY_HUB_TOWER, max_position_embeddings=77)

@@ -119,8 +119,9 @@ def test_a_runs_saved_config_configures_a_benchmark_and_score_and_export_say_wha
 
 
 def test_cross_fills_the_train_by_test_matrix_over_the_configs(tiny_clip, tmp_path, monkeypatch):
+    from standins import make_standins
+
     from mst_clipiqa.data.datamodule import IQADataModule
-    from mst_clipiqa.demo.synthetic import make_standins
 
     # The configs' own data.root (data/AGIQA-1K, ...), relative to the working folder, hold stand-ins: 20, 20, 24 rows.
     monkeypatch.chdir(tmp_path)

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 from scripts.beside import output_of
+from standins import VIT_B_TEXT, VIT_B_VISION, write_hub_snapshot
 from transformers import CLIPConfig, CLIPModel
-
-from mst_clipiqa.demo.tiny_clip import VIT_B_TEXT, VIT_B_VISION, write_hub_snapshot
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

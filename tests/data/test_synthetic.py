@@ -9,22 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import standins as standin_tool
 from PIL import Image
+from standins import RELEASE_IMAGES, STANDIN_FOLDERS, make_standins
 
 from mst_clipiqa.data.checks import check_dataset
 from mst_clipiqa.data.preprocess import open_image
 from mst_clipiqa.data.splits import make_splits
 from mst_clipiqa.data.tables import load_source
-from mst_clipiqa.demo import synthetic
-from mst_clipiqa.demo.synthetic import (
-    HEADER,
-    LEVELS,
-    MARKER,
-    RELEASE_IMAGES,
-    STANDIN_FOLDERS,
-    make_demo_dataset,
-    make_standins,
-)
+from mst_clipiqa.demo.synthetic import HEADER, LEVELS, MARKER, make_demo_dataset
 
 
 def _rows(root: Path) -> list[dict[str, str]]:
@@ -139,13 +132,13 @@ FIRST_FOUR = ["agiqa-1k", "agiqa-3k", "aigciqa2023", "aigiqa-20k"]  # EvalMi-50K
 
 
 @pytest.fixture(scope="module")
-def standins(tmp_path_factory) -> synthetic.StandIns:
+def standins(tmp_path_factory) -> standin_tool.StandIns:
     return make_standins(tmp_path_factory.mktemp("standins"), FIRST_FOUR, scale=SMALL, workers=2)
 
 
 def test_full_size_plans_have_each_releases_counts_and_structure():
     # Planning draws nothing, so the real sizes are checked without writing 26,500 images.
-    plans = {source: plan(np.random.default_rng(0), 1.0, False) for source, plan in synthetic._PLANS.items()}
+    plans = {source: plan(np.random.default_rng(0), 1.0, False) for source, plan in standin_tool._PLANS.items()}
     sizes = {source: sum(map(len, plan.scenes)) for source, plan in plans.items()}
     assert sizes == RELEASE_IMAGES
     assert RELEASE_IMAGES == {
@@ -164,7 +157,7 @@ def test_full_size_plans_have_each_releases_counts_and_structure():
     assert min(sides) == 512 and max(sides) == 1024
     # A twentieth keeps the releases' structure: 6 x prompts x 4 images for AIGCIQA2023, about 10 per prompt for
     # AGIQA-3K.
-    twentieth = {source: plan(np.random.default_rng(0), 0.05, False) for source, plan in synthetic._PLANS.items()}
+    twentieth = {source: plan(np.random.default_rng(0), 0.05, False) for source, plan in standin_tool._PLANS.items()}
     assert [sum(map(len, p.scenes)) for p in twentieth.values()] == [54, 149, 120, 1000, 2520]
     assert len(twentieth["agiqa-3k"].scenes) == 15 and len(twentieth["aigciqa2023"].scenes) == 5
 
@@ -199,7 +192,7 @@ def test_standin_images_have_the_releases_formats_and_sizes(standins):
     assert formats("agiqa-3k") <= {("PNG", (512, 512)), ("PNG", (1024, 1024))}
     assert formats("aigciqa2023") == {("PNG", (512, 512))}
     twenty = formats("aigiqa-20k")
-    assert twenty <= {("PNG", size) for _, size in synthetic.AIGIQA20K_GENERATORS.values()} and len(twenty) > 1
+    assert twenty <= {("PNG", size) for _, size in standin_tool.AIGIQA20K_GENERATORS.values()} and len(twenty) > 1
 
 
 def test_evalmi50k_standin_is_read_by_its_reader(tmp_path):
@@ -214,7 +207,7 @@ def test_evalmi50k_standin_is_read_by_its_reader(tmp_path):
     assert all(prompts[name.split("/")[1]] == prompt for name, prompt in zip(ds["name"], ds["prompt"]))
     for column in ("mos_quality", "mos_alignment"):
         assert all(15 < value < 75 for value in ds[column])  # inside the configs' mos_range
-    sides = {side for _, side in synthetic.EVALMI50K_MODELS.values()}
+    sides = {side for _, side in standin_tool.EVALMI50K_MODELS.values()}
     for image in ds["image"][:24]:
         with Image.open(image["path"]) as file:
             assert file.format == "PNG" and file.size[0] == file.size[1] in sides

@@ -1,23 +1,11 @@
 """Checkpoints on shared machines: read without running code, find the one to resume, continue where it left off.
 
-Reading. A Lightning checkpoint is a pickle; unpickling an arbitrary object can run arbitrary code. This package's
-checkpoints hold tensors and plain data only (hyperparameters are stored as dicts), so `read_checkpoint` always
-loads with ``torch.load(weights_only=True)`` and turns every failure into a `BadCheckpointError` that names the
-file: a truncated or corrupted file, or one carrying a pickled object, which is refused without being rebuilt.
-
-Resuming. ``--ckpt_path last`` in Lightning looks in the checkpoint folder of the *current* run only, and every
-run of the CLI gets a new logger version folder, so a rerun after a crash found nothing and trained from scratch.
-`find_last_checkpoint` looks through the checkpoint folders of all versions under the run's logger folder, and the
-SLURM ``hpc_ckpt_*.ckpt`` files in ``default_root_dir``, and takes the newest one made for the same network and the
-same split (another split's checkpoint in the same folder would leak its test images into training).
-`ResumingModelCheckpoint` then keeps saving into the resumed run's folder, so its best-k bookkeeping carries on:
-in a new folder Lightning forgets the best score and the first epoch after a resume always counts as the best.
-
-The run's folder. Every run keeps its own files (config.yaml, splits.json, reports) in `run_dir`, next to its
-``checkpoints/``, and never writes over an earlier run's (`new_run_file`). Each checkpoint records that folder and
-the id and step of the W&B run it logs to; `continue_run` takes them back before a resumed fit starts, so the resumed
-run goes on in the same folder, CSV or TensorBoard log and W&B run (same id, steps continuing), after a kill as
-after a SLURM requeue.
+- `read_checkpoint` loads with ``weights_only=True`` (a pickle could run code) and names the file at fault.
+- ``--ckpt_path last`` (`resolve_ckpt_path`) looks through every logger version of the run and the SLURM
+  ``hpc_ckpt_*.ckpt`` files, not only the current version's folder, and takes the newest checkpoint of the same
+  network and split (another split's would leak its test images into training).
+- A resumed fit goes on in the run's folder (`run_dir`), log and W&B run, whose names every checkpoint records
+  (`ResumingModelCheckpoint`, `continue_run`), so its best-k bookkeeping carries on.
 """
 
 from __future__ import annotations
@@ -49,19 +37,8 @@ checkpoint that agrees on all of them."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint with ``weights_only=True``, its tensors on the CPU.
-
-    Args:
-        path: the checkpoint file.
-
-    Returns:
-        The checkpoint's dict.
-
-    Raises:
-        FileNotFoundError: there is no such file.
-        BadCheckpointError: the file is truncated, corrupted or not a Lightning checkpoint, or it holds a pickled
-            object other than tensors and plain data (which is never unpickled).
-    """
+    """Load a Lightning checkpoint with ``weights_only=True``, its tensors on the CPU. A missing file is
+    FileNotFoundError; a damaged one, or one holding a pickled object (never unpickled), `BadCheckpointError`."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
@@ -125,18 +102,8 @@ def _same(key: str, saved: Any, current: Any) -> bool:
 
 
 def find_last_checkpoint(trainer: L.Trainer, net: dict[str, Any], data: dict[str, Any]) -> Path | None:
-    """The newest checkpoint that this run can resume: see the module's docstring.
-
-    Unreadable checkpoints and those of another network or split are skipped with a warning that says why.
-
-    Args:
-        trainer: the run's trainer (its loggers, checkpoint callback and ``default_root_dir`` say where to look).
-        net: the model's ``net`` hyperparameters.
-        data: the data module's hyperparameters.
-
-    Returns:
-        The checkpoint's path, or None when there is none to resume.
-    """
+    """The newest checkpoint of the network `net` and the split of `data` (hyperparameters) among the run's, or None.
+    Unreadable ones and those of another network or split are skipped with a warning that says why."""
     skipped = []
     for path in _candidates(trainer):
         try:
@@ -172,12 +139,9 @@ def resolve_ckpt_path(
 def run_dir(trainer: L.Trainer) -> Path:
     """The folder of this run's own files (config.yaml, splits.json, reports), the one that holds its checkpoints/.
 
-    Lightning's checkpoint layout names it: ``<save_dir>/<name>/<version>`` of the first logger, that is
-    ``version_N`` for a CSV or TensorBoard logger and the run id for a `WandbLogger` (whose `Trainer.log_dir` is the
-    save_dir that all its runs share), and ``default_root_dir`` without a logger. A resumed fit keeps the folder of
-    the run it resumes (see `continue_run`).
-
-    Call it on every rank: rank 0 decides and broadcasts, as `Trainer.log_dir` does.
+    That is ``<save_dir>/<name>/<version>`` of the first logger (the W&B run id for a `WandbLogger`, whose
+    `Trainer.log_dir` all its runs share), ``default_root_dir`` without one, or the folder of the run a fit resumes.
+    Call it on every rank: rank 0 decides and broadcasts.
     """
     folder = None
     if trainer.is_global_zero:
@@ -196,9 +160,8 @@ def run_dir(trainer: L.Trainer) -> Path:
 def new_run_file(trainer: L.Trainer, folder: Path, name: str) -> Path:
     """Where this run writes its file `name` in its `folder` (from `run_dir`), never over an earlier run's file.
 
-    That is ``folder/name``, unless an earlier run left a file of that name there (runs without a logger share
-    ``default_root_dir``, as do runs given the same logger version): then the first free ``<stem>-vN<suffix>``, as
-    Lightning names a checkpoint whose name is taken. The folder of the run a fit resumes is its own: there
+    That is ``folder/name``, or, if an earlier run left one (runs without a logger share ``default_root_dir``), the
+    first free ``<stem>-vN<suffix>``, as Lightning names checkpoints. In the folder of the run a fit resumes,
     ``folder/name`` is rewritten.
     """
     path = folder / name
@@ -215,16 +178,10 @@ def new_run_file(trainer: L.Trainer, folder: Path, name: str) -> Path:
 def continue_run(trainer: L.Trainer, ckpt_path: str | None, logger_args: Sequence[dict[str, Any] | None] = ()) -> None:
     """Before a fit from the checkpoint `ckpt_path`: go on in the run it was saved by, its folder and its W&B run.
 
-    The checkpoint's `ResumingModelCheckpoint` state holds the run's folder, W&B run id and W&B step. The folder, if
-    it still exists, becomes this run's `run_dir`, and a CSV or TensorBoard logger about to open a new version folder
-    beside it logs on in it instead (`log_on_in`). Every `WandbLogger` without an id of its own is made anew with the
-    run's id and ``resume="allow"``, and its step counter goes on from the checkpoint's (see
-    `ResumingModelCheckpoint.setup`): offline, wandb writes a new ``offline-run-*-<id>`` folder, which `wandb sync`
-    uploads into the same run after the first, its rows numbered after the first's rather than over them.
-
-    `logger_args` are the loggers' arguments as configured, in order (None for Lightning's default logger). Call it
-    before the fit starts: Lightning starts the W&B run at setup. Does nothing without a checkpoint file or a
-    `ResumingModelCheckpoint`.
+    The run's folder, if it still exists, becomes this run's `run_dir`, where a CSV or TensorBoard logger logs on
+    (`log_on_in`). Every `WandbLogger` without an id of its own is made anew with the run's id and ``resume="allow"``,
+    its steps going on from the checkpoint's. `logger_args` are the loggers' arguments as configured, in order (None
+    for Lightning's default logger). Call it before the fit starts, as Lightning starts the W&B run at setup.
     """
     callback = trainer.checkpoint_callback
     if not (ckpt_path and Path(ckpt_path).is_file() and isinstance(callback, ResumingModelCheckpoint)):
@@ -252,9 +209,8 @@ def log_on_in(logger: Logger, folder: Path, args: dict[str, Any] | None, checkpo
     """`logger`, or, if it is a CSV or TensorBoard logger about to open a new version folder beside `folder`, the run
     it resumes, the same logger made anew (from `args`, its arguments, or as Lightning's default logger) on `folder`.
 
-    Lightning's CSV writer starts metrics.csv afresh in a folder that has one: the rows logged up to the checkpoint
-    (`checkpoint`'s epoch and step) are written back, so the file reads as one run; those of the epoch it was killed
-    in are logged again by the resumed fit.
+    Lightning's CSV writer starts metrics.csv afresh, so the rows logged up to the checkpoint are written back: the
+    file reads as one run.
     """
     if not isinstance(logger, CSVLogger | TensorBoardLogger) or Path(logger.log_dir).exists():
         return logger

@@ -195,10 +195,9 @@ class SavedModel:
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise BadModelError(f"{folder} holds no {CONFIG_NAME}: not a saved MST-CLIPIQA model")
+        _check_readable(config_path)
         try:
             config = json.loads(config_path.read_text())
-        except PermissionError as err:
-            raise _unreadable(config_path) from err
         except (OSError, ValueError) as err:
             raise BadModelError(f"{config_path} is damaged ({err}): save or export the model again") from err
         if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -505,16 +504,11 @@ def _test_row(path: Path) -> dict[str, float]:
     """The last test metrics in a CSVLogger's metrics.csv, keyed without the "test/" prefix; none if it has none."""
     if not path.is_file():
         return {}
-
-    def is_test(key: str | None) -> bool:
-        return key is not None and key.startswith("test/")
-
     try:
         with path.open(newline="") as f:
-            rows = [
-                {key.removeprefix("test/"): float(value) for key, value in row.items() if is_test(key) and value}
-                for row in csv.DictReader(f)
-            ]
+            reader = csv.DictReader(f)
+            tests = [key for key in reader.fieldnames or [] if key.startswith("test/")]
+            rows = [{key.removeprefix("test/"): float(row[key]) for key in tests if row[key]} for row in reader]
     except (OSError, csv.Error, ValueError) as err:
         warnings.warn(f"{path}: unreadable ({err}); the model card goes without test metrics", stacklevel=2)
         return {}
@@ -682,11 +676,9 @@ def _check_readable(path: Path) -> None:
     try:
         path.open("rb").close()
     except PermissionError as err:
-        raise _unreadable(path) from err
-
-
-def _unreadable(path: Path) -> BadModelError:
-    return BadModelError(f"permission denied: {path} is not readable by this user; ask its owner to make it readable")
+        raise BadModelError(
+            f"permission denied: {path} is not readable by this user; ask its owner to make it readable"
+        ) from err
 
 
 def _hub_failure(err: BaseException) -> str:

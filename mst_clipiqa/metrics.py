@@ -1,29 +1,10 @@
 """Evaluation metrics over a whole evaluation set: SRCC, PLCC, KRCC, RMSE and logistic-fitted PLCC.
 
-Every metric takes 1-D predictions and MOS on the benchmark's own scale and is computed once over the whole set,
-never per batch: a rank correlation of one batch says little about the ranking of the set.
-
-Exact under DDP. SRCC, KRCC, PLCC and the logistic PLCC keep every (prediction, MOS) pair in list states that
-torchmetrics concatenates across ranks before computing, so the value is that of one process holding the union.
-torchmetrics' `PearsonCorrCoef` is not used: it keeps float32 running moments, merged across ranks, which is off
-the float64 result by up to 7e-7 on MOS-scaled data and returns NaN when one outlier among a few thousand constant
-predictions makes the normalised variance fall under its sqrt(eps) guard; here PLCC is computed in float64 from the
-gathered pairs. RMSE keeps the sum of squared errors and the count, which sum across ranks to the union's own.
-Exactness also needs each
-sample seen once, without the repeats `DistributedSampler` pads in: see `mst_clipiqa.data.samplers`.
-
-Inputs are cast to float32 before they are stored: bf16 predictions from mixed precision would otherwise be ranked
-in bf16, and every rank must hold states of the same dtype for the all-gather.
-
-Undefined correlations. Constant predictions, usual in the first epochs, leave SRCC, PLCC and KRCC undefined
-(zero variance). Left alone, torchmetrics 1.9 disagrees with itself: `SpearmanCorrCoef` returns 0.0 silently (an eps
-in its denominator), `KendallRankCorrCoef` returns NaN silently and `PearsonCorrCoef` NaN with a warning. A NaN
-monitor is survivable for Lightning 2.6's `ModelCheckpoint` (it stores NaN as -inf in mode "max", so the first
-checkpoint is still written and any finite value beats it), but `EarlyStopping` with its default
-``check_finite=True`` stops training at the first NaN. So these metrics report 0.0, "no association", which is what
-a predictor without any ranking information deserves, keeps every callback working, and compares as worse than any
-positively correlated model; a single warning says so (the text is the same for every metric, so Python's default
-filter shows it once). A set with fewer than two pairs has no correlation at all and raises `ValueError`.
+Each is computed once over the whole set (a rank correlation of one batch says little), exactly under DDP: the
+correlations keep every (prediction, MOS) pair, gathered across ranks, and PLCC is computed from them in float64
+(torchmetrics' `PearsonCorrCoef` merges float32 moments); RMSE keeps sums. Inputs are stored as float32, so bf16
+predictions are not ranked in bf16. Constant predictions, usual in the first epochs, leave the correlations
+undefined: they are reported as 0.0, "no association", with one warning (a NaN would stop `EarlyStopping`).
 """
 
 from __future__ import annotations

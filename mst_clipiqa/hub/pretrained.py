@@ -1,10 +1,5 @@
-"""Saving and loading trained models in the shareable format (`mst_clipiqa.hub.saved_model`): `save_pretrained`,
-`from_pretrained`, `push_to_hub`, and what `mst-clipiqa export` runs.
-
-    save_pretrained(module, "my-model")         # config.json, model.safetensors, README.md, copied encoders
-    module = from_pretrained("my-model")        # a folder, a hub repo id or a Lightning .ckpt → MSTCLIPIQAModule
-    push_to_hub("my-model", "user/my-model")
-"""
+"""`save_pretrained`, `from_pretrained`, `push_to_hub` and `mst-clipiqa export`: trained models in the shareable
+format of `mst_clipiqa.hub.saved_model`."""
 
 from __future__ import annotations
 
@@ -25,8 +20,8 @@ __all__ = ["SavedModel", "export_main", "from_pretrained", "push_to_hub", "save_
 def save_pretrained(
     model: MSTCLIPIQAModule | MSTCLIPIQA, folder: str | Path, *, mos_range: tuple[float, float] | None = None
 ) -> Path:
-    """Save a trained model as a shareable folder: config.json, model.safetensors (no pickle), a model card
-    (README.md) and copies of local encoders, so that the folder scores on any machine.
+    """Save a trained model as a folder that scores on any machine: config.json, model.safetensors (no pickle), a
+    model card (README.md) and copies of local encoders.
 
     Args:
         model: the LightningModule (its network's MOS range goes along, and what its Trainer knows of the data and
@@ -66,9 +61,8 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload MST-CLIPIQA model",
 ) -> str:
-    """Upload a saved folder to a Hugging Face Hub model repo (created if missing); returns the commit's URL.
-
-    The folder is uploaded with its model card and the encoders copied into it, so the repo scores on its own.
+    """Upload a saved folder, with its model card and copied encoders, to a Hugging Face Hub model repo (created if
+    missing); returns the commit's URL.
 
     Args:
         folder: a folder written by `save_pretrained` or `mst-clipiqa export`, checked before anything is uploaded.
@@ -90,8 +84,7 @@ def push_to_hub(
         raise FileNotFoundError(f"no such model folder: {folder}")
     if not folder.is_dir():  # a checkpoint: only a saved folder is uploaded
         raise BadModelError(f"{folder} is not a model folder: save one with `save_pretrained` or `mst-clipiqa export`")
-    # Reading checks it whole; a folder naming encoders outside it (written by an older version) is refused there.
-    SavedModel.read(folder)
+    SavedModel.read(folder)  # checks it whole, before anything is uploaded
     if constants.HF_HUB_OFFLINE:
         raise MSTCLIPIQAError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine online")
     token = token or get_token()
@@ -137,15 +130,8 @@ def _hub_errors(repo_id: str) -> Iterator[None]:
 
 
 def export_main(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> None:
-    """`mst-clipiqa export --ckpt_path X.ckpt --out folder` (options: `mst_clipiqa.cli.commands.export`): a Lightning
-    checkpoint to the shareable format.
-
-    An existing folder (other than an empty one) is replaced only with `overwrite`; the model is written in a folder
-    beside `out` and renamed into place, so `out` is never half-written.
-
-    Raises:
-        OptionError: `out` exists and `overwrite` is not set, or `out` is a file.
-    """
+    """`mst-clipiqa export`: a Lightning checkpoint to the shareable format. A non-empty `out` is replaced only with
+    `overwrite`; the model is written beside it and renamed into place, so `out` is never half-written."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {out} is a file: give the folder to write the model to")

@@ -1,22 +1,10 @@
-"""The shareable model format, `SavedModel`: a folder that scores on any machine, local or on the Hugging Face Hub.
+"""`SavedModel`, the shareable model format: a folder, local or a Hugging Face Hub repo, of config.json (the network's
+settings, MOS range, encoders and training record), model.safetensors (the trainable weights only), README.md (the
+model card) and encoders/ (copies of local CLIP encoders). Hub encoders are recorded by id and commit, not copied, so
+the towers are exactly those the head was trained on. Nothing is pickled and no code is fetched.
 
-    my-model/
-      config.json         the network's `ModelConfig` (head variant, widths), where each encoder comes from (a hub id
-                          and the commit it resolved to, or a folder under encoders/), the MOS range scores are mapped
-                          onto, what the model was trained on, the package version that wrote it
-      model.safetensors   the trainable weights only (gated fusion and head): under 3 MB for variant A
-      README.md           the model card, in the Hugging Face convention
-      encoders/coarse/    local CLIP encoders, copied in with what loading reads (config, weights, tokenizer,
-      encoders/fine/      preprocessing); one folder when both streams share an encoder, none for hub encoders
-
-Hub encoders are not copied: loading takes the recorded commit from the Hugging Face cache, or downloads it (unless
-HF_HUB_OFFLINE is set), so the towers are exactly those the head was trained on. Copied encoders are found relative
-to the model folder, whatever the working directory. Nothing is pickled and no code is fetched.
-
-`SavedModel.read` also reads a Lightning checkpoint of `MSTCLIPIQAModule` (without unpickling any object, see
-`mst_clipiqa.training.checkpoints.read_checkpoint`), so a `.ckpt` can be scored, exported (`mst-clipiqa export`) or
-fine-tuned from like a saved folder. What it holds is the trainable part of a `MSTCLIPIQA` network and its MOS
-scale; `mst_clipiqa.hub.pretrained` saves and loads whole LightningModules with it.
+`SavedModel.read` also reads a Lightning checkpoint of `MSTCLIPIQAModule`, so a `.ckpt` can be scored, exported or
+fine-tuned from like a saved folder.
 """
 
 from __future__ import annotations
@@ -52,8 +40,7 @@ ENCODERS = "encoders"
 """Sub-folder holding copies of local encoders, one folder per stream."""
 FORMAT = "mst-clipiqa"
 FORMAT_VERSION = 2
-"""Bump when the folder's layout changes in a way older readers would misread. 2: encoders recorded by hub id and
-commit, or copied into the folder."""
+"""Bump when the folder's layout changes in a way older readers would misread."""
 
 TRAINABLE = MSTCLIPIQA.TRAINABLE
 STREAMS = ("coarse", "fine")
@@ -66,16 +53,14 @@ PYTORCH_FILES = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
 """Weights in PyTorch's format, read only where a checkpoint has no safetensors (as transformers does)."""
 
 MUST_MATCH = ("coarse_encoder", "fine_encoder", "revision", "variant", "fusion_dim")
-"""Config fields that give the trainable weights their shape or meaning: a model can only start from saved weights
-that agree on them, and on those of its head in `MUST_MATCH_HEAD`."""
+"""Settings that give the trainable weights their shape or meaning (with the head's, `MUST_MATCH_HEAD`)."""
 MUST_MATCH_HEAD = {"template": ("template",), "prompt": ("num_heads", "head_hidden")}
 
 MOS_RANGE_KEY = "net.mos_range"
-"""Where a checkpoint of `MSTCLIPIQAModule` holds the MOS scale: the network's buffer."""
+"""The MOS scale in a checkpoint's state dict; older checkpoints hold it as `LEGACY_MOS_RANGE_KEY`."""
 LEGACY_MOS_RANGE_KEY = "mos_range"
-"""Where checkpoints written before the network held the MOS scale hold it: at the top of the LightningModule."""
 FINE_TUNED_FROM = "fine_tuned_from"
-"""Where a checkpoint (at its top) and config.json's training record name the saved model a fit started from."""
+"""The key naming the saved model a fit started from, in a checkpoint and in config.json's training record."""
 
 
 @dataclass
@@ -89,26 +74,20 @@ class SavedModel:
     weights: dict[str, Tensor]
     """Trainable weights, keyed as in `MSTCLIPIQA.state_dict()` (``fusion.*``, ``head.*``)."""
     package_version: str = __version__
-    """Version of mst-clipiqa that wrote it."""
     source: str = ""
     """Where it was read from, for messages."""
     commits: dict[str, str] = field(default_factory=dict)
-    """Hub commit of each stream's encoder ("coarse", "fine") named by hub id, where known."""
+    """Hub commit of each stream's encoder named by hub id, where known."""
     training: dict[str, Any] = field(default_factory=dict)
-    """What is known of its training, for the model card: "data" (source and split), "checkpoint" (file, epoch,
-    step), "validation" (best score of the run), "test" ("metrics", the "run" folder that logged them, and whether
-    they are "of_these_weights")."""
+    """What is known of its training, for the model card: "data", "checkpoint", "validation", "test"."""
 
     # ---- writing -------------------------------------------------------------------------------------------------
 
     @classmethod
     def of(cls, model: L.LightningModule | MSTCLIPIQA, mos_range: tuple[float, float] | None = None) -> SavedModel:
-        """The saved form of a LightningModule holding the network as `net` (with the network's MOS range, and its
-        data and metrics if a Trainer ran it) or of a bare network.
-
-        `mos_range` overrides the network's. A bare `MSTCLIPIQA` that was never trained has none: its scores then
-        stay on the internal 1..5 scale.
-        """
+        """The saved form of a LightningModule holding the network as `net` (with what its Trainer knew of its data
+        and metrics) or of a bare network. `mos_range` overrides the network's; a bare network never trained keeps
+        the internal 1..5 scale."""
         if isinstance(model, MSTCLIPIQA):
             net, training = model, {}
             if not net.has_mos_range:
@@ -118,18 +97,12 @@ class SavedModel:
             if not net.has_mos_range and mos_range is None:
                 raise ValueError("the model has no MOS range yet: train it first, or pass mos_range=(low, high)")
         mos_range = mos_range or tuple(net.mos_range.tolist())
-        weights = {
-            f"{part}.{key}": value.detach().cpu().contiguous()
-            for part in TRAINABLE
-            for key, value in getattr(net, part).state_dict().items()
-        }
+        weights = {key: value.detach().cpu().contiguous() for key, value in net.saved_state().items()}
+        del weights["mos_range"]  # config.json holds it
         return cls(net.config, _checked_range(mos_range, "mos_range"), weights, training=training)
 
     def save(self, folder: str | Path) -> Path:
-        """Write the model to `folder` (created if needed): config.json, model.safetensors, README.md and copies of
-        local encoders. Returns the folder.
-
-        Files are created like any other (the umask applies), so a shared folder is readable by the group.
+        """Write the model to `folder` (created if needed), with copies of local encoders. Returns the folder.
 
         Raises:
             BadModelError: an encoder that is neither a folder nor found in the Hugging Face cache or on the hub.
@@ -155,9 +128,8 @@ class SavedModel:
         return folder
 
     def _place_encoders(self, folder: Path) -> dict[str, dict[str, str | None]]:
-        """Each stream's entry of config.json: {"hub_id", "commit"} for a hub encoder (a folder of the Hugging Face
-        cache counts as one), {"folder"} for a local encoder, which is copied into `folder` (once if both streams
-        share it). Old copies no stream uses any more are removed."""
+        """Each stream's entry of config.json: {"hub_id", "commit"} for a hub encoder (or a folder of the Hugging Face
+        cache), {"folder"} for a local encoder, copied into `folder` once. Copies no stream uses any more go."""
         entries: dict[str, dict[str, str | None]] = {}
         copies: dict[Path, str] = {}  # resolved source → its folder relative to the model's
         for stream in STREAMS:
@@ -176,7 +148,7 @@ class SavedModel:
             elif _looks_like_path(name):
                 raise BadModelError(f"the {stream} encoder {_where(name)} does not exist")
             else:
-                commit = self.commits.get(stream) or _hub_commit(name, self.net.revision, stream)
+                commit = self.commits.get(stream) or hub_commit(name, self.net.revision, stream)
                 entries[stream] = {"hub_id": name, "commit": commit}
         for stream in STREAMS:
             stale = folder / ENCODERS / stream
@@ -223,10 +195,9 @@ class SavedModel:
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise BadModelError(f"{folder} holds no {CONFIG_NAME}: not a saved MST-CLIPIQA model")
+        _check_readable(config_path)
         try:
             config = json.loads(config_path.read_text())
-        except PermissionError as err:
-            raise _unreadable(config_path) from err
         except (OSError, ValueError) as err:
             raise BadModelError(f"{config_path} is damaged ({err}): save or export the model again") from err
         if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -245,8 +216,6 @@ class SavedModel:
         try:
             _check_readable(folder / WEIGHTS_NAME)
             weights = load_file(folder / WEIGHTS_NAME)
-        except BadModelError:
-            raise
         except (OSError, SafetensorError) as err:
             raise BadModelError(
                 f"{folder / WEIGHTS_NAME} is missing or damaged ({err}): save or export the model again"
@@ -283,8 +252,8 @@ class SavedModel:
     # ---- loading into a model --------------------------------------------------------------------------------------
 
     def loadable_net(self) -> ModelConfig:
-        """The network with each encoder where this machine loads it from: a hub encoder at its recorded commit, as
-        a folder of the Hugging Face cache (downloaded when missing there, unless HF_HUB_OFFLINE is set).
+        """The network with each hub encoder at its recorded commit, as a folder of the Hugging Face cache (downloaded
+        when missing there, unless HF_HUB_OFFLINE is set).
 
         Raises:
             BadModelError: an encoder that cannot be found, naming where it was looked for.
@@ -299,24 +268,18 @@ class SavedModel:
                 raise BadModelError(f"{self.source}: the {stream} encoder {_where(name)} does not exist")
         return replace(self.net, **names)
 
-    def check_compatible(self, net: ModelConfig) -> None:
-        """Raise if `net` differs from the saved network in what gives the weights their shape or meaning.
-
-        Encoders agree when they load the same checkpoint, however named: a copy in the saved folder and the folder
-        it was copied from, a hub id and its folder in the Hugging Face cache.
-        """
-        names = MUST_MATCH + MUST_MATCH_HEAD.get(self.net.variant, ())
-        differ = [name for name in names if not _same_setting(name, getattr(net, name), getattr(self.net, name))]
+    def load_into(self, net: MSTCLIPIQA) -> MSTCLIPIQA:
+        """Copy the trainable weights and the MOS range into `net`, after checking that it agrees with the saved
+        network on what gives the weights their shape or meaning (encoders agree when they load the same checkpoint,
+        however named)."""
+        names, config = MUST_MATCH + MUST_MATCH_HEAD.get(self.net.variant, ()), net.config
+        differ = [name for name in names if not _same_setting(name, getattr(config, name), getattr(self.net, name))]
         if differ:
-            lines = "; ".join(f"{n}: saved {getattr(self.net, n)!r}, configured {getattr(net, n)!r}" for n in differ)
+            lines = "; ".join(f"{n}: saved {getattr(self.net, n)!r}, configured {getattr(config, n)!r}" for n in differ)
             raise OptionError(
                 f"cannot start from {self.source or 'the saved model'}: the network differs in {lines}. "
                 f"Set the configuration to the saved values, or leave it unset to take them (--model.net.{differ[0]})"
             )
-
-    def load_into(self, net: MSTCLIPIQA) -> MSTCLIPIQA:
-        """Copy the trainable weights and the MOS range into `net`, after checking the networks match."""
-        self.check_compatible(net.config)
         unexpected = sorted(key for key in self.weights if key.split(".", 1)[0] not in TRAINABLE)
         if unexpected:
             raise BadModelError(f"{self.source}: unexpected weights {', '.join(unexpected[:5])}")
@@ -351,14 +314,8 @@ STREAM_TEXT = {
 
 
 def model_card(saved: SavedModel, encoders: dict[str, dict[str, str | None]], name: str) -> str:
-    """The model card, README.md in the Hugging Face convention: metadata, then what the model scores and on which
-    scale, its encoders, training data and metrics, and how to score with it.
-
-    Args:
-        saved: the model.
-        encoders: each stream's entry of config.json, as `SavedModel.save` writes it.
-        name: what to load it by in the examples: the folder's name.
-    """
+    """The model card (README.md in the Hugging Face convention) of `saved`, whose encoders config.json records as
+    `encoders`; `name` (the folder's) is what the usage examples load it by."""
     from huggingface_hub import ModelCardData
 
     data = saved.training.get("data", {})
@@ -456,20 +413,15 @@ def _usage_text(name: str, variant: str) -> list[str]:
 
 
 def _training_of_checkpoint(path: Path, checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """What a Lightning checkpoint and its run folder tell: the data module's settings, the checkpoint's place in the
-    run, the run's best validation score, and the test metrics its CSVLogger wrote."""
+    """What a Lightning checkpoint and its run folder tell of its training (`SavedModel.training`)."""
     training: dict[str, Any] = {
         "checkpoint": {"file": path.name, "epoch": checkpoint.get("epoch"), "step": checkpoint.get("global_step")}
     }
     if isinstance(data := checkpoint.get("datamodule_hyper_parameters"), dict):
         training["data"] = _data_summary(data)
     for state in (checkpoint.get("callbacks") or {}).values():
-        if isinstance(state, dict) and state.get("best_model_score") is not None:
-            training["validation"] = {
-                "monitor": state.get("monitor"),
-                "best": float(state["best_model_score"]),
-                "best_checkpoint": Path(state.get("best_model_path") or "").name,
-            }
+        if validation := _best_validation(state):
+            training["validation"] = validation
     if test := _logged_test_metrics(path):
         training["test"] = test
     if checkpoint.get(FINE_TUNED_FROM):
@@ -478,8 +430,7 @@ def _training_of_checkpoint(path: Path, checkpoint: dict[str, Any]) -> dict[str,
 
 
 def _training_of_module(module: L.LightningModule) -> dict[str, Any]:
-    """What the Trainer a module is attached to knows: its data module's settings, the best validation score and the
-    last test metrics."""
+    """What the Trainer a module is attached to knows of its training (`SavedModel.training`)."""
     try:
         trainer = module.trainer
     except RuntimeError:  # not attached to a Trainer
@@ -490,12 +441,8 @@ def _training_of_module(module: L.LightningModule) -> dict[str, Any]:
     if trainer.datamodule is not None and trainer.datamodule.hparams:
         training["data"] = _data_summary(dict(trainer.datamodule.hparams))
     callback = trainer.checkpoint_callback
-    if callback is not None and callback.best_model_score is not None:
-        training["validation"] = {
-            "monitor": callback.monitor,
-            "best": float(callback.best_model_score),
-            "best_checkpoint": Path(callback.best_model_path).name,
-        }
+    if callback is not None and (validation := _best_validation(callback.state_dict())):
+        training["validation"] = validation
     metrics = trainer.callback_metrics
     test = {key.removeprefix("test/"): float(value) for key, value in metrics.items() if key.startswith("test/")}
     if test:
@@ -503,10 +450,17 @@ def _training_of_module(module: L.LightningModule) -> dict[str, Any]:
     return training
 
 
+def _best_validation(state: Any) -> dict[str, Any] | None:
+    """The best validation score in a `ModelCheckpoint`'s state, if it holds one."""
+    if not isinstance(state, dict) or state.get("best_model_score") is None:
+        return None
+    best, path = float(state["best_model_score"]), Path(state.get("best_model_path") or "").name
+    return {"monitor": state.get("monitor"), "best": best, "best_checkpoint": path}
+
+
 def _data_summary(hparams: dict[str, Any]) -> dict[str, Any]:
-    """The data module's settings that say what the model learnt from: source, target, protocol and split. Local
-    paths are cut to their last part: they name the data, not where it lay on the training machine."""
-    # What defines the split under the run's protocol (the column mapping aside), and the MOS scale.
+    """The data module's settings that define the split under its protocol (the column mapping aside) and the MOS
+    scale. Local paths are cut to their last part: where the data lay on the training machine says nothing."""
     keys = [key for key in split_settings(hparams.get("protocol")) if key != "source_options"]
     keys.insert(keys.index("splits_file"), "mos_range")
     summary = {key: hparams[key] for key in keys if hparams.get(key) not in (None, "")}
@@ -519,9 +473,8 @@ def _data_summary(hparams: dict[str, Any]) -> dict[str, Any]:
 
 
 def _logged_test_metrics(checkpoint: Path) -> dict[str, Any]:
-    """The test metrics a CSVLogger wrote for a checkpoint in its run folder (``<logger>/version_N/checkpoints/``):
-    those of the newest `test` run of it (a version folder whose config.yaml names it as ckpt_path), else those the
-    training run itself logged, of a checkpoint it does not record. Empty if there are none."""
+    """The test metrics a CSVLogger wrote for a checkpoint in ``<logger>/version_N/checkpoints/``: those of the
+    newest `test` run of it (a version whose config.yaml names it as ckpt_path), else those the training run logged."""
     run = checkpoint.parent.parent
     if checkpoint.parent.name != "checkpoints":
         return {}
@@ -551,16 +504,11 @@ def _test_row(path: Path) -> dict[str, float]:
     """The last test metrics in a CSVLogger's metrics.csv, keyed without the "test/" prefix; none if it has none."""
     if not path.is_file():
         return {}
-
-    def is_test(key: str | None) -> bool:
-        return key is not None and key.startswith("test/")
-
     try:
         with path.open(newline="") as f:
-            rows = [
-                {key.removeprefix("test/"): float(value) for key, value in row.items() if is_test(key) and value}
-                for row in csv.DictReader(f)
-            ]
+            reader = csv.DictReader(f)
+            tests = [key for key in reader.fieldnames or [] if key.startswith("test/")]
+            rows = [{key.removeprefix("test/"): float(row[key]) for key in tests if row[key]} for row in reader]
     except (OSError, csv.Error, ValueError) as err:
         warnings.warn(f"{path}: unreadable ({err}); the model card goes without test metrics", stacklevel=2)
         return {}
@@ -592,31 +540,24 @@ def _hub_origin(name: str) -> tuple[str, str] | None:
     return None
 
 
-def _hub_commit(repo_id: str, revision: str | None, stream: str) -> str:
-    """The commit a hub encoder's revision resolves to, through the Hugging Face cache (or the hub, when online)."""
+def hub_commit(repo_id: str, revision: str | None, stream: str = "hub") -> str:
+    """The commit a hub encoder's revision resolves to, as `from_pretrained` resolves it (through the Hugging Face
+    cache and offline switches, or the hub)."""
     from huggingface_hub import constants
+    from transformers.utils import cached_file
+    from transformers.utils.hub import extract_commit_hash
 
     try:
-        commit = hub_commit(repo_id, revision)
+        commit = extract_commit_hash(cached_file(repo_id, CONFIG_NAME, revision=revision), None)
+        why = "its config.json is not in a hub snapshot"
     except (OSError, ValueError) as err:
         commit, why = None, err
-    else:
-        why = "its config.json is not in a hub snapshot"
     if commit is None:
         raise BadModelError(
             f"the {stream} encoder {repo_id!r} is neither a folder ({Path(repo_id).resolve()}) nor a model in the "
             f"Hugging Face cache ({constants.HF_HUB_CACHE}) or on the hub: {why}"
         )
     return commit
-
-
-def hub_commit(repo_id: str, revision: str | None) -> str | None:
-    """The commit a hub model's revision resolves to, through Hugging Face's cache and offline switches, as
-    `from_pretrained` resolves it; None where its config.json is not in a hub snapshot."""
-    from transformers.utils import cached_file
-    from transformers.utils.hub import extract_commit_hash
-
-    return extract_commit_hash(cached_file(repo_id, "config.json", revision=revision), None)
 
 
 def _hub_snapshot(repo_id: str, commit: str, stream: str) -> Path:
@@ -636,7 +577,7 @@ def _hub_snapshot(repo_id: str, commit: str, stream: str) -> Path:
             f"the {stream} encoder {repo_id} at commit {commit} is not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}) and could not be downloaded: {err}"
         ) from err
-    if not (folder / CONFIG_NAME).is_file() or not _weight_files(folder):
+    if not _encoder_files(folder):
         raise BadModelError(f"the {stream} encoder {repo_id} at commit {commit}: {folder} lacks its config or weights")
     return folder
 
@@ -648,15 +589,23 @@ def _weight_files(folder: Path) -> list[Path]:
     ]
 
 
+def _encoder_files(folder: Path) -> list[Path]:
+    """What loading the CLIP checkpoint in `folder` reads; none unless it has its config.json and weights."""
+    weights = _weight_files(folder)
+    if not (folder / CONFIG_NAME).is_file() or not weights:
+        return []
+    return [folder / name for name in ENCODER_FILES if (folder / name).is_file()] + weights
+
+
 def _copy_encoder(source: Path, target: Path, stream: str) -> None:
     """Copy what loading a local CLIP checkpoint reads into `target`. Plain copies, so the files get the usual mode
     (transformers writes weights 0600)."""
     if target.resolve() == source:  # saved again into the folder it was loaded from
         return
-    weights = _weight_files(source)
-    if not (source / CONFIG_NAME).is_file() or not weights:
+    files = _encoder_files(source)
+    if not files:
         raise BadModelError(f"the {stream} encoder folder {source} holds no CLIP checkpoint (config.json and weights)")
-    if weights[0].suffix == ".bin":  # a saved folder is read from safetensors only
+    if any(file.suffix == ".bin" for file in files):  # a saved folder is read from safetensors only
         raise BadModelError(
             f"the {stream} encoder folder {source} holds PyTorch .bin weights (a pickle) and no safetensors: save the "
             "encoder again with `save_pretrained(folder)`, which writes safetensors, and save the model from it"
@@ -664,20 +613,16 @@ def _copy_encoder(source: Path, target: Path, stream: str) -> None:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    for file in [source / name for name in ENCODER_FILES if (source / name).is_file()] + weights:
+    for file in files:
         shutil.copyfile(file, target / file.name)
 
 
 def _located_encoders(
     net: ModelConfig, entries: dict[str, dict[str, Any]], folder: Path, origin: Path
 ) -> tuple[ModelConfig, dict[str, str]]:
-    """`net` with each encoder as config.json's `entries` place it: a copy by its path inside `folder` (whatever the
-    working directory), a hub encoder by its id; and the recorded commit of each hub encoder.
-
-    A saved folder is untrusted input and reads nothing outside itself: an encoder is a copy inside it, in
-    safetensors, or a hub id; anything else (a path in `hub_id` or in the network's settings, a folder entry that
-    leaves the folder, pickled weights) is refused before any file it names is opened.
-    """
+    """`net` with each encoder as config.json's `entries` place it (a copy by its path inside `folder`, a hub encoder
+    by its id), and the recorded commit of each hub encoder. A saved folder is untrusted input: anything but a
+    safetensors copy inside it or a hub id is refused before any file it names is opened."""
     unknown = sorted(set(entries) - set(STREAMS))
     if unknown:
         raise BadModelError(f"{origin}: unknown encoder entries {', '.join(unknown)}: save or export the model again")
@@ -692,18 +637,19 @@ def _located_encoders(
                 commits[stream] = entry["commit"]
             continue
         path = (folder / entry["folder"]).resolve()
-        if not path.is_relative_to(folder.resolve()) or not (path / CONFIG_NAME).is_file() or not _weight_files(path):
+        files = _encoder_files(path) if path.is_relative_to(folder.resolve()) else []
+        if not files:
             raise BadModelError(
                 f"{origin}: the {stream} encoder is missing or incomplete: no CLIP checkpoint (config.json and "
                 f"weights) in {path}; copy the whole model folder, or save the model again"
             )
-        pickled = [file for file in _weight_files(path) if file.suffix == ".bin"]
+        pickled = [file for file in files if file.suffix == ".bin"]
         if pickled:
             raise BadModelError(
                 f"{pickled[0]}: the {stream} encoder's weights are a pickle (PyTorch .bin), which a saved model is "
                 "never read from: only safetensors are; save or export the model again"
             )
-        for file in [path / name for name in ENCODER_FILES if (path / name).is_file()] + _weight_files(path):
+        for file in files:
             _check_readable(file)
         names[f"{stream}_encoder"] = str(path)
     return replace(net, **names), commits
@@ -730,11 +676,9 @@ def _check_readable(path: Path) -> None:
     try:
         path.open("rb").close()
     except PermissionError as err:
-        raise _unreadable(path) from err
-
-
-def _unreadable(path: Path) -> BadModelError:
-    return BadModelError(f"permission denied: {path} is not readable by this user; ask its owner to make it readable")
+        raise BadModelError(
+            f"permission denied: {path} is not readable by this user; ask its owner to make it readable"
+        ) from err
 
 
 def _hub_failure(err: BaseException) -> str:

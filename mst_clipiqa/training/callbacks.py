@@ -1,21 +1,5 @@
-"""The resolved config of a CLI run, in the run's own folder and on W&B, and per-sample views of every evaluation.
-
-Lightning's `WandbLogger` already records the metrics (and, with ``log_model``, checkpoints as artifacts). The
-callbacks here add what a number cannot show, for the validation and test sets:
-
-- ``{stage}/pred_vs_mos``: a scatter plot of every prediction against its MOS;
-- ``{stage}/worst``: a table of the worst-predicted images (largest |prediction - MOS|) with a thumbnail, the
-  name, the prompt, the MOS and the prediction;
-- ``{stage}/worst_images``: the same thumbnails as images of the run, captioned with name, MOS and prediction.
-  wandb keeps a table's images only in the table's artifact, staged outside the run folder (under
-  ``WANDB_DATA_DIR``); these are files of the run itself, so an offline run folder holds them for `wandb sync`;
-- ``{stage}/coarse_share`` and ``{stage}/coarse_share_hist``: how much of each fused feature comes from the coarse
-  (semantic) stream rather than the fine one, i.e. the per-sample mean of the gate g of `GatedFusion`, averaged
-  over the set and as a histogram.
-
-Under DDP each rank holds part of the evaluation set (the evaluation sampler deals rows out without padding, so
-ranks may hold different counts); the per-sample outputs are gathered from all ranks and rank 0 logs them, so every
-row appears exactly once. Without a `WandbLogger` the callbacks do nothing.
+"""Callbacks: the run's resolved config in its own folder and on W&B (`SaveConfigToWandb`), and per-sample views of
+every validation and test on W&B (`WandbEvaluationLogger`): what a metric cannot show.
 """
 
 from __future__ import annotations
@@ -45,15 +29,9 @@ def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
 
 
 class SaveConfigToWandb(SaveConfigCallback):
-    """Writes config.yaml into the run's own folder and sends the whole resolved config to every W&B logger of the run.
-
-    Lightning writes config.yaml into `Trainer.log_dir`, which under a `WandbLogger` is the save_dir every run
-    shares, so each run overwrote the last one's. Here it goes into `run_dir`, next to the run's checkpoints, and
-    never over an earlier run's file (`new_run_file`; a resumed fit rewrites its own).
-
-    Lightning logs only the model's and data module's own hyperparameters; the run's config (trainer, callbacks,
-    seed, checkpointing, ...) reaches W&B here, nested as in the YAML, so runs can be filtered on any option.
-    """
+    """Writes config.yaml into the run's own folder (`run_dir`, never over an earlier run's file) rather than
+    `Trainer.log_dir`, which every run under a `WandbLogger` shares, and sends the whole resolved config to every W&B
+    logger of the run (Lightning logs only the modules' hyperparameters), so runs can be filtered on any option."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.already_saved:
@@ -75,22 +53,25 @@ class SaveConfigToWandb(SaveConfigCallback):
 
 
 def gather_rows(rows: Tensor) -> Tensor:
-    """Concatenate every rank's (N_rank, C) tensor in rank order; N_rank may differ between ranks.
-
-    Every rank must call it (it is a collective); outside DDP the tensor comes back as it is.
-    """
+    """Concatenate every rank's (N_rank, C) tensor in rank order (N_rank may differ); a collective, so every rank
+    calls it. Outside DDP the tensor comes back as it is."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return rows
     return torch.cat(gather_all_tensors(rows))
 
 
 class WandbEvaluationLogger(L.Callback):
-    """Logs, at the end of each validation and test, a prediction-vs-MOS scatter plot, the worst-predicted images
-    and the gate's coarse/fine balance to W&B (see the module's docstring). Does nothing without a `WandbLogger`.
+    """Logs to W&B, at the end of each validation and test, over the whole set gathered from all ranks:
 
-    It reads the per-sample outputs `MSTCLIPIQAModule` returns from its validation and test steps (``index``,
-    ``score``, ``mos``, ``coarse_share``); images, names and prompts of the worst rows come from the data module's
-    table (`IQADataModule.load_table`) by row index, so it works as well when batches carry cached embeddings.
+    - ``{stage}/pred_vs_mos``: a scatter plot of every prediction against its MOS;
+    - ``{stage}/worst`` and ``{stage}/worst_images``: the worst-predicted images (largest |prediction - MOS|) as a
+      table (thumbnail, name, prompt, MOS, prediction) and as images of the run, which an offline run folder keeps
+      for `wandb sync` (wandb stages a table's images outside it);
+    - ``{stage}/coarse_share`` and ``{stage}/coarse_share_hist``: the mean of `GatedFusion`'s gate, the coarse
+      stream's share of each fused feature, over the set and as a histogram.
+
+    It reads the per-sample outputs of `MSTCLIPIQAModule`'s evaluation steps; images, names and prompts come from
+    the data module's table by row index, so cached embeddings do as well. Does nothing without a `WandbLogger`.
 
     Args:
         worst_k: rows in the table of worst-predicted images.

@@ -1,9 +1,6 @@
-"""Launchers that start the processes themselves (torchrun, SLURM's srun, `fabric run`) and the Trainer's options.
-
-Such a launcher starts every process of a job; the Trainer must then be set for exactly that many: devices per node
-times nodes. `fabric run` says what it started in LT_* environment variables, which Lightning's Fabric reads and the
-Trainer does not; `take_launcher_options` hands them to the Trainer. `check_world_size` stops a run whose devices and
-nodes disagree with the processes started: each process would run a fit of its own, or wait for ranks that never come.
+"""Launchers that start the processes themselves (torchrun, SLURM's srun, `fabric run`) and the Trainer's options,
+which must then be set for exactly the processes started: otherwise each would run a fit of its own, or wait for
+ranks that never come.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_warn
 
 from mst_clipiqa.errors import OptionError
 
-# The Trainer option each of `fabric run`'s variables carries (lightning.fabric.cli sets them).
+# The Trainer option each of `fabric run`'s variables carries: Fabric reads them, the Trainer does not.
 FABRIC_RUN_OPTIONS = {
     "accelerator": "LT_ACCELERATOR",
     "strategy": "LT_STRATEGY",
@@ -28,16 +25,9 @@ FABRIC_RUN_OPTIONS = {
 
 
 def take_launcher_options(trainer: MutableMapping[str, Any], defaults: Mapping[str, Any]) -> None:
-    """Fill the Trainer options left unset with the values `fabric run` passes in LT_* variables, in place.
-
-    An option is unset when it holds its default (`defaults`, the command line's) or "auto": the shipped configs
-    write the defaults out, and "auto" asks for a choice the launcher has made. An option set to anything else
-    wins over the launcher's, with a warning; a launcher's "auto" fills nothing.
-
-    Args:
-        trainer: the Trainer's options as parsed from the command line and config.
-        defaults: each option's default.
-    """
+    """Fill the `trainer` options left unset (at their `defaults` or "auto": the shipped configs write the defaults
+    out) with the values `fabric run` passes in LT_* variables, in place. An option set otherwise wins, with a
+    warning; a launcher's "auto" fills nothing."""
     overridden = []
     for option, variable in FABRIC_RUN_OPTIONS.items():
         value: str | int | None = os.environ.get(variable)
@@ -74,15 +64,9 @@ def launched_processes() -> tuple[int, int | None, str] | None:
 
 
 def take_launched_processes(options: MutableMapping[str, Any], defaults: Mapping[str, Any]) -> None:
-    """Set `devices` and `num_nodes` left at their defaults to the processes a launcher started, in place.
-
-    For a command whose ranks share one job's work (score): who launched N processes wants N ranks. Without a
-    launcher nothing changes; options set otherwise stay, for `check_world_size` to judge.
-
-    Args:
-        options: the Trainer's options as the command parsed them.
-        defaults: each option's default.
-    """
+    """Set `devices` and `num_nodes` left at their `defaults` to the processes a launcher started, in place: for a
+    command whose ranks share one job (score), who launched N processes wants N ranks. Options set otherwise stay,
+    for `check_world_size` to judge."""
     launched = launched_processes()
     if launched is None:
         return
@@ -96,18 +80,9 @@ def take_launched_processes(options: MutableMapping[str, Any], defaults: Mapping
 def check_world_size(
     num_devices: int, num_nodes: int, strategy: Any, prefix: str = "--trainer.", job: str = "a fit"
 ) -> None:
-    """Stop unless the Trainer's devices per node times nodes are the processes the launcher started.
-
-    Args:
-        num_devices: devices per node, as the Trainer resolved them.
-        num_nodes: the Trainer's number of nodes.
-        strategy: the Trainer's strategy option; "auto" gets `--trainer.strategy ddp` in the advice.
-        prefix: how the command spells its Trainer options in the advice ("--" for score's own).
-        job: what each process would run alone.
-
-    Raises:
-        OptionError: naming what was started and the options that match it.
-    """
+    """Raise an `OptionError` naming what was started and the options that match it, unless the Trainer's devices
+    per node times nodes are the processes the launcher started. `prefix` is how the command spells its Trainer
+    options in the advice, `job` what each process would run alone."""
     launched = launched_processes()
     if launched is None:
         return

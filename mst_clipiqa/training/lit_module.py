@@ -42,8 +42,7 @@ def make_optimizer(module: torch.nn.Module, config: OptimConfig) -> torch.optim.
     """The optimiser of `module`'s trainable parameters."""
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer_cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.name]
-    # One fused kernel per step for all parameters instead of a dozen small ops per parameter: the head is small,
-    # so its optimizer step is mostly per-op overhead (docs/PERFORMANCE.md).
+    # One fused kernel for all parameters: the head is small, so its optimizer step is mostly per-op overhead.
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return optimizer_cls(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
@@ -55,15 +54,12 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: OptimConfig, total_s
 
 
 class OneThreadForCachedSteps:
-    """Steps on cached embeddings run the fusion and the head only: small operations, which several CPU threads
-    slow down more than they share (each waits for the others, and far worse when other processes hold the cores:
-    docs/PERFORMANCE.md). On a CPU such a fit's steps and validations run on one thread, from its first training
-    batch (`on_train_batch_start`) to `on_train_end`; the encoding pass before it and whatever runs after it keep
-    torch's thread count. A LightningModule's mixin; `_cached` says whether a training batch holds cached embeddings.
-    """
+    """A LightningModule's mixin: on a CPU, a fit on cached embeddings runs on one thread from its first training
+    batch to `on_train_end`. Its steps are small operations, which several threads slow down more than they share
+    (docs/PERFORMANCE.md); the encoding pass before it keeps torch's thread count."""
 
     _threads: int | None = None
-    """torch's CPU thread count, kept while a fit on cached embeddings runs on one thread."""
+    """torch's thread count, kept while the fit runs on one thread."""
 
     def _cached(self, batch: dict[Any, Any]) -> bool:
         return "coarse_embeds" in batch
@@ -112,7 +108,7 @@ def settings_from(saved: ModelConfig, net: ModelConfig, source: str) -> ModelCon
 
 def base_model(init_from: str) -> dict[str, str]:
     """How a model card names the saved model `init_from`: a hub id as it is, a local folder or checkpoint by its
-    name (where it lay on the training machine says nothing to a reader)."""
+    name only."""
     local = Path(init_from).expanduser()
     return {"name": local.resolve().name} if local.exists() else {"hub_id": init_from, "name": init_from}
 
@@ -127,7 +123,7 @@ class MSTCLIPIQAModule(OneThreadForCachedSteps, L.LightningModule):
         init_from: start from a saved model (a `save_pretrained` folder, a hub id or a .ckpt): its trainable weights,
             and its network settings (encoders, head variant and shape) wherever `net` leaves them at their defaults;
             settings given otherwise must match the saved ones. Fitting maps the training data's MOS scale onto the
-            head, whatever scale the saved model had. Not stored in checkpoints, which hold the resolved network.
+            head. Not stored in checkpoints, which hold the resolved network.
     """
 
     def __init__(
@@ -169,10 +165,8 @@ class MSTCLIPIQAModule(OneThreadForCachedSteps, L.LightningModule):
     # ---- steps -------------------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Training maps the training data's MOS scale (the data module's mos_range option, else the training
-        split's min and max) onto the head, also when the weights it starts from were trained on another scale;
-        evaluating and predicting keep the scale the model was trained on (restored from a checkpoint after this
-        hook), or take the data's when it has none."""
+        """Training maps the training data's MOS scale onto the head, whatever scale its starting weights had;
+        evaluating and predicting keep the model's own (restored from a checkpoint after this hook), else the data's."""
         try:
             datamodule = getattr(self.trainer, "datamodule", None)
         except RuntimeError:  # not attached to a Trainer
@@ -257,11 +251,8 @@ class MSTCLIPIQAModule(OneThreadForCachedSteps, L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> MSTCLIPIQAModule:
-        """Lightning's `load_from_checkpoint`, after `read_checkpoint` has checked the file (weights_only=True).
-
-        A truncated, corrupted or tampered file is refused with a `BadCheckpointError` naming it, before Lightning
-        reads it; Lightning then loads with ``weights_only=True`` too, unless told otherwise.
-        """
+        """Lightning's `load_from_checkpoint` with ``weights_only=True`` unless told otherwise, after
+        `read_checkpoint` has refused a damaged or tampered file with a `BadCheckpointError` naming it."""
         if isinstance(checkpoint_path, str | os.PathLike):  # a stream could not be read twice
             read_checkpoint(checkpoint_path)
         return super().load_from_checkpoint(checkpoint_path, *args, **{"weights_only": True, **kwargs})
@@ -271,8 +262,8 @@ class MSTCLIPIQAModule(OneThreadForCachedSteps, L.LightningModule):
         return tuple(named[m] + "." for m in self.net.frozen_modules())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the trainable weights only: the frozen towers are referenced by id or path in the config; and the
-        saved model the fit started from, for the model card."""
+        """Keep the trainable weights only (the config names the frozen towers) and the saved model the fit started
+        from, for the model card."""
         if self.fine_tuned_from:
             checkpoint[FINE_TUNED_FROM] = self.fine_tuned_from
         prefixes = self._frozen_prefixes()
@@ -281,10 +272,8 @@ class MSTCLIPIQAModule(OneThreadForCachedSteps, L.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put back the frozen towers this module loaded from its config, so strict loading still checks the rest.
-
-        Checkpoints written before the network held the MOS scale keep it at the top, as ``mos_range``.
-        """
+        """Put back the frozen towers this module loaded from its config, so strict loading still checks the rest,
+        and move an old checkpoint's MOS scale to where the network holds it."""
         self.fine_tuned_from = checkpoint.get(FINE_TUNED_FROM, self.fine_tuned_from)
         prefixes = self._frozen_prefixes()
         state = checkpoint["state_dict"]

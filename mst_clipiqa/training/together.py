@@ -1,27 +1,10 @@
 """Several splits of a protocol trained in one loop: `mst-clipiqa benchmark --together`.
 
-Once the feature cache holds the frozen towers' outputs, a fit is the gated fusion and the head alone, and most of a
-step's time is the loop around it (Lightning's hooks, logging, the loader, the backward call), not its arithmetic.
-The splits of a protocol read the same features, so they can share that loop:
-
-    one Trainer step ─ split 0's batch → member 0 (fusion + head) → loss 0 ┐
-                     ├ split 1's batch → member 1 (fusion + head) → loss 1 ├ one backward of their sum,
-                     └ ...                                                  ┘ then each member's own optimizer step
-
-Each member is a copy of the trainable part of the one network the run's options build (the same initial weights a
-solo fit of any split starts from), over the shared frozen towers, with its own split's sampler (shuffled by seed and
-epoch, as alone), MOS range, optimizer, schedule over its own number of steps, validation, best weights and test.
-The members share no parameter, so the gradient of the sum is, for each member, exactly the gradient of its own loss:
-every split's weights, best epoch and test metrics are those of a fit of that split alone (tests/test_together.py
-compares them bit for bit). A member whose split has fewer training batches sits out the last steps of an epoch.
-
-Each member's best weights (highest val/srcc, the first of equals, as `ModelCheckpoint`) are kept in memory and
-written at the end as ``<run>/checkpoints/split<k>-best-epoch<E>.ckpt``, a checkpoint that `mst-clipiqa test`,
-`score` and `export` read like any other (without optimizer state: a benchmark's runs are not resumed).
-
-What it does not do: several devices (the step count per member would be the solo fit's, but the gradients of members
-without a batch could not be left out of DDP's reduction), gradient clipping, gradient accumulation, a step or batch
-limit, validation within an epoch, and float16 loss scaling; each is refused at setup, by name.
+On cached features a fit is mostly the loop around a small step, so the splits share one. Each member (a copy of the
+trainable part over the shared frozen towers, with its own split's loaders, MOS range, optimizer and schedule) scores
+its split's batch, and one backward of the summed losses follows. Members share no parameter, so each gets its own
+loss's gradient: every split's weights, best epoch and test metrics are those of a fit of it alone
+(tests/test_together.py). Each member's best weights become ``<run>/checkpoints/split<k>-best-epoch<E>.ckpt``.
 """
 
 from __future__ import annotations
@@ -54,12 +37,9 @@ from mst_clipiqa.training.lit_module import (
 
 
 class TogetherData(L.LightningDataModule):
-    """The first `splits` splits of `data`'s protocol (all when None), each with its own loaders.
-
-    `data` (set up as for its own `split_index`) reads the source, checks it and prepares the features once; the
-    training batch of a step is a dict {member: batch of its split, or None once its split is exhausted}, validation
-    and test run one loader per member (``dataloader_idx`` is the member).
-    """
+    """The first `splits` splits of `data`'s protocol (all when None), each with its own loaders; `data` prepares the
+    source and features once. A training batch is {member: batch of its split, or None once its split is exhausted};
+    validation and test run one loader per member (``dataloader_idx``)."""
 
     def __init__(self, data: IQADataModule, splits: int | None = None):
         super().__init__()
@@ -108,11 +88,8 @@ class Best:
 
 
 class TogetherModule(OneThreadForCachedSteps, L.LightningModule):
-    """The members of a `TogetherData`, trained in one loop; `model` is the network every member starts from.
-
-    After `Trainer.test`, `results[k]` holds member k's test metrics (without the "test/" prefix) at its best weights
-    and `checkpoints[k]` the path of its best checkpoint.
-    """
+    """The members of a `TogetherData`, trained in one loop from `model`'s network. After `Trainer.test`,
+    `results[k]` holds member k's test metrics at its best weights and `checkpoints[k]` its best checkpoint's path."""
 
     def __init__(self, model: MSTCLIPIQAModule):
         super().__init__()
@@ -231,8 +208,8 @@ class TogetherModule(OneThreadForCachedSteps, L.LightningModule):
                 self.checkpoints[k] = str(self._save(k, best, folder))
 
     def _save(self, k: int, best: Best, folder: Path) -> Path:
-        """Member k's best weights as the checkpoint a fit of its split alone keeps. Built by hand, as
-        `Trainer.save_checkpoint` writes the state of the together run: every member, at its current epoch and step."""
+        """Member k's best weights as the checkpoint a fit of its split alone keeps (`Trainer.save_checkpoint` would
+        write every member, at the current epoch and step)."""
         path = folder / f"split{k}-best-epoch{best.epoch:02d}.ckpt"
         data = self.trainer.datamodule.data
         checkpoint = {

@@ -178,27 +178,30 @@ def assemble(
     names: list[str],
     images: list[dict[str, Any]] | datasets.Dataset,
     *,
-    prompts: list[str | None] | None = None,
+    prompts: Sequence[Any] | None = None,
     mos: Mapping[str, Sequence[Any]] | None = None,
-    groups: list[str | None] | None = None,
+    groups: Sequence[Any] | None = None,
     splits: Sequence[Any] | None = None,
 ) -> datasets.Dataset:
     """The dataset in the common schema; `images` is a list of image dicts or a one-column `image` dataset.
 
-    `origin` is the file (or folder) the rows were read from, for `check_dataset`'s messages; `mos` maps MOS columns
-    to their cells as read, and the MOS and `splits` cells a reader cannot take go to `bad_cells`.
+    `origin` is the file (or folder) the rows were read from, for `check_dataset`'s messages. Every column is given
+    as its cells are read: `mos` maps MOS columns to theirs; the MOS and `splits` cells a reader cannot take go to
+    `bad_cells`.
     """
     n = len(names)
+    none = [None] * n
     cells = {column: _floats(values) for column, values in (mos or {}).items()}
     if splits is not None:
         cells["split"] = _splits(splits)
+    prompts = as_texts(prompts) if prompts is not None else none
     columns: dict[str, list] = {
         "name": names,
-        "prompt": prompts if prompts is not None else [None] * n,
-        **{column: cells[column][0] if column in cells else [None] * n for column in MOS_COLUMNS},
-        "group": groups if groups is not None else prompts if prompts is not None else [None] * n,
+        "prompt": prompts,
+        **{column: cells[column][0] if column in cells else none for column in MOS_COLUMNS},
+        "group": as_texts(groups) if groups is not None else prompts,
         "source": [source] * n,
-        "split": cells["split"][0] if splits is not None else [None] * n,
+        "split": cells["split"][0] if splits is not None else none,
         "bad_cells": [
             {column: bad[row] for column, (_, bad) in cells.items() if bad[row] is not None} or None for row in range(n)
         ],

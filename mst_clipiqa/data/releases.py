@@ -121,8 +121,8 @@ def load_aigciqa2023(root: str | Path) -> datasets.Dataset:
     )
 
 
-def _aigciqa2023_prompts(path: Path) -> list[str | None]:
-    """The prompts of `AIGCIQA2023_Prompts.xlsx`, one per row, read with or without a header row.
+def _aigciqa2023_prompts(path: Path) -> list[Any]:
+    """The prompt cells of `AIGCIQA2023_Prompts.xlsx`, one per row, read with or without a header row.
 
     The file as the release's repository holds it has no header: rows of (category, subcategory, prompt), the
     first `Basic | Animals | a corgi`; there the prompt is the last column. Copies with a header row name the
@@ -133,8 +133,8 @@ def _aigciqa2023_prompts(path: Path) -> list[str | None]:
         raise BadRowError(f"{path}: no prompts")
     first = as_texts(frame.iloc[0])
     if "prompt" in (cell.lower() for cell in first if cell is not None):
-        return as_texts(table_columns(frame.iloc[1:].set_axis(first, axis=1), path, ("prompt",))["prompt"])
-    return as_texts(frame.iloc[:, -1])
+        return table_columns(frame.iloc[1:].set_axis(first, axis=1), path, ("prompt",))["prompt"]
+    return frame.iloc[:, -1].tolist()
 
 
 def _aigciqa2023_place(row: int, per_model: int) -> tuple[str, int, int]:
@@ -188,7 +188,7 @@ def load_aigiqa20k(root: str | Path) -> datasets.Dataset:
     root = _existing_dir(root)
     names: list[str] = []
     images: list[dict[str, Any]] = []
-    prompts: list[str | None] = []
+    prompts: list[Any] = []
     mos: list[Any] = []
     splits: list[str] = []
     for split in ("train", "val", "test"):
@@ -200,7 +200,7 @@ def load_aigiqa20k(root: str | Path) -> datasets.Dataset:
         part = image_names(rows["name"], table)
         names += part
         images += image_files(_find_image_dir(root, part, table), part)
-        prompts += as_texts(rows["prompt"])
+        prompts += rows["prompt"]
         mos += rows.get("mos", [None] * len(part))
         splits += [split] * len(part)
     names = _names_of_files(names, images, root)
@@ -226,7 +226,7 @@ def load_evalmi50k(root: str | Path) -> datasets.Dataset:
     rows = table_columns(read_frame(table), table, ("imagename", "mos1", "mos2"))
     names = image_names(rows["imagename"], table)
     prompts_file = _find(root, EVALMI50K_PROMPTS)
-    prompts = as_texts(table_columns(read_frame(prompts_file), prompts_file, ("prompt",))["prompt"])
+    prompts = table_columns(read_frame(prompts_file), prompts_file, ("prompt",))["prompt"]
 
     def prompt_row(name: str) -> int | None:
         number = Path(name).stem
@@ -268,7 +268,7 @@ def _image_table(
         table,
         names,
         image_files(_find_image_dir(root, names, table), names),
-        prompts=as_texts(rows["prompt"]),
+        prompts=rows["prompt"],
         mos={feature: rows[column] for feature, column in mos.items()},
     )
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import datasets
 
-from mst_clipiqa.data.cells import as_texts, assemble, image_files, image_names, read_frame, table_columns
+from mst_clipiqa.data.cells import assemble, image_files, image_names, read_frame, table_columns
 from mst_clipiqa.data.releases import RELEASES
 from mst_clipiqa.data.schema import TARGETS
 from mst_clipiqa.errors import BadRowError, OptionError
@@ -167,16 +167,14 @@ def _from_mapping(
 
     if columns.name_column is not None:
         names = image_names(column(columns.name_column), origin)
-    prompts = column(columns.prompt_column)
-    groups = column(columns.group_column)
     return assemble(
         source,
         origin,
         names,
         images,
-        prompts=as_texts(prompts) if prompts is not None else None,
+        prompts=column(columns.prompt_column),
         mos={feature: column(name) for feature, name in _mos_features(columns.mos_columns).items()},
-        groups=as_texts(groups) if groups is not None else None,
+        groups=column(columns.group_column),
         splits=column(columns.split_column),
     )
 

@@ -94,10 +94,9 @@ def check_dataset(
         return ds
 
     lines = [f"{row_label(names[row], row)}: {'; '.join(reasons)}" for row, reasons in sorted(problems.items())]
-    if report_path is not None:
-        _write_report(report_path, names, problems)
     header = f"{origin}: {len(problems)} bad rows of {len(ds)} ({ROW_NUMBERS})"
     if report_path is not None:
+        _write_report(report_path, names, problems)
         header += f"; all are listed in {report_path}"
     if on_bad == "error":
         error = BadImageError if image_only else BadRowError

@@ -41,12 +41,6 @@ def split_settings(*protocols: str | None) -> tuple[str, ...]:
     return ("source", "root", "source_options", "target", "protocol", *own, "val_fraction", "seed", "splits_file")
 
 
-def _arguments(protocol: str) -> tuple[str, ...]:
-    """The `make_splits` arguments `protocol` depends on, in the order saved with its splits."""
-    own = ("k" if key == "folds" else key for key in PROTOCOL_SETTINGS[protocol] if key != "split_index")
-    return ("target", *own, "val_fraction", "seed")
-
-
 PARTS = ("train", "val", "test")
 _TRAIN, _VAL, _TEST = range(3)
 
@@ -138,7 +132,9 @@ def make_splits(
         "k": k,
         "seed": seed,
     }
-    arguments = {key: given[key] for key in _arguments(protocol)}
+    # The arguments the protocol depends on, saved with its splits.
+    own = ("k" if key == "folds" else key for key in PROTOCOL_SETTINGS[protocol] if key != "split_index")
+    arguments = {key: given[key] for key in ("target", *own, "val_fraction", "seed")}
     return [
         Split(name, *(tuple(sorted(rows.tolist())) for rows in (train, val, test)), protocol, dict(arguments))
         for name, train, val, test in parts

@@ -1,5 +1,4 @@
-"""Train/val/test splits by the papers' protocols, made from the rows that carry the target MOS and saved by image
-name.
+"""Train/val/test splits by the papers' protocols, from the rows that carry the target MOS, saved by image name.
 
 Rows are ordered by name before any shuffling, and saved splits hold names, so a split depends on the set of images
 and the seed, not on the order a table lists them in.
@@ -136,7 +135,7 @@ def make_splits(
     own = ("k" if key == "folds" else key for key in PROTOCOL_SETTINGS[protocol] if key != "split_index")
     arguments = {key: given[key] for key in ("target", *own, "val_fraction", "seed")}
     return [
-        Split(name, *(tuple(sorted(rows.tolist())) for rows in (train, val, test)), protocol, dict(arguments))
+        Split(name, *(tuple(sorted(part.tolist())) for part in (train, val, test)), protocol, dict(arguments))
         for name, train, val, test in parts
     ]
 

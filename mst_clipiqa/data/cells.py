@@ -1,7 +1,7 @@
-"""From the cells of annotation files to the unified table: tables and .mat files read, cells turned into values.
+"""From the cells of annotation files (tables, .mat files) to the unified table.
 
 Cells a reader cannot take (a MOS that is not a number, a split cell naming no split) are kept as written in the
-`bad_cells` column, for `mst_clipiqa.data.checks.check_dataset` to report with every other problem of a row.
+`bad_cells` column, for `check_dataset` to report with every other problem of a row.
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ from mst_clipiqa.errors import BadRowError
 
 
 def read_frame(path: Path, *, header: bool | None = True, name_at: int = 0) -> pd.DataFrame:
-    """A table's cells as Python values, by extension; empty cells stay empty strings.
+    """A table's cells, by extension: CSV and TSV as text, xlsx as stored; empty cells stay empty strings.
 
-    Args:
-        header: True reads the first row as the header; None (CSV and xlsx only) reads it as the header
-            unless `_is_data_row` says it is data, in which case the columns are numbered from 0; False (CSV and
-            xlsx only) reads every row as data, the columns numbered from 0.
-        name_at: the column of image file names, for `_is_data_row`.
+    `header` True reads the first row as the header; False (CSV and xlsx only) reads every row as data, the columns
+    numbered from 0; None (CSV and xlsx only) reads the first row as the header unless it holds a number or names an
+    image file in column `name_at`.
     """
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".parquet"):
@@ -36,22 +34,16 @@ def read_frame(path: Path, *, header: bool | None = True, name_at: int = 0) -> p
             raise ValueError(f"{path}: {suffix} files always name their columns")
         frame = pd.read_json(path, lines=True, dtype=False) if suffix == ".jsonl" else pd.read_parquet(path)
         return frame.astype(object).where(frame.notna(), None)
-    if header:
-        return _read_cells(path, 0)
-    frame = _read_cells(path, None)
+    row = 0 if header else None
+    if suffix in (".csv", ".tsv"):
+        frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", header=row, dtype=str, keep_default_na=False)
+    elif suffix in (".xlsx", ".xls"):
+        frame = pd.read_excel(path, header=row, dtype=object, na_filter=False)
+    else:
+        raise ValueError(f"{path}: unknown table format {suffix!r}; expected .csv, .tsv, .jsonl, .parquet or .xlsx")
     if header is None and len(frame) and not _is_data_row(frame.iloc[0].tolist(), name_at):
         frame = frame.iloc[1:].set_axis([str(c) for c in frame.iloc[0]], axis=1).reset_index(drop=True)
     return frame
-
-
-def _read_cells(path: Path, header: int | None) -> pd.DataFrame:
-    """A CSV, TSV or xlsx file's cells as text (xlsx: as stored), `header` the row of column names or None."""
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", header=header, dtype=str, keep_default_na=False)
-    if suffix in (".xlsx", ".xls"):
-        return pd.read_excel(path, header=header, dtype=object, na_filter=False)
-    raise ValueError(f"{path}: unknown table format {suffix!r}; expected .csv, .tsv, .jsonl, .parquet or .xlsx")
 
 
 def _is_data_row(cells: Sequence[Any], name_at: int = 0) -> bool:
@@ -77,12 +69,10 @@ def table_columns(
     optional: Sequence[str] = (),
     expected: Sequence[str] | None = None,
 ) -> dict[str, list]:
-    """The named columns of a table as lists, keyed by lower-case name.
+    """The named columns of a table as lists, keyed by lower-case name; a BadRowError showing the header found and
+    the one expected (`expected`, else `required` and `optional`) when a required column is missing.
 
     A table read without a header (numbered columns) gets `required`, then `optional`, names by position.
-
-    Raises:
-        BadRowError: a required column is missing; the message shows the header found and the one expected.
     """
     columns = {str(c).strip().lower(): c for c in table.keys()}
     if all(isinstance(c, numbers.Integral) for c in table.keys()):
@@ -113,12 +103,8 @@ def as_texts(values: Iterable[Any]) -> list[str | None]:
 
 
 def image_names(values: Iterable[Any], origin: str | Path) -> list[str]:
-    """Image names (or paths) of a table.
-
-    Raises:
-        BadRowError: rows without one: nothing of such a row can be found or checked, so the table is refused
-            at once; the message names every such row.
-    """
+    """Image names (or paths) of a table. Rows without one are refused at once (BadRowError naming them): nothing of
+    such a row can be found or checked."""
     names = as_texts(values)
     empty = [row_label(None, row) for row, name in enumerate(names) if name is None]
     if empty:
@@ -128,11 +114,7 @@ def image_names(values: Iterable[Any], origin: str | Path) -> list[str]:
 
 
 def _to_float(value: Any) -> float | None:
-    """A MOS cell as a float; None when empty or NaN.
-
-    Raises:
-        ValueError: the cell is not a number.
-    """
+    """A MOS cell as a float; None when empty or NaN, ValueError when not a number."""
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, numbers.Real):
@@ -167,11 +149,7 @@ def _splits(values: Sequence[Any]) -> tuple[list[str | None], list[str | None]]:
 
 
 def read_mat(path: Path, variable: str) -> list[float | None]:
-    """The one-column numeric `variable` of a MATLAB file as floats, None where NaN.
-
-    Raises:
-        BadRowError: a v7.3 file, no such variable, more than one column, or values that are not numbers.
-    """
+    """The one-column numeric `variable` of a MATLAB file (v7 or older) as floats, None where NaN."""
     try:
         content = scipy.io.loadmat(str(path))
     except NotImplementedError as err:
@@ -200,29 +178,30 @@ def assemble(
     names: list[str],
     images: list[dict[str, Any]] | datasets.Dataset,
     *,
-    prompts: list[str | None] | None = None,
+    prompts: Sequence[Any] | None = None,
     mos: Mapping[str, Sequence[Any]] | None = None,
-    groups: list[str | None] | None = None,
+    groups: Sequence[Any] | None = None,
     splits: Sequence[Any] | None = None,
 ) -> datasets.Dataset:
     """The dataset in the common schema; `images` is a list of image dicts or a one-column `image` dataset.
 
-    Args:
-        origin: the file (or folder) the rows were read from, named by `check_dataset`'s messages.
-        mos: MOS column → the cells as read; cells that are not numbers go to `bad_cells`.
-        splits: the split cells as read; unknown ones go to `bad_cells`.
+    `origin` is the file (or folder) the rows were read from, for `check_dataset`'s messages. Every column is given
+    as its cells are read: `mos` maps MOS columns to theirs; the MOS and `splits` cells a reader cannot take go to
+    `bad_cells`.
     """
     n = len(names)
+    none = [None] * n
     cells = {column: _floats(values) for column, values in (mos or {}).items()}
     if splits is not None:
         cells["split"] = _splits(splits)
+    prompts = as_texts(prompts) if prompts is not None else none
     columns: dict[str, list] = {
         "name": names,
-        "prompt": prompts if prompts is not None else [None] * n,
-        **{column: cells[column][0] if column in cells else [None] * n for column in MOS_COLUMNS},
-        "group": groups if groups is not None else prompts if prompts is not None else [None] * n,
+        "prompt": prompts,
+        **{column: cells[column][0] if column in cells else none for column in MOS_COLUMNS},
+        "group": as_texts(groups) if groups is not None else prompts,
         "source": [source] * n,
-        "split": cells["split"][0] if splits is not None else [None] * n,
+        "split": cells["split"][0] if splits is not None else none,
         "bad_cells": [
             {column: bad[row] for column, (_, bad) in cells.items() if bad[row] is not None} or None for row in range(n)
         ],

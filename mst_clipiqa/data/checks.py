@@ -1,5 +1,5 @@
-"""The setup check: every problem of the unified table found in one pass, before any training, and named in one
-message (`check_dataset`), with a report of every bad row; and the check of single images it uses."""
+"""The setup check (`check_dataset`): every problem of the unified table found in one pass before any training and
+named in one message, with a report of every bad row; and the check of single images it uses."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ from mst_clipiqa.errors import BadImageError, BadRowError
 
 logger = logging.getLogger(__name__)
 
-OnBad = Literal["error", "drop"]
-
 
 def check_dataset(
     ds: datasets.Dataset,
@@ -29,7 +27,7 @@ def check_dataset(
     target: str,
     need_prompt: bool,
     check_images: bool | Callable[[datasets.Dataset], Iterable[tuple[int, str]]] = True,
-    on_bad: OnBad = "error",
+    on_bad: Literal["error", "drop"] = "error",
     report_path: str | Path | None = None,
     num_threads: int = 8,
 ) -> datasets.Dataset:
@@ -41,28 +39,14 @@ def check_dataset(
     its prompt is missing or blank. Rows of the official val/test splits without a target MOS are not bad: their
     labels are withheld and they are for prediction (see `splits.predict_indices`).
 
-    Every message and the report number rows from 1 in the order of `ds` (row N is `ds[N - 1]`, the N-th data
-    row of the annotation table), and quote a bad cell as the file holds it.
+    Messages and the report quote a bad cell as the file holds it. `check_images` True decodes every image fully (in
+    `num_threads` threads); a function of `ds` checks them its own way and returns (row, reason) for every bad image,
+    e.g. the feature cache's encoding pass, which decodes only the images it lacks; False skips them.
 
-    Args:
-        ds: a dataset with the columns of `FEATURES`, as a reader returns it.
-        target: the target ("quality", ...) or MOS column whose values must be present.
-        need_prompt: whether every row needs a prompt (the prompt-anchored head).
-        check_images: True decodes every image fully (in `num_threads` threads); a function of `ds` checks them
-            its own way and returns (row, reason) for every bad image, e.g. the feature cache's encoding pass, which
-            decodes only the images it lacks (`mst_clipiqa.data.features.TableFeatures.prepare`); False skips them.
-        on_bad: "error" raises one error naming the file, the number of bad rows and the first of them with all
-            their problems; "drop" removes the bad rows and logs the same as a warning.
-        report_path: where to write every problem as CSV (`name,row,reason`, one line per bad row), in both
-            modes; the message says where it is.
-        num_threads: threads decoding images.
-
-    Returns:
-        `ds` itself when nothing is wrong, else (with "drop") the rows without problems.
-
-    Raises:
-        BadImageError: only image problems were found (with "error").
-        BadRowError: other problems were found (with "error").
+    `on_bad` "error" raises one error (BadImageError when only images are bad, else BadRowError) naming the file, the
+    number of bad rows and the first of them with all their problems; "drop" logs the same as a warning and returns
+    the rows without problems (`ds` itself when nothing is wrong). `report_path`, in both modes, gets every problem
+    as CSV (`name,row,reason`, one line per bad row).
     """
     column = target_column(target)
     if on_bad not in ("error", "drop"):
@@ -110,10 +94,9 @@ def check_dataset(
         return ds
 
     lines = [f"{row_label(names[row], row)}: {'; '.join(reasons)}" for row, reasons in sorted(problems.items())]
-    if report_path is not None:
-        _write_report(report_path, names, problems)
     header = f"{origin}: {len(problems)} bad rows of {len(ds)} ({ROW_NUMBERS})"
     if report_path is not None:
+        _write_report(report_path, names, problems)
         header += f"; all are listed in {report_path}"
     if on_bad == "error":
         error = BadImageError if image_only else BadRowError
@@ -125,13 +108,9 @@ def check_dataset(
 
 
 def require_prompts(prompts: Sequence[str | None], origin: str) -> None:
-    """Stop, before any image is decoded or encoded, when the prompt head gets rows none of which has a prompt: the
-    prompt column is not mapped (or not filled), and leaving out the rows without one would leave out every row.
-    Training's setup check and `mst-clipiqa score` both ask this.
-
-    Raises:
-        BadRowError: naming `origin` and the options that map the prompt column.
-    """
+    """Stop (BadRowError), before any image is decoded or encoded, when the prompt head gets rows none of which has a
+    prompt: the prompt column is not mapped (or not filled), and leaving out the rows without one would leave out
+    every row. Training's setup check and `mst-clipiqa score` both ask this."""
     if prompts and not any(prompt and prompt.strip() for prompt in prompts):
         raise BadRowError(
             f"{origin}: none of its {len(prompts)} images has a prompt, and the prompt head (variant B) scores each "

@@ -1,15 +1,12 @@
 """Readers of the five official releases, each taking a release exactly as its authors publish it.
 
-Each returns the release's rows in the unified table (`mst_clipiqa.data.schema.FEATURES`); the formats are in each
-reader's docstring. Readers fail loudly on what keeps them from reading a release at all: a missing annotation file
-or column, a wrong header, tables that disagree in length, a row without an image. Every problem of a single row is
-left to `mst_clipiqa.data.checks.check_dataset`, which names them all in one message: a missing or duplicate name, a
-missing or non-numeric MOS (readers keep the cell's text in the `bad_cells` column for it), an unknown split, an
-unreadable image, a missing prompt.
+Readers raise only on what keeps them from reading a release at all (a missing file or column, tables that disagree
+in length, a row without an image); problems of single rows are left to `check_dataset`, which names them all at once.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -27,7 +24,7 @@ from mst_clipiqa.data.cells import (
     read_mat,
     table_columns,
 )
-from mst_clipiqa.data.schema import SHOWN_PROBLEMS, row_label, summary
+from mst_clipiqa.data.schema import row_label, summary
 from mst_clipiqa.errors import BadRowError
 
 # How deep below a release's root its annotation files and image folders are searched for.
@@ -35,21 +32,13 @@ _SEARCH_DEPTH = 2
 
 
 def load_agiqa1k(root: str | Path) -> datasets.Dataset:
-    """Read AGIQA-1K: `AIGC_MOS_Zscore.xlsx` (header `Image,Prompt,MOS`) and its image folder.
+    """Read AGIQA-1K: `AIGC_MOS_Zscore.xlsx` (header `Image,Prompt,MOS`) and its image folder (often `file/`).
 
     `AIGC_all.csv` holds raw means, not the MOS the papers use, and is never read. The official xlsx lists
     `dreamStudio_8_9_1_1.jpg` twice with different MOS; `check_dataset` rejects both copies.
-
-    Args:
-        root: the release folder. The xlsx and the image folder (often `file/`) are searched for in it and in
-            its subfolders two levels down.
-
-    Raises:
-        FileNotFoundError: no xlsx, or no folder holding its images; the message says where it looked.
-        BadRowError: a missing column, or rows without an image name; the message names the file and the rows.
     """
     root = _existing_dir(root)
-    return _image_table("agiqa-1k", root, _find_file(root, "AIGC_MOS_Zscore.xlsx"), "image", {"mos_quality": "mos"})
+    return _image_table("agiqa-1k", root, _find(root, "AIGC_MOS_Zscore.xlsx"), "image", {"mos_quality": "mos"})
 
 
 _AGIQA3K_HEADER = ("name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality", "mos_align", "std_align")
@@ -59,22 +48,21 @@ def load_agiqa3k(root: str | Path) -> datasets.Dataset:
     """Read AGIQA-3K: `data.csv` with header `name,prompt,adj1,adj2,style,mos_quality,std_quality,mos_align,std_align`.
 
     `mos_align` becomes `mos_alignment`. The images lie in the root, `img/`, `images/` or another subfolder,
-    depending on who unpacked them: the folder holding most of the listed names is used.
-
-    Args:
-        root: the release folder (or a hub copy holding the official data.csv).
-
-    Raises:
-        FileNotFoundError: no data.csv, or no folder holding its images.
-        BadRowError: a header without the official columns, or rows without an image name.
+    depending on who unpacked them: the folder holding most of the listed names is used. A hub copy holding the
+    official data.csv reads the same way.
     """
     root = _existing_dir(root)
     mos = {"mos_quality": "mos_quality", "mos_alignment": "mos_align"}
-    return _image_table("agiqa-3k", root, _find_file(root, "data.csv"), "name", mos, expected=_AGIQA3K_HEADER)
+    return _image_table("agiqa-3k", root, _find(root, "data.csv"), "name", mos, expected=_AGIQA3K_HEADER)
 
 
 AIGCIQA2023_MODELS = ("Controlnet", "DALLE", "Glide", "Lafite", "stable-diffusion", "Unidiffuser")
 _AIGCIQA2023_MOS = {"mos_quality": "mosz1.mat", "mos_authenticity": "mosz2.mat", "mos_alignment": "mosz3.mat"}
+_AIGCIQA2023_HUB_MOS = {
+    "mos_quality": "mos_quality",
+    "mos_alignment": "mos_correspondence",
+    "mos_authenticity": "mos_authenticity",
+}
 _PER_PROMPT = 4
 
 
@@ -94,20 +82,15 @@ def load_aigciqa2023(root: str | Path) -> datasets.Dataset:
     Names are the paths below the image folder (`Controlnet/000-1.png`, `allimg/0.png`): each model's folder
     holds the same file names, so a bare file name would not tell the images apart.
 
-    Args:
-        root: the release folder; files are searched for two levels down.
-
-    Raises:
-        FileNotFoundError: a .mat file, the prompts or the image folder is missing.
-        BadRowError: the .mat files disagree in length, N is not a multiple of 24, the prompts do not number
-            N/24, or pic-index.xlsx does not list N rows.
+    A hub copy, without the .mat files, holds the images and a `data.csv` naming them, with the columns name, prompt,
+    mos_quality, mos_correspondence and mos_authenticity.
     """
     root = _existing_dir(root)
-    if _find_file(root, _AIGCIQA2023_MOS["mos_quality"], required=False) is None:
-        hub_table = _find_file(root, "data.csv", required=False)
+    if _find(root, _AIGCIQA2023_MOS["mos_quality"], required=False) is None:
+        hub_table = _find(root, "data.csv", required=False)
         if hub_table is not None:
-            return _aigciqa2023_hub_copy(root, hub_table)
-    mos_files = {column: _find_file(root, file) for column, file in _AIGCIQA2023_MOS.items()}
+            return _image_table("aigciqa2023", root, hub_table, "name", _AIGCIQA2023_HUB_MOS)
+    mos_files = {column: _find(root, file) for column, file in _AIGCIQA2023_MOS.items()}
     mos = {column: read_mat(file, "MOSz") for column, file in mos_files.items()}
     quality_file = mos_files["mos_quality"]
     n = len(mos["mos_quality"])
@@ -119,7 +102,7 @@ def load_aigciqa2023(root: str | Path) -> datasets.Dataset:
         raise BadRowError(f"{quality_file}: {n} rows; expected a multiple of {block} (6 models x 4 images per prompt)")
     per_model = n // len(AIGCIQA2023_MODELS)
 
-    prompts_file = _find_file(root, "AIGCIQA2023_Prompts.xlsx")
+    prompts_file = _find(root, "AIGCIQA2023_Prompts.xlsx")
     prompts = _aigciqa2023_prompts(prompts_file)
     if len(prompts) != per_model // _PER_PROMPT:
         raise BadRowError(
@@ -138,21 +121,8 @@ def load_aigciqa2023(root: str | Path) -> datasets.Dataset:
     )
 
 
-_AIGCIQA2023_HUB_MOS = {
-    "mos_quality": "mos_quality",
-    "mos_alignment": "mos_correspondence",
-    "mos_authenticity": "mos_authenticity",
-}
-
-
-def _aigciqa2023_hub_copy(root: Path, table: Path) -> datasets.Dataset:
-    """AIGCIQA2023 as a hub copy holds it: `data.csv` (`name,prompt,mos_quality,mos_correspondence,mos_authenticity`)
-    and the images it names, in the root or a folder below it."""
-    return _image_table("aigciqa2023", root, table, "name", _AIGCIQA2023_HUB_MOS)
-
-
-def _aigciqa2023_prompts(path: Path) -> list[str | None]:
-    """The prompts of `AIGCIQA2023_Prompts.xlsx`, one per row, read with or without a header row.
+def _aigciqa2023_prompts(path: Path) -> list[Any]:
+    """The prompt cells of `AIGCIQA2023_Prompts.xlsx`, one per row, read with or without a header row.
 
     The file as the release's repository holds it has no header: rows of (category, subcategory, prompt), the
     first `Basic | Animals | a corgi`; there the prompt is the last column. Copies with a header row name the
@@ -163,8 +133,8 @@ def _aigciqa2023_prompts(path: Path) -> list[str | None]:
         raise BadRowError(f"{path}: no prompts")
     first = as_texts(frame.iloc[0])
     if "prompt" in (cell.lower() for cell in first if cell is not None):
-        return as_texts(table_columns(frame.iloc[1:].set_axis(first, axis=1), path, ("prompt",))["prompt"])
-    return as_texts(frame.iloc[:, -1])
+        return table_columns(frame.iloc[1:].set_axis(first, axis=1), path, ("prompt",))["prompt"]
+    return frame.iloc[:, -1].tolist()
 
 
 def _aigciqa2023_place(row: int, per_model: int) -> tuple[str, int, int]:
@@ -175,7 +145,7 @@ def _aigciqa2023_place(row: int, per_model: int) -> tuple[str, int, int]:
 def _aigciqa2023_images(root: Path, n: int) -> tuple[Path, list[str]]:
     """The image folder of AIGCIQA2023 and each row's path below it."""
     per_model = n // len(AIGCIQA2023_MODELS)
-    index_file = _find_file(root, "pic-index.xlsx", required=False)
+    index_file = _find(root, "pic-index.xlsx", required=False)
     if index_file is not None:
         frame = read_frame(index_file, header=None, name_at=1)
         if len(frame) != n or frame.shape[1] < 2:
@@ -184,19 +154,18 @@ def _aigciqa2023_images(root: Path, n: int) -> tuple[Path, list[str]]:
             )
         models = image_names(frame.iloc[:, 0].tolist(), index_file)
         files = image_names(frame.iloc[:, 1].tolist(), index_file)
-        return _find_dir(root, models[0]), [f"{model}/{file}" for model, file in zip(models, files)]
+        return _find(root, f"{models[0]}/").parent, [f"{model}/{file}" for model, file in zip(models, files)]
 
-    folder = _find_dir(root, AIGCIQA2023_MODELS[0], required=False)
-    if folder is not None:
+    probe = _find(root, f"{AIGCIQA2023_MODELS[0]}/", required=False)
+    if probe is not None:
         # Both numberings of the prompt folders' files are plausible; the first model's folder tells which.
-        probe = folder / AIGCIQA2023_MODELS[0]
         first = 1 if (probe / "001-1.png").exists() and not (probe / "000-1.png").exists() else 0
         places = (_aigciqa2023_place(i, per_model) for i in range(n))
-        return folder, [f"{model}/{prompt + first:03d}-{k}.png" for model, prompt, k in places]
+        return probe.parent, [f"{model}/{prompt + first:03d}-{k}.png" for model, prompt, k in places]
 
-    flat = _find_dir(root, "allimg", required=False)
+    flat = _find(root, "allimg/", required=False)
     if flat is not None:
-        return flat, [f"allimg/{i}.png" for i in range(n)]
+        return flat.parent, [f"allimg/{i}.png" for i in range(n)]
     raise FileNotFoundError(
         f"{root}: no AIGCIQA2023 images: looked for pic-index.xlsx, a folder holding {AIGCIQA2023_MODELS[0]}/ "
         f"or one holding allimg/, in {root} and its subfolders {_SEARCH_DEPTH} levels down"
@@ -215,22 +184,15 @@ def load_aigiqa20k(root: str | Path) -> datasets.Dataset:
     Rows are those of info_train, then info_val, then info_test, numbered on from one table to the next. Names
     are the file names the tables list, as a submission needs them; a file name listed by two tables for two
     different files becomes each file's path below the root (`train/x.png`, `test/x.png`).
-
-    Args:
-        root: the release folder.
-
-    Raises:
-        FileNotFoundError: no info_train, or no folder holding a split's images.
-        BadRowError: a header without the expected columns, or rows without an image name.
     """
     root = _existing_dir(root)
     names: list[str] = []
     images: list[dict[str, Any]] = []
-    prompts: list[str | None] = []
+    prompts: list[Any] = []
     mos: list[Any] = []
     splits: list[str] = []
     for split in ("train", "val", "test"):
-        table = _find_file(root, f"info_{split}.csv", f"info_{split}.xlsx", required=split == "train")
+        table = _find(root, f"info_{split}.csv", f"info_{split}.xlsx", required=split == "train")
         if table is None:
             continue
         required = ("name", "prompt", "mos") if split == "train" else ("name", "prompt")
@@ -238,7 +200,7 @@ def load_aigiqa20k(root: str | Path) -> datasets.Dataset:
         part = image_names(rows["name"], table)
         names += part
         images += image_files(_find_image_dir(root, part, table), part)
-        prompts += as_texts(rows["prompt"])
+        prompts += rows["prompt"]
         mos += rows.get("mos", [None] * len(part))
         splits += [split] * len(part)
     names = _names_of_files(names, images, root)
@@ -256,22 +218,15 @@ def load_evalmi50k(root: str | Path) -> datasets.Dataset:
     `<model>/<NNN>.png`. MOS1 (perception) is quality, MOS2 (text-image correspondence) becomes `mos_alignment`; the
     yes/no answers are not read. `question.xlsx` (header `prompt,question_1..question_5`) lists the prompts: image
     `<NNN>` was generated from its NNN-th data row, counted from 1 (in the release, the number of yes/no answers of
-    each image changes at the same rows as the number of questions of that row, and at no other).
-
-    Args:
-        root: the release folder: the labels as the repository lays them out (`MOS&QA/`) or flat, the images
-            `<model>/<NNN>.png` in the root or a folder below it; all searched for two levels down.
-
-    Raises:
-        FileNotFoundError: a label file is missing, or no folder holds the images.
-        BadRowError: a missing column, rows without an image name, or images whose number names no prompt row.
+    each image changes at the same rows as the number of questions of that row, and at no other). The labels may
+    lie as the repository lays them out (`MOS&QA/`) or flat.
     """
     root = _existing_dir(root)
-    table = _find_file(root, EVALMI50K_MOS)
+    table = _find(root, EVALMI50K_MOS)
     rows = table_columns(read_frame(table), table, ("imagename", "mos1", "mos2"))
     names = image_names(rows["imagename"], table)
-    prompts_file = _find_file(root, EVALMI50K_PROMPTS)
-    prompts = as_texts(table_columns(read_frame(prompts_file), prompts_file, ("prompt",))["prompt"])
+    prompts_file = _find(root, EVALMI50K_PROMPTS)
+    prompts = table_columns(read_frame(prompts_file), prompts_file, ("prompt",))["prompt"]
 
     def prompt_row(name: str) -> int | None:
         number = Path(name).stem
@@ -313,7 +268,7 @@ def _image_table(
         table,
         names,
         image_files(_find_image_dir(root, names, table), names),
-        prompts=as_texts(rows["prompt"]),
+        prompts=rows["prompt"],
         mos={feature: rows[column] for feature, column in mos.items()},
     )
 
@@ -356,39 +311,23 @@ def _existing_dir(root: str | Path) -> Path:
 
 def _search_dirs(root: Path) -> list[Path]:
     """The root, then its subfolders level by level (sorted, hidden ones skipped), `_SEARCH_DEPTH` levels down."""
-    found, level = [root], [root]
-    for _ in range(_SEARCH_DEPTH):
-        level = sorted(
-            Path(entry.path)
-            for folder in level
-            for entry in os.scandir(folder)
-            if entry.is_dir() and not entry.name.startswith(".")
-        )
-        found += level
+    found = [root]
+    for depth in range(1, _SEARCH_DEPTH + 1):
+        found += sorted(root.joinpath(folder) for folder in glob.glob("*/" * depth, root_dir=root))
     return found
 
 
-def _find_file(root: Path, *filenames: str, required: bool = True) -> Path | None:
-    """The first of `filenames` found in the root or below it; None (or an error when required) if none is."""
+def _find(root: Path, *names: str, required: bool = True) -> Path | None:
+    """The first of `names` (files, or folders where a name ends in "/") in the root or below it; None (or an error
+    when required) if none is there."""
     for folder in _search_dirs(root):
-        for filename in filenames:
-            if (folder / filename).is_file():
-                return folder / filename
+        for name in names:
+            path = folder / name
+            if path.is_dir() if name.endswith("/") else path.is_file():
+                return path
     if required:
         raise FileNotFoundError(
-            f"{root}: no {' or '.join(filenames)} in this folder or its subfolders {_SEARCH_DEPTH} levels down"
-        )
-    return None
-
-
-def _find_dir(root: Path, child: str, *, required: bool = True) -> Path | None:
-    """The first folder, the root or one below it, that holds a subfolder `child`."""
-    for folder in _search_dirs(root):
-        if (folder / child).is_dir():
-            return folder
-    if required:
-        raise FileNotFoundError(
-            f"{root}: no folder {child}/ in this folder or its subfolders {_SEARCH_DEPTH} levels down"
+            f"{root}: no {' or '.join(names)} in this folder or its subfolders {_SEARCH_DEPTH} levels down"
         )
     return None
 
@@ -417,7 +356,6 @@ def _find_image_dir(root: Path, names: Sequence[str], table: Path) -> Path:
         if hits == total:
             break
     if best is None:
-        looked = ", ".join(str(folder) for folder in searched[:SHOWN_PROBLEMS])
-        more = f" and {len(searched) - SHOWN_PROBLEMS} more" if len(searched) > SHOWN_PROBLEMS else ""
-        raise FileNotFoundError(f"{table}: none of its {total} images is in {looked}{more}")
+        header = f"{table}: none of its {total} images is in any of these folders"
+        raise FileNotFoundError(summary(header, [str(folder) for folder in searched]))
     return best

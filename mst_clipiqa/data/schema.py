@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import datasets
 
 MOS_COLUMNS = ("mos_quality", "mos_alignment", "mos_authenticity")
-_CELL_COLUMNS = (*MOS_COLUMNS, "split")
 
 FEATURES = datasets.Features(
     {
@@ -32,7 +31,7 @@ FEATURES = datasets.Features(
         "split": datasets.Value("string"),
         # The text of cells the reader could not take (a non-numeric MOS, an unknown split), by the column they
         # were meant for; None where every cell was read. `check_dataset` reports them as written in the file.
-        "bad_cells": {column: datasets.Value("string") for column in _CELL_COLUMNS},
+        "bad_cells": {column: datasets.Value("string") for column in (*MOS_COLUMNS, "split")},
     }
 )
 

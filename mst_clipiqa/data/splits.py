@@ -1,10 +1,7 @@
-"""Train/val/test splits by the papers' protocols: deterministic, and saved by image name.
+"""Train/val/test splits by the papers' protocols, from the rows that carry the target MOS, saved by image name.
 
-Every protocol uses only the rows that carry the target MOS; rows without it (the withheld labels of an
-official val or test split) are for prediction, see `predict_indices`. Rows are ordered by name before any
-shuffling, so a split depends on the set of images and the seed, not on the order the table lists them in.
-Saved splits hold image names, so they survive a re-read of the table in another order. Splits to ship (those of
-experiments/splits/) are written compactly by `save_shipped_splits`, with what it takes to make them again.
+Rows are ordered by name before any shuffling, and saved splits hold names, so a split depends on the set of images
+and the seed, not on the order a table lists them in.
 """
 
 from __future__ import annotations
@@ -31,25 +28,16 @@ PROTOCOL_SETTINGS = {
     "kfold": ("split_index", "folds"),
     "official": (),
 }
-"""Per protocol, the data-module settings (`IQADataModule`'s) that define its split beyond those every protocol
-shares (`split_settings`): which of its splits, and the `make_splits` arguments it alone depends on (``folds`` is
-``k``)."""
+"""Per protocol, the `IQADataModule` settings that define its split beyond those every protocol shares (``folds`` is
+`make_splits`' ``k``)."""
 PROTOCOLS = tuple(PROTOCOL_SETTINGS)
 
 
 def split_settings(*protocols: str | None) -> tuple[str, ...]:
-    """The data-module settings that define which rows train, validate and test under any of `protocols`: where the
-    rows come from, the target, the protocol and its `PROTOCOL_SETTINGS`, val_fraction and seed, and the file the
-    splits are read from instead of made. An unknown protocol (or None) adds none of its own."""
+    """The data-module settings that define which rows train, validate and test under any of `protocols` (an unknown
+    one, or None, adds none of its own)."""
     own = dict.fromkeys(key for protocol in protocols for key in PROTOCOL_SETTINGS.get(protocol, ()))
     return ("source", "root", "source_options", "target", "protocol", *own, "val_fraction", "seed", "splits_file")
-
-
-def _arguments(protocol: str) -> tuple[str, ...]:
-    """The `make_splits` arguments `protocol` depends on, in the order saved with its splits: target, its
-    `PROTOCOL_SETTINGS` but the split index (folds as k), val_fraction and seed."""
-    own = ("k" if key == "folds" else key for key in PROTOCOL_SETTINGS[protocol] if key != "split_index")
-    return ("target", *own, "val_fraction", "seed")
 
 
 PARTS = ("train", "val", "test")
@@ -91,35 +79,18 @@ def make_splits(
     k: int = 5,
     seed: int = 0,
 ) -> list[Split]:
-    """Split a dataset's labelled rows by one of the papers' protocols.
+    """Split a dataset's labelled rows by one of the papers' protocols into splits named "<protocol>-<i>" ("official"
+    for the one official split), seeded with numpy's default generator:
 
-    Protocols:
-        "random": `n_splits` image-level splits; split i shuffles with seed `seed + i`, puts `train_fraction`
-            of the rows in train+val and the rest in test, then moves `val_fraction` of train+val to val
-            (the test part stays untouched by model selection).
-        "prompt": as "random", but whole groups (the `group` column: the prompt unless a loader mapped
-            another column) go to one side, val included, so no prompt is shared between train, val and test.
-        "kfold": `k` image-level folds; split i tests on fold i, and `val_fraction` of the other folds is
-            held out for validation.
-        "official": the `split` column: labelled train rows train, labelled val rows validate, labelled test
-            rows test. When the official val rows carry no labels, `val_fraction` of train validates.
-
-    Args:
-        ds: a dataset with the columns of `schema.FEATURES`, after `check_dataset`.
-        protocol: one of `PROTOCOLS`.
-        target: the target whose MOS marks a row as labelled ("quality", "alignment", ...).
-        n_splits: the number of "random" and "prompt" splits.
-        train_fraction: the share of rows (or groups) in train+val for "random" and "prompt".
-        val_fraction: the share of the training part held out for validation.
-        k: the number of "kfold" folds.
-        seed: the base seed of numpy's default generator.
-
-    Returns:
-        The splits, named "<protocol>-<i>" ("official" for the one official split).
-
-    Raises:
-        ValueError: an unknown protocol, fractions out of range, or no labelled rows.
-        BadRowError: "prompt" with rows without a group, or "official" with labelled rows without a split.
+    "random": `n_splits` image-level splits; split i shuffles with seed `seed + i`, puts `train_fraction`
+        of the rows in train+val and the rest in test, then moves `val_fraction` of train+val to val
+        (the test part stays untouched by model selection).
+    "prompt": as "random", but whole groups (the `group` column: the prompt unless a loader mapped
+        another column) go to one side, val included, so no prompt is shared between train, val and test.
+    "kfold": `k` image-level folds; split i tests on fold i, and `val_fraction` of the other folds is
+        held out for validation.
+    "official": the `split` column: labelled train rows train, labelled val rows validate, labelled test
+        rows test. When the official val rows carry no labels, `val_fraction` of train validates.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown split protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
@@ -160,9 +131,11 @@ def make_splits(
         "k": k,
         "seed": seed,
     }
-    arguments = {key: given[key] for key in _arguments(protocol)}
+    # The arguments the protocol depends on, saved with its splits.
+    own = ("k" if key == "folds" else key for key in PROTOCOL_SETTINGS[protocol] if key != "split_index")
+    arguments = {key: given[key] for key in ("target", *own, "val_fraction", "seed")}
     return [
-        Split(name, _sorted(train), _sorted(val), _sorted(test), protocol, dict(arguments))
+        Split(name, *(tuple(sorted(part.tolist())) for part in (train, val, test)), protocol, dict(arguments))
         for name, train, val, test in parts
     ]
 
@@ -260,15 +233,12 @@ def save_splits(splits: Sequence[Split], path: str | Path, ds: datasets.Dataset)
 
 
 def save_shipped_splits(splits: Sequence[Split], path: str | Path, ds: datasets.Dataset) -> None:
-    """Write splits small enough to ship, with what it takes to make them again (`remake_shipped_splits`).
+    """Write the splits of one protocol and set of arguments small enough to ship, with what it takes to make them
+    again (`remake_shipped_splits`).
 
     The file (JSON, compressed when `path` ends in .xz or .gz) lists every name of `ds` once, sorted, and per split
     one letter per name: t train, v val, s test, - none. Prompt-disjoint splits add each name's group as a number
     (the groups numbered in their sorted order), which is all the protocol reads of them.
-
-    Raises:
-        ValueError: no splits, splits of more than one protocol or set of arguments, or prompt-disjoint splits of
-            rows without a group.
     """
     _write_text(Path(path), _shipped_text(splits, ds))
 
@@ -364,13 +334,8 @@ def _shipped_entries(content: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def load_splits(path: str | Path, ds: datasets.Dataset) -> list[Split]:
-    """Read splits written by `save_splits` or `save_shipped_splits`, mapping their image names to the rows of `ds`.
-
-    Raises:
-        ValueError: the file is not a split file, or `ds` lists a name twice.
-        BadRowError: a split names images that `ds` lacks (e.g. dropped by `check_dataset`); the message
-            names them.
-    """
+    """Read splits written by `save_splits` or `save_shipped_splits`, mapping their image names to the rows of `ds`,
+    which must hold each name once and every name a split lists."""
     path = Path(path)
     content = _read_json(path)
     if not isinstance(content, dict) or content.get("format") != _FORMAT:
@@ -404,7 +369,3 @@ def _is_label(mos: float | None) -> bool:
 
 def _share(n: int, fraction: float) -> int:
     return round(n * fraction)
-
-
-def _sorted(rows: np.ndarray) -> tuple[int, ...]:
-    return tuple(sorted(rows.tolist()))

@@ -12,7 +12,7 @@ from typing import Any
 
 import datasets
 
-from mst_clipiqa.data.cells import as_texts, assemble, image_files, image_names, read_frame, table_columns
+from mst_clipiqa.data.cells import assemble, image_files, image_names, read_frame, table_columns
 from mst_clipiqa.data.releases import RELEASES
 from mst_clipiqa.data.schema import TARGETS
 from mst_clipiqa.errors import BadRowError, OptionError
@@ -49,16 +49,6 @@ def load_table(path: str | Path, columns: Columns, *, source: str = "table") -> 
 
     Column names are matched case-insensitively. A cell that is not a number in a MOS column, or names no known
     split in the split column, is kept as written in `bad_cells` for `check_dataset` to report with the rest.
-
-    Args:
-        path: the table.
-        columns: which columns hold what; image paths are relative to `columns.image_root`, by default the
-            table's folder.
-        source: the value of the `source` column.
-
-    Raises:
-        OptionError: `columns.split` is set: it chooses a split of a Hugging Face dataset, not of a table.
-        BadRowError: a missing column, or rows without an image path (or without a name in `name_column`).
     """
     if columns.split is not None:
         raise OptionError(
@@ -79,16 +69,6 @@ def load_hf(name_or_path: str | Path, columns: Columns, *, source: str = "hf") -
     or a string column of paths. Names come from `name_column`, else from the path string, else from the
     `Image` feature's stored paths (see `_embedded_names`), so that images sharing a file name in different
     folders keep apart.
-
-    Args:
-        name_or_path: a `save_to_disk` folder, or a hub id / local data folder for `load_dataset`.
-        columns: which columns hold what, and which split of a `DatasetDict` or hub dataset to read (train by
-            default). Relative paths of a string image column refer to `columns.image_root`, by default the
-            `save_to_disk` folder, else the working directory.
-        source: the value of the `source` column.
-
-    Raises:
-        BadRowError: a missing column, or rows without an image path (or without a name in `name_column`).
     """
     split = columns.split if columns.split is not None else "train"
     ds, base = _open_hf(name_or_path, split)
@@ -187,16 +167,14 @@ def _from_mapping(
 
     if columns.name_column is not None:
         names = image_names(column(columns.name_column), origin)
-    prompts = column(columns.prompt_column)
-    groups = column(columns.group_column)
     return assemble(
         source,
         origin,
         names,
         images,
-        prompts=as_texts(prompts) if prompts is not None else None,
+        prompts=column(columns.prompt_column),
         mos={feature: column(name) for feature, name in _mos_features(columns.mos_columns).items()},
-        groups=as_texts(groups) if groups is not None else None,
+        groups=column(columns.group_column),
         splits=column(columns.split_column),
     )
 
@@ -211,12 +189,8 @@ take a `Columns`."""
 
 
 def load_source(kind: str, root: str | Path, options: Columns | None = None) -> datasets.Dataset:
-    """Read a data source by kind: a key of `SOURCES`, with the column mapping of `table` and `hf`.
-
-    Raises:
-        OptionError: an unknown kind (the message lists the known ones), options for an official release, which
-            reads its own files, or none for `table` or `hf`.
-    """
+    """Read a data source by kind: a key of `SOURCES`, with the column mapping of `table` and `hf` (and none for an
+    official release, which reads its own files)."""
     if kind not in SOURCES:
         raise OptionError(f"data.source {kind!r} is unknown; expected one of {', '.join(SOURCES)}")
     if kind in RELEASES:

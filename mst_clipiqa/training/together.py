@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from mst_clipiqa.data.datamodule import IQADataModule
 from mst_clipiqa.data.splits import Split
 from mst_clipiqa.errors import OptionError
+from mst_clipiqa.internals import lightning_checkpoint
 from mst_clipiqa.losses import iqa_loss
 from mst_clipiqa.metrics import make_metrics
 from mst_clipiqa.model import MSTCLIPIQA
@@ -212,17 +213,16 @@ class TogetherModule(OneThreadForCachedSteps, L.LightningModule):
         write every member, at the current epoch and step)."""
         path = folder / f"split{k}-best-epoch{best.epoch:02d}.ckpt"
         data = self.trainer.datamodule.data
-        checkpoint = {
-            "epoch": best.epoch,
-            "global_step": best.step,
-            "pytorch-lightning_version": L.__version__,
-            "state_dict": {f"net.{name}": value for name, value in best.weights.items()},
-            MSTCLIPIQAModule.CHECKPOINT_HYPER_PARAMS_KEY: self.member_hparams,
-            IQADataModule.CHECKPOINT_HYPER_PARAMS_KEY: {**dict(data.hparams), "split_index": k},
-            "callbacks": {
+        checkpoint = lightning_checkpoint(
+            {f"net.{name}": value for name, value in best.weights.items()},
+            epoch=best.epoch,
+            global_step=best.step,
+            hparams=self.member_hparams,
+            datamodule_hparams={**dict(data.hparams), "split_index": k},
+            callbacks={
                 "ModelCheckpoint": {"monitor": "val/srcc", "best_model_score": best.srcc, "best_model_path": str(path)}
             },
-        }
+        )
         self.member_on_save_checkpoint(checkpoint)  # e.g. the saved model it was fine-tuned from
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, path)

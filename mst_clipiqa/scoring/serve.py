@@ -99,16 +99,14 @@ class ScoreAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         import torch
 
-        from mst_clipiqa.hub.pretrained import from_pretrained
-        from mst_clipiqa.scoring.scorer import Scorer
+        from mst_clipiqa.scoring.scorer import load_scorer
 
         # Ctrl-C reaches every process of the terminal's group: the server's own process stops this one, which
         # would otherwise die mid-call with a traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.threads:
             torch.set_num_threads(self.threads)
-        module = from_pretrained(self.model, revision=self.revision)
-        self.scorer = Scorer(module, device=device, precision=self.precision)
+        self.scorer = load_scorer(self.model, device, self.precision, revision=self.revision)
 
     def decode_request(self, request):  # unannotated: LitServe hands over the parsed body then
         # A refusal is returned, not raised: LitServe would answer every request of the batch with it.

@@ -1,28 +1,7 @@
-"""`mst-clipiqa benchmark`: a protocol's splits x head variants x targets, each fitted, then tested at its best
-checkpoint, with per-split and median/mean SRCC, PLCC and KRCC.
-
-    mst-clipiqa benchmark --config experiments/agiqa3k_template.yaml --splits 10 \\
-        --variants template prompt --targets quality alignment [--output DIR] [any fit option]
-
-Each run is `mst-clipiqa fit` on the same YAML (and the same extra options), with the variant, target and split index
-set, followed by `test` with ``ckpt_path="best"``; a run keeps its best checkpoint only (no last.ckpt). The frozen
-features come from the feature cache (`mst_clipiqa.data.features`): the first run encodes every image of the split (all
-labelled rows) and the first run of the prompt head every distinct prompt; all others read them, so the whole protocol
-costs one encoder pass plus the heads' training. After the first run has decoded every image once, the others skip that
-check. With ``--together true`` the splits of each variant and target are one fit and one test instead
-(`training.together`): the same results, one start-up and one training loop for all of them.
-
-The output folder (``--output``, by default ``<trainer.default_root_dir>/<name>``) gets results.csv (one row per
-run: metrics, best checkpoint, what the feature cache read and encoded), summary.csv (median, mean and standard
-deviation per variant and target) and results.md (both tables, also printed).
-
-Cross-dataset (``--cross agiqa-1k=data/AGIQA-1K aigciqa2023=data/AIGCIQA2023 ...``): each run's best checkpoint is also
-tested on every labelled row of each other release given (`IQADataModule.test_on`); cross.csv holds those results and
-cross.md the train x test matrix (median SRCC / PLCC over the splits; on the diagonal, the config's own test splits).
-With ``--configs a.yaml b.yaml ...`` each config is a row of the matrix: its runs report in ``<output>/<config>/``,
-and the matrix of them all goes to ``<output>/cross.md``. Each run logs where the config's
-loggers say; CSV and TensorBoard runs go under ``<save_dir>/<name>/<run>``, W&B runs are named after the run and
-grouped under ``<name>``, and one more W&B run of that group, ``<name>-summary``, holds both tables.
+"""`mst-clipiqa benchmark`: a protocol's splits x head variants x targets, each fitted (`mst-clipiqa fit` on the same
+options, with the variant, target and split set) and tested at its best checkpoint, with per-split and median/mean
+SRCC, PLCC and KRCC; with ``--cross``, also tested on other releases. The frozen features come from the feature cache,
+so the whole protocol costs one encoder pass plus the heads' training.
 """
 
 from __future__ import annotations
@@ -48,32 +27,24 @@ from mst_clipiqa.errors import OptionError
 from mst_clipiqa.scoring.predictions import write_rows
 from mst_clipiqa.training.callbacks import WandbEvaluationLogger
 
-METRICS = ("srcc", "plcc", "krcc")
-"""Metrics summarised over the splits (results.csv also keeps RMSE and the logistic-fitted PLCC)."""
+METRICS = ("srcc", "plcc", "krcc")  # summarised over the splits; results.csv also keeps the others
 _TEST_METRICS = (*METRICS, "rmse", "plcc_logistic")
 _CACHE_COUNTS = ("images_cached", "images_encoded", "prompts_cached", "prompts_encoded")
 
 
 @dataclass
 class RunResult:
-    """One fit and test of the benchmark."""
+    """One fit and test of the benchmark: its test metrics at the best checkpoint (without "test/"), what the feature
+    cache read and encoded, the release trained on and the one tested on (`source` for the split's own test part)."""
 
     variant: str
-    """Head: template or prompt."""
     target: str
-    """The MOS learnt: quality, alignment, ..."""
     split: int
-    """Index of the split in the protocol."""
     metrics: dict[str, float]
-    """Test metrics at the best checkpoint, without the "test/" prefix."""
     checkpoint: str
-    """Path of the best checkpoint."""
     cache: dict[str, int] = field(default_factory=dict)
-    """What the feature cache read and encoded for this run (empty when features are off)."""
     source: str = ""
-    """The release (`data.source`) the run was trained on."""
     test_source: str = ""
-    """The release tested on: `source` for the split's own test part, another for a cross-dataset test."""
 
     def row(self) -> dict[str, Any]:
         return {
@@ -184,8 +155,8 @@ class _RunCLI(MSTCLIPIQACLI):
     def setup_parser(
         self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
     ) -> None:
-        """The parser of the benchmark's first run, built once: building it reads the source of every configurable
-        class for its docstrings (seconds), the same for every run. Parsing leaves it as it was."""
+        """The parser of the benchmark's first run, built once (seconds) for every run; parsing leaves it as it
+        was."""
         if "run" not in self.parsers:
             super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
             self.parsers["run"] = self.parser
@@ -214,20 +185,8 @@ class _RunCLI(MSTCLIPIQACLI):
 
 
 class Benchmark:
-    """Fits and tests every (variant, target, split), then reports.
-
-    Args:
-        fit_args: arguments of `mst-clipiqa fit` (``--config`` files and options) shared by every run.
-        splits: how many of the protocol's splits to run, from the first; None runs them all.
-        variants: head variants to run; None keeps the config's.
-        targets: targets to run; None keeps the config's.
-        output: folder of the reports; None for ``<trainer.default_root_dir>/<name>``.
-        name: name of the benchmark: the output folder, the loggers' run group; None for "benchmark-<time>".
-        together: train the splits of each head and target in one loop (`training.together`): the same results,
-            one start-up and one loop for all of them instead of one per split.
-        cross: release (`data.source` name) → its folder: each run is tested on every labelled row of each of them
-            too, but for the run's own release (see the module's docstring).
-    """
+    """Fits and tests every (variant, target, split), then reports; the options are the command's
+    (`cli.commands.benchmark`), `cross` as release → folder."""
 
     def __init__(
         self,
@@ -260,9 +219,8 @@ class Benchmark:
 
     def run(self) -> list[RunResult]:
         """Every run in turn; returns the results and writes the reports."""
-        # What lives now (the imported libraries: about half a million objects) lives as long as the process: kept
-        # out of the collection after each run, which then takes milliseconds instead of most of a second. Garbage
-        # is collected first: frozen, an earlier benchmark's last run (its towers, features, heads) would never be.
+        # What lives now (the imported libraries) lives as long as the process: kept out of the collection after
+        # each run, which then is quick. Garbage is collected first, or an earlier benchmark's last run would stay.
         gc.collect()
         gc.freeze()
         try:

@@ -1,13 +1,9 @@
-"""The `mst-clipiqa` command: the Trainer's fit, validate, test and predict (LightningCLI, see `trainer_cli`), and
-benchmark, score, export and demo, declared below as functions whose signature and docstring are their options.
+"""The `mst-clipiqa` command: the Trainer's fit, validate, test and predict (LightningCLI, see `cli.trainer`), and
+the commands below, declared as functions whose signature and docstring are their options and --help.
 
-Every command takes jsonargparse's options (`--batch_size 8`, `--compile true`, `--config FILE.yaml`). This module
-imports neither torch nor Lightning: the overview and the help of score and export answer at once, and a command
-imports what it runs once its options parse.
-
-A user's mistake (an option, a path, a damaged file, bad data) ends in one message that names the culprit: exit
-status 2 for a usage error, 1 for the rest. ``--debug`` anywhere on the command line, or ``MST_CLIPIQA_DEBUG=1``,
-shows the full traceback instead.
+This module imports neither torch nor Lightning, so that the overview and the commands' help answer at once. A user's
+mistake ends in one message naming the culprit (exit status 2 for a usage error, 1 for the rest); ``--debug`` or
+``MST_CLIPIQA_DEBUG=1`` shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -450,9 +446,8 @@ def main(args: Sequence[str] | None = None) -> None:
 
 
 def _leave_process_group() -> None:
-    """Destroy the process group a command's Trainer started (torchrun, srun, several devices). Lightning leaves it
-    for a next Trainer; left to the interpreter's exit, its communication threads can abort the process after its
-    work is done ("terminate called without an active exception"), and the job is reported as failed."""
+    """Destroy the process group a command's Trainer started (torchrun, srun, several devices): left to the
+    interpreter's exit, its threads can abort a process whose work is done, and the job is reported as failed."""
     distributed = sys.modules.get("torch.distributed")  # imported only where a command used it
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
@@ -508,12 +503,9 @@ def weights_maybe_given(argv: Sequence[str]) -> bool:
 
 
 def trainer_help(command: str) -> str:
-    """The help of a Trainer command, from the user's cache when this installation rendered it before.
-
-    Rendering it builds LightningCLI's parser (Lightning's import, every configurable class's docstrings): seconds,
-    for the same text every time. The text is kept under ``$XDG_CACHE_HOME/mst_clipiqa/help`` (else ~/.cache), keyed
-    by the versions of what writes it, the package's source files and the terminal's width.
-    """
+    """The help of a Trainer command, from the user's cache (``$XDG_CACHE_HOME/mst_clipiqa/help``, else ~/.cache)
+    when this installation rendered it before: rendering builds LightningCLI's parser, which takes seconds. The text
+    is keyed by the versions of what writes it, the package's source files and the terminal's width."""
     path = _help_cache() / f"{command}-{_help_key()}.txt"
     try:
         return path.read_text()

@@ -25,8 +25,8 @@ from mst_clipiqa.training.launch import check_world_size, take_launcher_options
 from mst_clipiqa.training.lit_module import MSTCLIPIQAModule, settings_from
 
 TRAINER_DEFAULTS = {"devices": 1, "enable_model_summary": False}
-"""Trainer options whose default here is not Lightning's: one device unless asked (every config says so too; a
-launcher's LT_DEVICES fills it in); no model summary table (the module prints its trainable and frozen counts)."""
+"""Trainer options whose default here is not Lightning's: one device unless asked (a launcher's fills it in); no model
+summary table (the module prints its trainable and frozen counts)."""
 
 NOISE = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # torch's, about Lightning's own code
@@ -52,12 +52,8 @@ class ArgumentParser(SuggestingErrors, LightningArgumentParser):
 
 
 class MSTCLIPIQACLI(LightningCLI):
-    """LightningCLI with checkpoints ranked by validation SRCC (the data takes what it owes the model from the
-    trainer's model: `IQADataModule.follow`).
-
-    A parse error raises `argparse.ArgumentError` (`mst_clipiqa.cli.commands.main` reports it in one message) instead of
-    printing the usage and exiting.
-    """
+    """LightningCLI with checkpoints ranked by validation SRCC; a parse error raises `argparse.ArgumentError`, which
+    `cli.commands.main` reports in one message."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs):
         quiet_third_party()

@@ -1,15 +1,6 @@
-"""A torchmetrics metric for pipelines that generate images: quality scores from a trained MST-CLIPIQA model, and,
-with gradients, a differentiable quality reward.
-
-    metric = MSTCLIPIQAScore("my-model").to("cuda")     # a saved folder, a hub repo id, a .ckpt or a loaded module
-    metric.update(images)                               # float (B, 3, H, W) in [0, 1], any size
-    metric.update(images, prompts=prompts)              # the prompt head (variant B) needs each image's prompt
-    metric.compute()                                    # {"mean": tensor(52.1), "scores": tensor([...])}
-
-    reward = metric(images)["scores"]                   # this batch's scores; differentiable when images need grad
-
-Images are preprocessed in torch, on their own device, as `ClipPreprocess` does from files; scores are on the MOS
-scale the model was trained on, and under DDP `compute` gathers every rank's scores.
+"""`MSTCLIPIQAScore`, a torchmetrics metric for pipelines that generate images: scores of image tensors from a trained
+model, and, with gradients, a differentiable quality reward. Images are preprocessed in torch on their own device, as
+`ClipPreprocess` does from files.
 """
 
 from __future__ import annotations
@@ -37,23 +28,9 @@ _RESIZE_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC
 
 
 def clip_pixel_values(images: Tensor, preprocess: ClipPreprocess) -> Tensor:
-    """CLIP preprocessing of float images in torch, on their device and differentiable: `ClipPreprocess` without
-    the 8-bit rounding.
-
-    Pillow resizes in two passes, width then height, clipping to 0..255 after each; torch's antialiased filters
-    use Pillow's kernels, so the same two passes, each clipped to [0, 1], leave only Pillow's rounding of every
-    pass to whole 8-bit values as a difference (at most about 1/255 per pixel).
-
-    Args:
-        images: (B, 3, H, W) floats in [0, 1].
-        preprocess: the model's preprocessing (resize, crop, mean and std), as read from its coarse encoder.
-
-    Returns:
-        pixel_values (B, 3, crop height, crop width), in the images' dtype.
-
-    Raises:
-        ValueError: the preprocessing resizes with a filter other than bilinear or bicubic.
-    """
+    """CLIP preprocessing of (B, 3, H, W) float images in [0, 1], in torch, on their device and differentiable:
+    `ClipPreprocess` without the 8-bit rounding. Pillow resizes width then height, clipping after each pass; torch's
+    antialiased filters use Pillow's kernels, so the same two clipped passes differ only by that rounding."""
     mode = _RESIZE_MODES.get(preprocess.resample)
     if mode is None:
         raise ValueError(f"cannot preprocess tensors with Pillow resampling filter {preprocess.resample}")
@@ -76,11 +53,14 @@ def clip_pixel_values(images: Tensor, preprocess: ClipPreprocess) -> Tensor:
 class MSTCLIPIQAScore(TrainedModelView, Metric):
     """Quality of images, on the MOS scale a trained MST-CLIPIQA model was trained on.
 
-    Follows torchmetrics' `CLIPImageQualityAssessment`: `update` takes a batch of images, `compute` returns the
-    scores of every image seen since the last `reset`, gathered from every rank under DDP (in rank order). Calling
-    the metric, ``metric(images)``, adds the batch to the state and returns the batch's own result; when the
-    images require grad (and grad mode is on), its scores carry the autograd graph back to the pixels, so that
-    ``-metric(images)["scores"].mean()`` is a loss for fine-tuning a generator. `update` alone never builds a graph.
+        metric = MSTCLIPIQAScore("my-model").to("cuda")     # a saved folder, a hub repo id, a .ckpt or a module
+        metric.update(images, prompts=prompts)              # float (B, 3, H, W) in [0, 1]; prompts: prompt head only
+        metric.compute()                                    # {"mean": tensor(52.1), "scores": tensor([...])}
+
+    As torchmetrics' `CLIPImageQualityAssessment`: `compute` returns the scores of every image seen since the last
+    `reset`, gathered from every rank under DDP (in rank order). Calling the metric, ``metric(images)``, adds the
+    batch and returns its own result; when the images require grad, its scores carry the graph back to the pixels,
+    so that ``-metric(images)["scores"].mean()`` is a loss for fine-tuning a generator.
 
     Args:
         model: a saved model folder, a Hugging Face Hub repo id or a Lightning .ckpt (loaded with `from_pretrained`),
@@ -114,9 +94,8 @@ class MSTCLIPIQAScore(TrainedModelView, Metric):
             )
         if not model.net.has_mos_range:
             raise BadModelError("the model has no MOS range to score on: train it first or load a trained model")
-        # A submodule, so that every move of the metric (its own .to(), or its owner's) moves the towers too; but
-        # the metric's judge, not part of it: `named_modules`, `train` and the two hooks keep the towers out of the
-        # metric's (and its owner's) parameters, train() and state_dict.
+        # A submodule, so that every move of the metric moves the towers too; `named_modules`, `train` and the two
+        # hooks keep them out of the metric's (and its owner's) parameters, train() and state_dict.
         self.model = freeze(model)
         self.register_state_dict_post_hook(_leave_out_model)
         self.register_load_state_dict_pre_hook(_keep_model)
@@ -176,8 +155,7 @@ class MSTCLIPIQAScore(TrainedModelView, Metric):
     def named_modules(
         self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Module]]:
-        """nn.Module's, less the frozen model and its modules: its parameters and buffers are not the metric's (nor
-        its owner's, whose own `named_modules` comes through here)."""
+        """nn.Module's, less the frozen model and its modules, whose parameters are not the metric's."""
         memo = set() if memo is None else memo
         if remove_duplicate:
             if self in memo:
@@ -214,9 +192,8 @@ def _keep_model(
     unexpected_keys: list[str],
     error_msgs: list[str],
 ) -> None:
-    """Load-state-dict pre-hook: a state dict has no towers (see `_leave_out_model`), so loading one leaves them as
-    they are: their own tensors stand in for them (copying a tensor onto itself changes nothing), and towers a state
-    dict does bring are unexpected keys, as for a metric without a model."""
+    """Load-state-dict pre-hook: the towers' own tensors stand in for the ones a state dict lacks, and towers a state
+    dict brings are unexpected keys."""
     model_prefix = f"{prefix}model."
     unexpected_keys.extend(key for key in state_dict if key.startswith(model_prefix))
     state_dict.update(metric.model.state_dict(prefix=model_prefix, keep_vars=True))

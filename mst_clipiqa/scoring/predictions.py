@@ -1,25 +1,9 @@
 """Prediction files: one row per scored image, in row order, however many processes scored them.
 
-    name,prompt,score,mos,coarse_share
-    AttnGAN_normal_000.jpg,a red cube on a table,2.81,3.05,0.497
-
-`PredictionWriter` is a Lightning `BasePredictionWriter`. As batches finish, every rank appends its rows to its own
-shard (JSON lines in ``<file>.parts/``, flushed per batch), so memory stays flat however many images are scored;
-when the loop ends, rank 0 merges the shards by row index into the file, CSV, JSON lines or Parquet by its
-extension, and removes them. A loop killed half-way leaves its shards: with ``resume``, the next loop keeps them,
-writes new shards beside them for the rows they lack (`done_rows`; a line torn by the kill does not count), and the
-merge takes them all.
-The evaluation sampler deals each row to exactly one rank without padding, so every image appears once. Shards and
-file must be on a file system every rank sees, as checkpoints must. The file appears whole or not at all: it is
-written under a temporary name and renamed.
-
-A row joins the model's outputs (``index``, ``score``, ``coarse_share`` from `predict_step`) with what the data
-module says about that row, through two optional hooks:
-
-- ``describe_rows(index) -> list[dict]``: per table row, e.g. its name, prompt and MOS (None where unknown);
-- ``prediction_columns``: the file's columns, in order.
-
-Without them the file holds the model's outputs as they are.
+`PredictionWriter` has every rank append its rows to its own shard (JSON lines in ``<file>.parts/``, flushed per
+batch), so memory stays flat; when the loop ends rank 0 merges the shards by row index into the file (CSV, JSON lines
+or Parquet by extension). A killed loop leaves its shards, which a resumed one keeps and completes (`done_rows`).
+Shards and file must be on a file system every rank sees.
 """
 
 from __future__ import annotations
@@ -44,20 +28,13 @@ from mst_clipiqa.errors import OptionError, write_error
 from mst_clipiqa.scoring import FORMATS
 from mst_clipiqa.training.checkpoints import new_run_file, run_dir
 
-DEFAULT_NAME = "predictions.csv"
-"""The file's name in the run's log folder when no path is given."""
-FLOAT_COLUMNS = frozenset({"score", "mos", "coarse_share"})
-"""Columns stored as float64 in Parquet; ``index`` is int64 and every other column a string."""
-PARQUET_ROWS = 65_536
-"""Rows per Parquet row group: the most the merge holds in memory at once."""
+DEFAULT_NAME = "predictions.csv"  # in the run's log folder
+FLOAT_COLUMNS = frozenset({"score", "mos", "coarse_share"})  # float64 in Parquet; index int64, the rest strings
+PARQUET_ROWS = 65_536  # per row group: the most the merge holds in memory at once
 
 
 def checked_path(path: str | os.PathLike) -> Path:
-    """`path` as a Path, if its extension names a known format.
-
-    Raises:
-        OptionError: another extension.
-    """
+    """`path` as a Path, if its extension names a known format; else an OptionError."""
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
         raise OptionError(
@@ -67,21 +44,16 @@ def checked_path(path: str | os.PathLike) -> Path:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes every prediction of `Trainer.predict` to one file, in row order (see the module's docstring).
-
-    Args:
-        path: the file, .csv, .jsonl or .parquet; None for predictions.csv in the run's own folder
-            (`training.checkpoints.run_dir`), ``predictions-v1.csv`` ... where an earlier run left one there.
-        resume: keep the shards an interrupted loop left for this file and add to them (the data must then leave
-            out their rows: `done_rows`); otherwise they are removed first.
-    """
+    """Writes every prediction of `Trainer.predict` to `path`, in row order: by default predictions.csv in the run's
+    own folder (``predictions-v1.csv`` ... beside an earlier run's). A row joins the module's outputs with the data
+    module's ``describe_rows(index)``, in its ``prediction_columns``, where it has them. With `resume`, the shards an
+    interrupted loop left are kept (the data must leave out their rows); otherwise they are removed first."""
 
     def __init__(self, path: str | os.PathLike | None = None, resume: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.path = None if path is None else checked_path(path)
         self.resume = resume
-        self.written: Path | None = None
-        """The file the last prediction loop wrote."""
+        self.written: Path | None = None  # the file the last prediction loop wrote
         self._out: Path | None = None
         self._shard: TextIOWrapper | None = None
         self._generation = 0
@@ -141,18 +113,14 @@ class PredictionWriter(BasePredictionWriter):
 
     @staticmethod
     def _declared_columns(trainer: L.Trainer) -> Sequence[str] | None:
-        """The data module's ``prediction_columns``, if it declares them."""
         return getattr(trainer.datamodule, "prediction_columns", None)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.finish(trainer)
 
     def finish(self, trainer: L.Trainer) -> None:
-        """Close this rank's shard and, once every rank has, merge them all into the file on rank 0.
-
-        Runs at the end of the prediction loop. A rank that had no rows to predict skips the loop (Lightning's
-        predict returns at once): call it on that rank after `Trainer.predict`, so that it meets the others.
-        """
+        """Close this rank's shard and, once every rank has, merge them all into the file on rank 0. A rank without
+        rows skips the prediction loop: call this after `Trainer.predict` too, so that it meets the others."""
         if self.written is not None:
             return
         self._shard.close()
@@ -200,19 +168,9 @@ def done_rows(out: str | os.PathLike) -> set[int]:
 
 
 def merge_shards(out: Path, world_size: int, columns: Sequence[str] | None = None, generation: int = 0) -> int:
-    """Merge the ranks' shards of `out` by row index into `out`, remove them, and return the number of rows.
-
-    Args:
-        out: the file to write (its shards are in ``<out>.parts/``).
-        world_size: the number of ranks of the last loop, one shard each.
-        columns: the file's columns; None for every key of the rows but ``index``.
-        generation: the last loop's generation (0 unless it resumed others); the shards of earlier ones, whatever
-            their number of ranks, are merged too.
-
-    Raises:
-        FileNotFoundError: a rank's shard is missing: the ranks do not share the file system the file is on.
-        RuntimeError: a row appears twice, or a rank's rows are out of order.
-    """
+    """Merge every shard of `out` by row index into `out`, remove them, and return the number of rows. The last
+    loop (`generation`) must have left one shard per rank of `world_size`, else the ranks do not share the file
+    system; a row twice or out of order is a RuntimeError."""
     parts = parts_folder(out)
     shards = [parts / _shard_name(rank, generation) for rank in range(world_size)]
     missing = [str(shard) for shard in shards if not shard.is_file()]
@@ -257,16 +215,9 @@ def _unique(rows: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 def write_rows(path: str | os.PathLike, rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None) -> int:
-    """Stream rows (dicts) into a CSV, JSON lines or Parquet file, by its extension; returns the number of rows.
-
-    Missing values (None) are empty cells in CSV and nulls elsewhere. The file is written under a temporary name
-    and renamed, so it is never seen half-written.
-
-    Args:
-        path: the file; its folder is created if needed.
-        rows: the rows.
-        columns: the columns, in order; None for the first row's keys other than ``index``.
-    """
+    """Stream rows (dicts) into a CSV, JSON lines or Parquet file, by its extension, in `columns` (by default the
+    first row's but ``index``); returns the number of rows. The file is written under a temporary name and renamed,
+    so it is never seen half-written."""
     path = checked_path(path)
     rows = iter(rows)
     first = next(rows, None)

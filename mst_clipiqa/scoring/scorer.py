@@ -1,17 +1,6 @@
-"""Scores for people who just want scores: `load_scorer` in Python and `mst-clipiqa score` on the command line.
-
-    scorer = load_scorer("path/to/model")               # a saved folder, a hub repo id or a Lightning .ckpt
-    scorer.score(["a.png", "b.jpg"])                    # [3.71, 2.05]: on the MOS scale the model was trained on
-    scorer.score(images, prompts=["a red cube", ...])   # the prompt head (variant B) needs each image's prompt
-
-Each image is decoded and preprocessed once (CLIP preprocessing of the coarse encoder), and both streams read the
-same tensor. On a GPU the encoders run under bf16 autocast by default; the template head always computes in float32.
-
-`Scorer` is the in-memory API for small jobs: images in, scores out, decoding in a thread pool one batch ahead of
-the model. `score_files` is the command's engine for collections of any size: `Trainer.predict` of the trained
-module over the data pieces training reads (the inputs as a table, `ImageRows` decoding in loader workers, or the
-feature cache's `TableFeatures`), on as many devices and nodes as given, with `PredictionWriter` streaming each
-rank's rows to disk and merging them in input order; a killed job resumes where its shards end.
+"""Scores for people who just want scores: `load_scorer`/`Scorer` in Python (images in memory, decoded in a thread
+pool one batch ahead of the model), and `score_files`, the engine of `mst-clipiqa score`: `Trainer.predict` over the
+inputs as a table, on any number of devices, its rows streamed to disk by `PredictionWriter` and resumable.
 """
 
 from __future__ import annotations
@@ -60,8 +49,8 @@ ImageInput = Image.Image | str | os.PathLike | bytes | Tensor
 
 
 class TrainedModelView:
-    """What `Scorer` and the metric `MSTCLIPIQAScore` tell of the trained network they score with (`_net`), and how
-    both take the prompts given with images."""
+    """What `Scorer` and `MSTCLIPIQAScore` tell of the trained network they score with (`_net`), and how both take
+    prompts."""
 
     _net: MSTCLIPIQA
 
@@ -95,9 +84,8 @@ class Scorer(TrainedModelView):
         device: "cuda", "cpu", ...; None takes the GPU when there is one.
         precision: "32", "bf16" or "16" (autocast); None takes bf16 on a GPU that supports it, else 32.
         num_workers: threads decoding images; None picks from the CPU count.
-        compile: compile the two image towers (`TwoStreamEncoder.compile_towers`) for the first batch's size.
-            Compiling takes a while before the first batch and fuses the towers' elementwise work, which gains most
-            on a GPU; it pays when the towers, not decoding, set the pace (docs/PERFORMANCE.md).
+        compile: compile the two image towers (`TwoStreamEncoder.compile_towers`): a while before the first batch,
+            then faster towers; it pays when the towers, not decoding, set the pace (docs/PERFORMANCE.md).
     """
 
     def __init__(
@@ -119,7 +107,6 @@ class Scorer(TrainedModelView):
         self.preprocess = ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision)
         self.draft_decode = config.draft_decode
         self.num_workers = num_workers or min(8, os.cpu_count() or 1)
-        # The towers' best batch on each (docs/PERFORMANCE.md).
         self.default_batch_size = CPU_BATCH if self.device.type == "cpu" else GPU_BATCH
         if compile:
             self.module.net.encoder.compile_towers()
@@ -165,23 +152,26 @@ class Scorer(TrainedModelView):
         batch_size = batch_size or self.default_batch_size
         if prompts is not None:  # any value but None is a prompt, as its string
             prompts = [None if prompt is None else str(prompt) for prompt in prompts]
-        return self._scores(items, self._head_prompts(items, prompts, stacklevel=3), batch_size, skip_bad)
+        rows = self._scores(items, self._head_prompts(items, prompts, stacklevel=3), batch_size, skip_bad)
+        return ((score, error) for score, _, error in rows)
 
     def _scores(
         self, items: list[ImageInput], prompts: list[str] | None, batch_size: int, skip_bad: bool
-    ) -> Iterator[tuple[float | None, str | None]]:
+    ) -> Iterator[tuple[float | None, float | None, str | None]]:
+        """(score, coarse share, error) per image, in order; the server scores its batches through this too."""
         with ThreadPoolExecutor(self.num_workers) as pool:
             for start, pixels in self._decoded(items, batch_size, pool):
                 bad = [p for p in pixels if isinstance(p, BadImageError)]
                 if bad and not skip_bad:
                     raise bad[0]
                 good = [i for i, p in enumerate(pixels) if isinstance(p, Tensor)]
-                scores = iter(())
+                scores = shares = iter(())
                 if good:
                     batch_prompts = [prompts[start + i] for i in good] if prompts is not None else None
-                    scores = iter(self.score_pixels(torch.stack([pixels[i] for i in good]), batch_prompts)[0])
+                    scored = self.score_pixels(torch.stack([pixels[i] for i in good]), batch_prompts)
+                    scores, shares = map(iter, scored)
                 for p in pixels:
-                    yield (next(scores), None) if isinstance(p, Tensor) else (None, str(p))
+                    yield (next(scores), next(shares), None) if isinstance(p, Tensor) else (None, None, str(p))
 
     def _decoded(
         self, items: list[ImageInput], batch_size: int, pool: ThreadPoolExecutor
@@ -201,9 +191,8 @@ class Scorer(TrainedModelView):
             yield start, [future.result() for future in current]
 
     def score_pixels(self, pixel_values: Tensor, prompts: list[str] | None) -> tuple[list[float], list[float]]:
-        """The scores on the MOS scale and the gate's coarse shares of a (B, 3, 224, 224) batch of decoded images
-        (`pixels_or_error`), with the prompt head's B prompts (`checked_prompts`): the trained module's predict step,
-        as `score_files` runs it."""
+        """The scores on the MOS scale and the gate's coarse shares of a (B, 3, 224, 224) batch, with the prompt
+        head's B prompts: the trained module's predict step, as `score_files` runs it."""
         batch: dict[str, Any] = {
             "index": torch.arange(len(pixel_values)),
             "pixel_values": pixel_values.to(self.device, non_blocking=True),
@@ -233,11 +222,8 @@ def load_scorer(
 
 
 def pixels_or_error(item: ImageInput, preprocess: ClipPreprocess, draft: bool) -> Tensor | BadImageError:
-    """The (3, 224, 224) tensor of one image, or why it cannot be read.
-
-    Raises:
-        ValueError: a tensor that is not a preprocessed image: a mistake in the calling code, not a bad image.
-    """
+    """The (3, 224, 224) tensor of one image, or why it cannot be read; a tensor that is not a preprocessed image is
+    the calling code's mistake, a ValueError."""
     if isinstance(item, Tensor):
         expected = (3, *preprocess.crop_size)
         if tuple(item.shape) != expected or not item.is_floating_point():
@@ -258,13 +244,8 @@ def checked_prompts(
     name: Callable[[int], str] | None = None,
     ask: str = "pass one prompt per image",
 ) -> list[str]:
-    """The prompt head's prompts, one non-blank string per image. A message names an image by `name(row)` (by default
-    `_describe` and its row) and, when there are no prompts, asks to `ask`.
-
-    Raises:
-        BadRowError: no prompts, or an image without one; the message names it.
-        ValueError: not one prompt per image.
-    """
+    """The prompt head's prompts, one non-blank string per image, else a BadRowError naming the image by `name(row)`
+    (or asking to `ask` when there are none); a ValueError when the counts differ."""
     if prompts is None:
         raise BadRowError(
             f"this model's prompt head (variant B) scores each image against its generation prompt: {ask}"
@@ -308,13 +289,11 @@ def collect_inputs(
     prompt_column: str | None = None,
     image_root: str | Path | None = None,
 ) -> datasets.Dataset:
-    """Expand the command's INPUTs into one table of every image, in order (`schema.FEATURES`: the name as written,
-    the image file, the prompt).
+    """The command's INPUTs as one table of every image, in order (`schema.FEATURES`).
 
-    A folder gives its images (by extension, recursively, sorted); a .txt file one path per line (blank lines and
-    lines starting with # skipped); a table its `image_column` and, when `prompt_column` is given, its prompts.
-    Relative paths in lists and tables are relative to `image_root`, by default the list's or table's folder.
-    Anything else is an image path, checked when it is decoded. Only table rows carry prompts.
+    A folder gives its images (recursively, sorted); a .txt file one path per line (blank lines and # comments
+    skipped); a table its `image_column` and, given `prompt_column`, its prompts. Relative paths in lists and tables
+    are relative to `image_root`, by default the list's or table's folder. Anything else is an image path.
     """
     parts: list[datasets.Dataset] = []
     for given in inputs:
@@ -344,22 +323,10 @@ def collect_inputs(
 
 
 class ScoreData(L.LightningDataModule):
-    """The input rows of `score_files` for `Trainer.predict`, with what `PredictionWriter` writes of each row.
-
-    Rows are read as `predict` reads a data module's: pixels through `ImageRows`, or with the feature cache the
-    embeddings `TableFeatures` holds or encodes (`FeatureRows`). An image that cannot be read keeps its reason
-    (``error``) and gets no score, so one bad file never stops a job.
-
-    Args:
-        table: the input rows (`collect_inputs`).
-        preprocess: CLIP preprocessing of the coarse encoder.
-        draft: decode JPEGs in Pillow's draft mode (the model's `draft_decode`).
-        needs_prompt: the model has the prompt head: the file gets a prompt column.
-        batch_size: images per forward pass.
-        num_workers: loader processes decoding images, per rank.
-        resume_from: leave out the rows the shards of this file already hold (`done_rows`); None scores all.
-        features: the feature cache's front end for the table; None decodes and encodes every image.
-    """
+    """The input rows of `score_files` for `Trainer.predict` (pixels through `ImageRows`, or embeddings through the
+    feature cache), with what `PredictionWriter` writes of each row. An image that cannot be read keeps its reason
+    (``error``) and gets no score, so one bad file never stops a job; `resume_from` leaves out the rows its shards
+    hold."""
 
     def __init__(
         self,
@@ -376,8 +343,7 @@ class ScoreData(L.LightningDataModule):
         self.table, self.preprocess, self.draft, self.needs_prompt = table, preprocess, draft, needs_prompt
         self.batch_size, self.num_workers, self.resume_from = batch_size, num_workers, resume_from
         self.features = features
-        self.todo = len(table)
-        """Rows left to score, over all ranks: all of them unless resuming."""
+        self.todo = len(table)  # rows left to score, over all ranks
 
     @property
     def prediction_columns(self) -> tuple[str, ...]:
@@ -402,14 +368,12 @@ class ScoreData(L.LightningDataModule):
 
 
 class ScoreProgress(Callback):
-    """Counts the rows this rank scored and failed, and shows a progress bar in images (all ranks' together) with
-    images/s and the time left, on rank 0."""
+    """Counts the rows this rank scored and failed; rank 0 shows a progress bar in images of all ranks."""
 
     def __init__(self) -> None:
         self._bar: tqdm | None = None
         self.scored = self.failed = 0
-        self.first_error: str | None = None
-        """The first reason a row of this rank failed, to name when none could be scored."""
+        self.first_error: str | None = None  # named when no image could be scored
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -431,8 +395,7 @@ class ScoreProgress(Callback):
 
 
 def idle_cores(seconds: float = 0.2) -> float | None:
-    """How many of the cores this process may run on sat idle over the next `seconds`, from Linux's /proc/stat; None
-    elsewhere."""
+    """How many of this process's cores sat idle over the next `seconds`, from Linux's /proc/stat; None elsewhere."""
     mine = {f"cpu{core}" for core in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else set()
 
     def sample() -> tuple[int, int]:
@@ -457,13 +420,9 @@ def idle_cores(seconds: float = 0.2) -> float | None:
 
 
 def cpu_threads(ranks: int) -> int | None:
-    """torch threads for each of `ranks` scoring processes on the CPU: the cores idle now, shared, at most torch's
-    default and at least 1; None leaves torch's own count (OMP_NUM_THREADS set, or no way to tell).
-
-    Each operation of the towers is split among the threads, which wait for each other at its end; when other
-    processes hold the cores a thread is descheduled and the others wait for it, at every operation: on a loaded
-    2-core machine two threads scored several times slower than one (docs/PERFORMANCE.md). On idle cores more threads
-    are faster."""
+    """torch threads for each of `ranks` scoring processes on the CPU: the idle cores, shared, at least 1 and at most
+    torch's default; None leaves torch's count (OMP_NUM_THREADS set, or no way to tell). Threads wait for each other
+    at every operation, so one descheduled by another process stalls them all (docs/PERFORMANCE.md)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     idle = idle_cores()
@@ -492,19 +451,10 @@ def score_files(
     features: bool = False,
     cache_dir: str | Path | None = None,
 ) -> dict[str, float]:
-    """What `mst-clipiqa score` runs (see its options in `mst_clipiqa.cli.commands.score`): `Trainer.predict` of the
-    model over the images of `inputs`, into `out`, one row per image in input order.
-
-    Returns:
-        On every rank: ``scored`` and ``failed`` (images, all ranks, this run), ``cached`` (of those scored, the
-        images read from the feature cache), ``done_before`` (rows a resumed run found done) and ``images_per_s``.
-
-    Raises:
-        BadRowError: the prompt head and an image without a prompt; the message names it.
-        BadImageError: not one image could be scored (the file is written, each reason in its error column).
-        OptionError: the devices and nodes disagree with the processes a launcher started.
-        FileNotFoundError: no images in `inputs`.
-    """
+    """What `mst-clipiqa score` runs (its options: `cli.commands.score`): `Trainer.predict` of the model over the
+    images of `inputs`, into `out`, one row per image in input order. Returns, on every rank, the counts ``scored``,
+    ``failed``, ``cached`` (read from the feature cache), ``done_before`` (found done by a resumed run) and
+    ``images_per_s``; raises BadImageError when not one image could be scored (the file is written all the same)."""
     out = checked_path(out)
     module = from_pretrained(model, revision=revision)
     needs_prompt = module.net.needs_prompt
@@ -547,8 +497,7 @@ def score_files(
     on_cpu = isinstance(trainer.accelerator, CPU)
     config = module.net_config
     if num_workers is None:
-        # On a CPU the towers need every core: a second decoding process takes cores from them and slows scoring
-        # more than it speeds decoding (docs/PERFORMANCE.md).
+        # On a CPU a second decoding process takes cores from the towers (docs/PERFORMANCE.md).
         num_workers = 1 if on_cpu else min(8, max(1, (os.cpu_count() or 1) // trainer.num_devices))
     batch_size = batch_size or (CPU_BATCH if on_cpu else GPU_BATCH)
     preprocess = ClipPreprocess.from_pretrained(config.coarse_encoder, revision=config.revision)

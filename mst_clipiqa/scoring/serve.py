@@ -1,11 +1,7 @@
 """`mst-clipiqa serve`: a model's scores over HTTP, batched across requests by LitServe.
 
-``POST /predict`` takes ``{"images": [base64, ...], "prompts": [...]}`` (or one ``"image"`` and ``"prompt"``; or
-``"paths"`` inside the folder the operator allows; or a multipart upload of ``image`` files and ``prompt`` fields)
-and answers ``{"model", "mos_range", "scores", "coarse_share"}``, one score per image in request order. Decoding,
-preprocessing and the model call are `score`'s (`pixels_or_error`, `checked_prompts`, `Scorer.score_pixels`), so
-a served score is the file-scored one. A request that cannot be scored gets a 4xx whose detail is one line naming
-the image at fault; the other requests of its batch are scored as usual.
+Requests are checked one by one (`ScoreAPI._job`, `RequestGuard`) and answered with a one-line 4xx naming the image
+at fault; the images of a batch are scored by the `Scorer` engine, so a served score is the file-scored one.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mst_clipiqa.errors import BadImageError, BadRowError, MSTCLIPIQAError, OptionError
+from mst_clipiqa.errors import BadRowError, MSTCLIPIQAError, OptionError
 
 try:
     import litserve as ls
@@ -51,8 +47,7 @@ class Refused(Exception):
 
 @dataclass
 class Job:
-    """A request's images, as `pixels_or_error` reads them (bytes, or a file's {"path", "bytes"}), and the prompt
-    head's prompts."""
+    """A request's images (bytes, or a file's {"path", "bytes"}) and the prompt head's prompts."""
 
     sources: list[Any]
     prompts: list[str] | None
@@ -76,22 +71,8 @@ def error_response(status: int, reason: str) -> ls.Response:
 
 
 class ScoreAPI(ls.LitAPI):
-    """The model behind LitServe: each worker loads it on its device; a request is checked as it comes
-    (`decode_request`), and a batch is every image of the requests LitServe gathered (`predict`).
-
-    Args:
-        model: saved model folder, hub repo id or .ckpt, loaded as `score` loads it.
-        name: the model's name in every answer.
-        mos_range: (low, high) of the scores.
-        needs_prompt: the model has the prompt head.
-        revision: branch, tag or commit of a hub model.
-        precision: the `Scorer`'s; None: bf16 on a GPU, else 32.
-        max_images: images one request may carry.
-        max_bytes: bytes one request body, or one file read by path, may have.
-        image_root: the resolved folder whose files requests may name by path; None: no paths.
-        threads: torch threads of a CPU worker; None: torch's choice.
-        max_batch_size, batch_timeout: LitServe's batching (requests per batch, seconds to wait for them).
-    """
+    """The model behind LitServe: each worker loads it on its device (`serve`'s options); a request is checked as it
+    comes (`decode_request`), and a batch is every image of the requests LitServe gathered (`predict`)."""
 
     def __init__(
         self,
@@ -118,16 +99,14 @@ class ScoreAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         import torch
 
-        from mst_clipiqa.hub.pretrained import from_pretrained
-        from mst_clipiqa.scoring.scorer import Scorer
+        from mst_clipiqa.scoring.scorer import load_scorer
 
         # Ctrl-C reaches every process of the terminal's group: the server's own process stops this one, which
         # would otherwise die mid-call with a traceback.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.threads:
             torch.set_num_threads(self.threads)
-        module = from_pretrained(self.model, revision=self.revision)
-        self.scorer = Scorer(module, device=device, precision=self.precision)
+        self.scorer = load_scorer(self.model, device, self.precision, revision=self.revision)
 
     def decode_request(self, request):  # unannotated: LitServe hands over the parsed body then
         # A refusal is returned, not raised: LitServe would answer every request of the batch with it.
@@ -137,41 +116,23 @@ class ScoreAPI(ls.LitAPI):
             return refusal
 
     def predict(self, jobs: list[Job | Refused]) -> list[dict[str, list[float]] | Refused]:
-        """Every image of the batch's requests, decoded and scored `Scorer.default_batch_size` at a time, so that
-        memory holds one such batch of pixels however many requests LitServe gathered. An image that does not decode
-        refuses its request; the others' are scored as usual."""
-        import torch
-
-        from mst_clipiqa.scoring.scorer import pixels_or_error
-
+        """Every image of the batch's requests, scored as `Scorer.iter_scores` scores them; an image that does not
+        decode refuses its request, the others' are scored as usual."""
         outputs: list[dict[str, list[float]] | Refused] = [
             job if isinstance(job, Refused) else {"scores": [], "coarse_share": []} for job in jobs
         ]
-        rows = [
-            (k, i, source, job.prompts[i] if job.prompts is not None else None)
-            for k, job in enumerate(jobs)
-            if isinstance(job, Job)
-            for i, source in enumerate(job.sources)
-        ]
-        step = self.scorer.default_batch_size
-        for start in range(0, len(rows), step):
-            decoded = []
-            for k, i, source, prompt in rows[start : start + step]:
-                if isinstance(outputs[k], Refused):
-                    continue
-                pixels = pixels_or_error(source, self.scorer.preprocess, self.scorer.draft_decode)
-                if isinstance(pixels, BadImageError):
-                    outputs[k] = Refused(422, f"image {i + 1} of {len(jobs[k].sources)}: {pixels}")
-                    continue
-                decoded.append((k, pixels, prompt))
-            decoded = [row for row in decoded if not isinstance(outputs[row[0]], Refused)]
-            if not decoded:
+        rows = [(k, i) for k, job in enumerate(jobs) if isinstance(job, Job) for i in range(len(job.sources))]
+        sources = [jobs[k].sources[i] for k, i in rows]
+        prompts = [jobs[k].prompts[i] for k, i in rows] if self.needs_prompt else None
+        scored = self.scorer._scores(sources, prompts, self.scorer.default_batch_size, skip_bad=True)
+        for (k, i), (score, share, error) in zip(rows, scored):
+            if isinstance(outputs[k], Refused):
                 continue
-            prompts = [prompt for _, _, prompt in decoded] if self.needs_prompt else None
-            scores, shares = self.scorer.score_pixels(torch.stack([pixels for _, pixels, _ in decoded]), prompts)
-            for (k, _, _), score, share in zip(decoded, scores, shares):
-                outputs[k]["scores"].append(score)
-                outputs[k]["coarse_share"].append(share)
+            if error is not None:
+                outputs[k] = Refused(422, f"image {i + 1} of {len(jobs[k].sources)}: {error}")
+                continue
+            outputs[k]["scores"].append(score)
+            outputs[k]["coarse_share"].append(share)
         return outputs
 
     def encode_response(self, output):  # unannotated: LitServe would make the annotation the route's response model
@@ -219,8 +180,8 @@ class ScoreAPI(ls.LitAPI):
         return Job(sources, prompts)
 
     def _read_path(self, given: Any, which: str) -> dict[str, Any]:
-        """The bytes of a file inside the image folder, as an image source named by the path as given: the same
-        decode as `score`'s of that file. Symlinks and .. are resolved first; nothing outside the folder is read."""
+        """The file's bytes, named by the path as given; symlinks and .. are resolved first, so that nothing outside
+        the image folder is read."""
         if self.image_root is None:
             raise Refused(403, f"this server reads no paths (no --image_root): {USAGE}")
         if not isinstance(given, str) or not given:
@@ -252,9 +213,8 @@ def _base64_image(given: Any, which: str) -> bytes:
 
 class RequestGuard:
     """ASGI middleware before LitServe's routes: the API key on all but `OPEN_PATHS` (401), then, on the scoring
-    route, the body size, named in the 413 before the body is read where Content-Length tells it, a body that is not
-    JSON (400, not LitServe's 500), and a multipart upload, turned into the JSON request so one path decodes both
-    (and no multipart parser is needed). LitServe then reads every body as JSON."""
+    route, the body's size (413), a body that is not JSON (400, not LitServe's 500), and a multipart upload turned
+    into the JSON request, so that LitServe reads every body as JSON."""
 
     def __init__(self, app: Any, *, api_key: str | None, max_bytes: int):
         self.app, self.api_key, self.max_bytes = app, api_key, max_bytes
@@ -313,11 +273,8 @@ class RequestGuard:
 
 
 def multipart_to_json(content_type: str, body: bytes) -> bytes:
-    """A multipart/form-data upload of "image" files and "prompt" fields, in order, as the JSON request's body.
-
-    Raises:
-        ValueError: not a multipart body, or a field of another name.
-    """
+    """A multipart/form-data upload of "image" files and "prompt" fields, in order, as the JSON request's body; a
+    ValueError for anything else."""
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not message.is_multipart():
@@ -445,8 +402,7 @@ def serve(
 
 def _stop_on_signals() -> None:
     """SIGTERM (docker stop, Kubernetes, kill) and SIGINT (Ctrl-C) take LitServe's Ctrl-C path, which stops its
-    workers; the processes this one forks inherit the handler and keep the signals' defaults. (Under Python's own
-    SIGINT handler, LitServe 0.2.19's shutdown waited forever on its manager process.)"""
+    workers; the processes this one forks inherit the handler and keep the signals' defaults."""
     main = os.getpid()
 
     def stop(signum: int, frame: Any) -> None:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mst_clipiqa.cli.commands import command_parser, main, split_own_options
-from mst_clipiqa.cli.internals import option_actions
+from mst_clipiqa.internals import option_actions
 
 CONFIGS = sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml"))
 DEMO = str(Path(__file__).parents[1] / "experiments" / "demo.yaml")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from mst_clipiqa.cli.commands import command_parser
-from mst_clipiqa.cli.internals import option_actions
+from mst_clipiqa.internals import option_actions
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()

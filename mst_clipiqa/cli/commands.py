@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from mst_clipiqa.cli.internals import option_actions
 from mst_clipiqa.cli.parse_errors import (
     NEED_WEIGHTS,
     SuggestingErrors,
@@ -30,6 +29,7 @@ from mst_clipiqa.cli.parse_errors import (
     no_weights,
 )
 from mst_clipiqa.errors import MSTCLIPIQAError, OptionError
+from mst_clipiqa.internals import option_actions
 from mst_clipiqa.scoring import FORMATS
 
 if TYPE_CHECKING:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import difflib
 import sys
-import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from mst_clipiqa.cli.internals import option_actions, parse_failure, type_hint
 from mst_clipiqa.errors import OptionError
+from mst_clipiqa.internals import option_actions, parse_failure
 
 if TYPE_CHECKING:
     from jsonargparse import ArgumentParser
@@ -85,7 +84,8 @@ def explain(message: str, parser: ArgumentParser, argv: Sequence[str] = ()) -> s
     if failure.unreadable_config:
         return next(filter(None, map(_yaml_error, config_paths(argv))), message)
     if failure.key and failure.value is not None:
-        choices = [str(choice) for choice in _choices(options.get(f"--{failure.key}"))]
+        action = options.get(f"--{failure.key}")
+        choices = [str(choice) for choice in (action.choices if action and action.choices else failure.choices)]
         if choices:
             value = failure.value.strip()
             return f"--{failure.key}: {value!r} is not one of {', '.join(choices)}" + did_you_mean([value], choices)
@@ -99,23 +99,6 @@ def did_you_mean(given: Sequence[str], known: Sequence[str]) -> str:
         if close:
             return f"; did you mean {close[0]}?"
     return ""
-
-
-def _choices(action: Any) -> list[Any]:
-    """The values an action accepts: its argparse choices, or those of the Literal in its type hint."""
-    if action is None:
-        return []
-    if action.choices:
-        return list(action.choices)
-    return list(_literal_values(type_hint(action)))
-
-
-def _literal_values(hint: Any) -> Iterator[Any]:
-    if typing.get_origin(hint) is Literal:
-        yield from typing.get_args(hint)
-    else:
-        for argument in typing.get_args(hint):
-            yield from _literal_values(argument)
 
 
 def config_paths(argv: Sequence[str]) -> list[Path]:

@@ -152,10 +152,10 @@ class Scorer(TrainedModelView):
         batch_size = batch_size or self.default_batch_size
         if prompts is not None:  # any value but None is a prompt, as its string
             prompts = [None if prompt is None else str(prompt) for prompt in prompts]
-        rows = self._scores(items, self._head_prompts(items, prompts, stacklevel=3), batch_size, skip_bad)
+        rows = self.scores_and_shares(items, self._head_prompts(items, prompts, stacklevel=3), batch_size, skip_bad)
         return ((score, error) for score, _, error in rows)
 
-    def _scores(
+    def scores_and_shares(
         self, items: list[ImageInput], prompts: list[str] | None, batch_size: int, skip_bad: bool
     ) -> Iterator[tuple[float | None, float | None, str | None]]:
         """(score, coarse share, error) per image, in order; the server scores its batches through this too."""

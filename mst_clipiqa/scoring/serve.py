@@ -124,7 +124,7 @@ class ScoreAPI(ls.LitAPI):
         rows = [(k, i) for k, job in enumerate(jobs) if isinstance(job, Job) for i in range(len(job.sources))]
         sources = [jobs[k].sources[i] for k, i in rows]
         prompts = [jobs[k].prompts[i] for k, i in rows] if self.needs_prompt else None
-        scored = self.scorer._scores(sources, prompts, self.scorer.default_batch_size, skip_bad=True)
+        scored = self.scorer.scores_and_shares(sources, prompts, self.scorer.default_batch_size, skip_bad=True)
         for (k, i), (score, share, error) in zip(rows, scored):
             if isinstance(outputs[k], Refused):
                 continue

@@ -1,40 +1,14 @@
 """The frozen-feature cache: each image's two CLIP embeddings and each prompt's token states, computed once.
 
-The image towers are frozen and preprocessing is deterministic, so an image's `image_embeds` never change: training
-reads them from disk instead of running both towers at every step, and every later run, split, head variant and
-target reuses them. The prompt head's keys and values (the text tower's `last_hidden_state`) are cached the same way,
-once per distinct prompt.
+The towers are frozen and preprocessing is deterministic, so training reads their outputs from disk, and every later
+run, split, head and target reuses them. The cache folder (`default_cache_dir`) holds one namespace per way of
+computing a feature, ``image-<hash>/`` (one image tower's image_embeds) or ``text-<hash>/`` (the text tower's
+last_hidden_state, unpadded), named by a hash of all it depends on, written out in its ``spec.json``: the checkpoint
+by content (`checkpoint_content`), the preprocessing, draft decoding, truncation and compute dtype. A change selects
+another namespace, so a stale feature is never read and only what changed is encoded again.
 
-Layout. One folder serves every data set and run: the `cache_dir` option, else ``$MST_CLIPIQA_FEATURES``, else
-``$XDG_CACHE_HOME/mst_clipiqa/features`` (``~/.cache/mst_clipiqa/features``). It holds one namespace per way of
-computing a feature, named by a hash of everything the feature depends on (written out in its ``spec.json``):
-
-    image-<hash>/   image_embeds (D,) of one image tower: its checkpoint by content (hashes of its config.json and
-                    weight files, wherever they lie: `checkpoint_content`), the ClipPreprocess fields, draft
-                    decoding, and the compute dtype (float32, or bf16 autocast on CUDA)
-    text-<hash>/    last_hidden_state (L, Dt), unpadded, of the text tower: its checkpoint and tokenizer files by
-                    content, the prompt truncation length and the compute dtype
-
-Changing any of these selects another namespace, so a stale feature is never read, and only the changed part is
-recomputed: another fine encoder re-encodes the fine stream only. Within a namespace an image is keyed by its file's
-absolute path, size and modification time (or, with ``content_hash``, by a hash of its bytes, so copies and moves
-still hit), and embedded image bytes by their hash; a prompt by a hash of its text.
-
-Each namespace holds ``shard-*`` folders, each a `datasets` Arrow table of (key, length, value) rows, memory-mapped
-when read. A shard is written to a ``.tmp-*`` folder with the size and CRC-32 of each of its files, and renamed into
-place, so a crash (or a kill) never leaves a half-written shard behind a ``shard-*`` name; it leaves at most a
-``.tmp-*`` folder, which is never read and may be deleted. A shard is verified against its record when it is opened:
-one damaged since (cut short, overwritten) is renamed ``damaged-*``, named in a warning, and its features are encoded
-again. Shards are written every `SHARD_SIZE` items, so a crash loses at most that much work.
-
-Processes sharing a cache (two fits, or the ranks of one) claim each `SHARD_SIZE` run of missing images before
-encoding it, with a file created exclusively under ``claims/``: another process that needs the same images waits for
-that shard instead of encoding them too. A claim whose process is gone (on this machine), or that has not been
-renewed for `CLAIM_STALE_SECONDS`, is taken over.
-
-Under DDP, rank 0 lists what is missing, every rank encodes its own slice (rank::world_size) and writes its own
-shards, then all ranks meet at a barrier and read the union: the encoding is shared, not repeated. The cache folder
-must be on a file system every rank sees.
+A namespace is a `Shelf` of shards written atomically and verified when read. Processes sharing the folder divide
+the encoding through `Claims`, and the ranks of one run through `TableFeatures.prepare`.
 """
 
 from __future__ import annotations
@@ -74,26 +48,20 @@ from mst_clipiqa.errors import write_error
 from mst_clipiqa.model import CPU_BATCH, MSTCLIPIQA, prefers_bf16
 
 CACHE_ENV = "MST_CLIPIQA_FEATURES"
-"""Environment variable naming the cache folder (the `cache_dir` option, when given, wins)."""
 SHARD_SIZE = 512
 """Items per shard: a crash mid-way loses at most this many encoded items."""
 FORMAT_VERSION = 2
-"""Version of the shard layout; part of every namespace's hash, so a new layout never reads an old one. 2: each shard
-records its files' sizes and CRC-32 (`CHECKSUMS`)."""
+"""Version of the shard layout; part of every namespace's hash, so a new layout never reads an old one."""
 CHECKSUMS = "checksums.json"
-"""In each shard: {file name: [size, CRC-32]} of its other files, written before the shard is renamed into place."""
+"""In each shard: {file name: [size, CRC-32]} of its other files."""
 CLAIMS = "claims"
-"""Sub-folder of the cache holding the claims of shards being encoded."""
 CLAIM_STALE_SECONDS = 120.0
 """A claim not renewed for this long is taken over: its process died on another machine (or hangs)."""
 CLAIM_RENEW_SECONDS = 10.0
-"""How often a process renews its claims while it encodes."""
 CLAIM_POLL_SECONDS = 0.5
-"""How often a process waiting for another's shard looks again."""
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json")
 DIGESTS = "digests.json"
-"""File in the cache folder keeping the SHA-256 of each weight file hashed, by path, size and modification time."""
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 _SCHEMA = datasets.Features(
@@ -126,57 +94,41 @@ def _digest(data: bytes | memoryview) -> str:
 def checkpoint_content(
     name: str, revision: str | None, files: Sequence[str] = WEIGHT_FILES, root: Path | None = None
 ) -> dict[str, Any]:
-    """What a checkpoint's features depend on, by content: the SHA-256 of its config.json and of each file matching
-    `files` (glob patterns), by name. Where the checkpoint lies does not count: a local encoder, the copy an exported
-    model holds, a hub id and its snapshot folder in the Hugging Face cache all give the same.
+    """What a checkpoint's features depend on, by content wherever it lies (a local encoder, an exported model's
+    copy, a hub id): the SHA-256 of its config.json and of each file matching the glob patterns `files`, by name.
 
-    Hashing is paid once per file: a file of the Hugging Face cache is a blob named by its SHA-256 already, and any
-    other file's digest is kept in `root`'s digests.json (the cache folder), by path, size and modification time.
+    A Hugging Face cache blob is named by its SHA-256 already; any other file's digest is remembered in `root`'s
+    digests.json by resolved path, size and modification time, so each file is hashed once.
     """
     folder = Path(name)
     if not folder.is_dir():
         folder = Path(cached_file(name, "config.json", revision=revision)).parent
-    paths = sorted({path for pattern in files for path in folder.glob(pattern)})
-    with _Digests(root) as digests:
-        return {
-            "config": digests.of(folder / "config.json"),
-            "files": [(path.name, digests.of(path)) for path in paths],
-        }
+    record = Path(root) / DIGESTS if root is not None else None
+    known: dict[str, list] = {}
+    if record is not None:
+        try:
+            known = json.loads(record.read_text())
+        except (OSError, ValueError):  # none yet, or damaged: hash again
+            pass
+    hashed = []
 
-
-class _Digests:
-    """SHA-256 of files, remembered in a JSON file by resolved path, size and modification time."""
-
-    def __init__(self, root: Path | None):
-        self.path = Path(root) / DIGESTS if root is not None else None
-        self.known: dict[str, list] = {}
-        self.changed = False
-        if self.path is not None and self.path.is_file():
-            try:
-                self.known = json.loads(self.path.read_text())
-            except (OSError, ValueError):  # damaged or half-written by an older version: hash again
-                self.known = {}
-
-    def __enter__(self) -> _Digests:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.changed and self.path is not None:
-            _replace_text(self.path, json.dumps(self.known, indent=0, sort_keys=True))
-
-    def of(self, path: Path) -> str:
+    def sha256(path: Path) -> str:
         file = path.resolve()
         if file.parent.name == "blobs" and len(file.name) == 64:  # Hugging Face's cache: LFS blobs by their SHA-256
             return file.name
         stat = file.stat()
-        known = self.known.get(str(file))
-        if known is not None and known[:2] == [stat.st_size, stat.st_mtime_ns]:
-            return known[2]
-        with file.open("rb") as stream:
-            digest = hashlib.file_digest(stream, "sha256").hexdigest()
-        self.known[str(file)] = [stat.st_size, stat.st_mtime_ns, digest]
-        self.changed = True
-        return digest
+        size_and_time = [stat.st_size, stat.st_mtime_ns]
+        if known.get(str(file), [])[:2] != size_and_time:
+            with file.open("rb") as stream:
+                known[str(file)] = [*size_and_time, hashlib.file_digest(stream, "sha256").hexdigest()]
+            hashed.append(file)
+        return known[str(file)][2]
+
+    paths = sorted({path for pattern in files for path in folder.glob(pattern)})
+    content = {"config": sha256(folder / "config.json"), "files": [(path.name, sha256(path)) for path in paths]}
+    if hashed and record is not None:
+        _replace_text(record, json.dumps(known, indent=0, sort_keys=True))
+    return content
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -185,10 +137,6 @@ def _replace_text(path: Path, text: str) -> None:
     temporary = path.with_name(f".tmp-{uuid.uuid4().hex}")
     temporary.write_text(text)
     os.replace(temporary, path)
-
-
-def _preprocess_spec(preprocess: ClipPreprocess) -> dict[str, Any]:
-    return {f.name: getattr(preprocess, f.name) for f in fields(preprocess) if f.init}
 
 
 def tower_compute(device: torch.device, precision: str | None = None) -> tuple[str, AbstractContextManager]:
@@ -262,13 +210,9 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 class Shelf:
-    """One namespace of the cache: float32 matrices by key, in append-only Arrow shards.
-
-    Args:
-        root: the cache folder.
-        spec: everything the stored values depend on; its hash names the namespace folder.
-        kind: prefix of the folder name ("image", "text").
-    """
+    """One namespace of the cache folder `root`: float32 matrices by key, in append-only ``shard-*`` folders, each a
+    `datasets` table of (key, length, value) rows, memory-mapped. The folder is named `kind` and a hash of `spec`,
+    everything the values depend on."""
 
     def __init__(self, root: Path, spec: dict[str, Any], kind: str):
         text = json.dumps({"format": FORMAT_VERSION, **spec}, sort_keys=True, indent=1, default=str)
@@ -312,7 +256,8 @@ class Shelf:
         return flat.reshape(int(self._lengths[shard][row]), -1)
 
     def write(self, keys: list[str], values: list[np.ndarray]) -> None:
-        """Store (length, D) matrices under `keys` as one new shard, atomically."""
+        """Store (length, D) matrices under `keys` as one new shard, written with its checksums to a ``.tmp-*``
+        folder first (which a crash may leave behind, never read) and renamed into place."""
         rows = {
             "key": keys,
             "length": [len(v) for v in values],
@@ -322,7 +267,7 @@ class Shelf:
         try:
             with _quiet_datasets():
                 datasets.Dataset.from_dict(rows, features=_SCHEMA).save_to_disk(str(temporary))
-            record = {path.name: _size_and_crc(path) for path in sorted(temporary.iterdir())}
+            record = {path.name: [path.stat().st_size, _crc(path)] for path in sorted(temporary.iterdir())}
             (temporary / CHECKSUMS).write_text(json.dumps(record))
             # A rename within one folder is atomic: readers see the whole shard or nothing.
             os.rename(temporary, self.folder / f"shard-{uuid.uuid4().hex}")
@@ -335,20 +280,17 @@ class DamagedShard(Exception):
     """A shard's files differ from what was recorded when it was written."""
 
 
-def _size_and_crc(path: Path) -> list[int]:
+def _crc(path: Path) -> int:
     crc = 0
     with path.open("rb") as file:
         while chunk := file.read(1 << 22):
             crc = zlib.crc32(chunk, crc)
-    return [path.stat().st_size, crc]
+    return crc
 
 
 def verify_shard(path: Path) -> None:
-    """Check a shard's files against the sizes and CRC-32 recorded when it was written.
-
-    Raises:
-        DamagedShard: a file is missing, added, of another size or another CRC, or the record is unreadable.
-    """
+    """Raise `DamagedShard` where a shard's files differ from the sizes and CRC-32 recorded when it was written
+    (or the record is unreadable)."""
     try:
         record = json.loads((path / CHECKSUMS).read_text())
     except (OSError, ValueError) as err:
@@ -360,7 +302,7 @@ def verify_shard(path: Path) -> None:
         file = path / name
         if file.stat().st_size != size:
             raise DamagedShard(f"{name} is {file.stat().st_size} bytes, not {size}")
-        if _size_and_crc(file)[1] != crc:
+        if _crc(file) != crc:
             raise DamagedShard(f"{name} does not match its checksum")
 
 
@@ -380,13 +322,10 @@ def set_aside(path: Path, why: str) -> None:
 
 
 class Claims:
-    """Exclusive claims of work on a cache folder shared by processes, maybe on several machines: a claim is a file
-    created with O_CREAT | O_EXCL (atomic on local and NFS v3+ file systems) holding its owner's host and pid, and
-    renewed (its mtime) while the owner works.
-
-    Args:
-        root: the cache folder; claims go to its ``claims/`` sub-folder.
-    """
+    """Exclusive claims of work on the cache folder `root`, shared by processes, maybe on several machines: a claim
+    is a file under ``claims/`` created with O_CREAT | O_EXCL (atomic on local and NFS v3+ file systems), holding its
+    owner's host and pid, and renewed (its mtime) while the owner works. One whose owner is gone (on this machine)
+    or that has not been renewed for `CLAIM_STALE_SECONDS` is taken over."""
 
     def __init__(self, root: Path):
         self.folder = Path(root) / CLAIMS
@@ -467,40 +406,16 @@ class _Claim:
 
 
 def _alive(pid: int) -> bool:
-    """Whether a process `pid` runs on this machine (one of another user's counts)."""
+    """Whether a process `pid` runs on this machine."""
     if pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's
+        pass
     return True
-
-
-def image_shelves(
-    root: Path, net: MSTCLIPIQA, preprocess: ClipPreprocess, draft: bool, compute: str
-) -> dict[str, Shelf]:
-    """The namespaces of `net`'s two image towers ("coarse", "fine") in the cache folder `root`, for images
-    preprocessed by `preprocess` (decoded in draft mode where `draft`) and encoded in the `compute` dtype
-    (`tower_compute`)."""
-    image = {"preprocess": _preprocess_spec(preprocess), "draft_decode": draft, "compute": compute}
-    return {
-        stream: Shelf(
-            root,
-            {
-                "feature": "image_embeds",
-                "checkpoint": checkpoint_content(
-                    getattr(net.config, f"{stream}_encoder"), net.config.revision, root=Path(root)
-                ),
-                "weights_dtype": str(next(tower.parameters()).dtype),
-                **image,
-            },
-            "image",
-        )
-        for stream, tower in (("coarse", net.encoder.coarse), ("fine", net.encoder.fine))
-    }
 
 
 class ShardWriter:
@@ -602,19 +517,23 @@ class TableFeatures:
             return
         config = net.config
         compute, _ = tower_compute(next(net.encoder.parameters()).device, self.precision)
-        self.shelves = image_shelves(self.root, net, self.preprocess, self.draft, compute)
+
+        def shelf(kind: str, tower: torch.nn.Module, checkpoint: str, files: Sequence[str], **spec: Any) -> Shelf:
+            spec["checkpoint"] = checkpoint_content(checkpoint, config.revision, files, self.root)
+            spec["weights_dtype"] = str(next(tower.parameters()).dtype)
+            return Shelf(self.root, {**spec, "compute": compute}, kind)
+
+        preprocess = {f.name: getattr(self.preprocess, f.name) for f in fields(self.preprocess) if f.init}
+        image = {"feature": "image_embeds", "preprocess": preprocess, "draft_decode": self.draft}
+        self.shelves = {
+            "coarse": shelf("image", net.encoder.coarse, config.coarse_encoder, WEIGHT_FILES, **image),
+            "fine": shelf("image", net.encoder.fine, config.fine_encoder, WEIGHT_FILES, **image),
+        }
         self.prompt_shelf = None
         if net.needs_prompt:
-            spec = {
-                "feature": "last_hidden_state",
-                "checkpoint": checkpoint_content(
-                    config.coarse_encoder, config.revision, WEIGHT_FILES + TOKENIZER_FILES, self.root
-                ),
-                "weights_dtype": str(next(net.prompt_encoder.parameters()).dtype),
-                "max_tokens": net.prompt_encoder.max_tokens,
-                "compute": compute,
-            }
-            self.prompt_shelf = Shelf(self.root, spec, "text")
+            text = {"feature": "last_hidden_state", "max_tokens": net.prompt_encoder.max_tokens}
+            files = WEIGHT_FILES + TOKENIZER_FILES
+            self.prompt_shelf = shelf("text", net.prompt_encoder, config.coarse_encoder, files, **text)
         self.loaded[:] = False  # rows read for another network
         rows = len(self.table) if self.in_memory else 0
         self.coarse_embeds, self.fine_embeds = torch.zeros(rows, net.encoder.dim), torch.zeros(rows, net.encoder.dim)

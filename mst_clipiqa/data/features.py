@@ -140,12 +140,9 @@ def _replace_text(path: Path, text: str) -> None:
 
 
 def tower_compute(device: torch.device, precision: str | None = None) -> tuple[str, AbstractContextManager]:
-    """How the towers run on `device`: the name the cache's namespaces give it, and the context to run them in.
-
-    Args:
-        precision: a Lightning precision ("32-true", "bf16-mixed", "16-mixed") as a scoring job runs; None for the
-            encoding pass of a fit: bf16 autocast on a GPU that supports it, float32 elsewhere (`prefers_bf16`).
-    """
+    """How the towers run on `device` in a Lightning `precision` (a scoring job's), or for None (a fit's) in bf16
+    autocast where `prefers_bf16`, else float32: the name the cache's namespaces give it, and the context to run them
+    in."""
     if precision is None:
         precision = "bf16-mixed" if prefers_bf16(device) else "32-true"
     if precision == "32-true":
@@ -441,24 +438,20 @@ class ShardWriter:
 
 @dataclass
 class FeatureStats:
-    """Distinct images and prompts read from the cache or encoded, summed over `TableFeatures.prepare` calls."""
+    """Distinct images and prompts read from the cache or encoded (over all ranks), summed over
+    `TableFeatures.prepare` calls; the decoded images and the seconds are this process's own."""
 
     images_cached: int = 0
-    """Images whose embeddings (both streams) were already in the cache."""
     images_encoded: int = 0
-    """Images that went through at least one tower, over all ranks."""
+    """Images that went through at least one tower."""
     prompts_cached: int = 0
-    """Distinct prompts whose token states were already in the cache."""
     prompts_encoded: int = 0
-    """Distinct prompts that went through the text tower, over all ranks."""
     images_decoded: int = 0
-    """Images this process decoded to encode them (or, for an image that failed on another rank, to say why)."""
+    """Images decoded to encode them, or to say why one failed on another rank."""
     images_bad: int = 0
-    """Images that have no file or do not decode, reported by `TableFeatures.prepare` instead of encoded."""
     decode_seconds: float = 0.0
-    """Seconds this process's encoding waited for decoded images: the decoding the towers did not hide."""
+    """Time the encoding waited for decoded images: the decoding the towers did not hide."""
     tower_seconds: float = 0.0
-    """Seconds this process spent in the frozen towers (image and text), outputs copied to the host."""
 
 
 def _same(obj: T) -> T:
@@ -470,20 +463,11 @@ def _nothing() -> None:
 
 
 class TableFeatures:
-    """The cached features of one table's rows for one network: image embeddings in memory, prompt states mapped.
+    """The cached features of one table's rows for one network, prompt states mapped from the cache.
 
-    Args:
-        table: the unified table (columns of `schema.FEATURES`).
-        preprocess: the CLIP preprocessing both towers read.
-        draft_decode: decode JPEGs in Pillow's draft mode, as the pixel path does with the same setting.
-        cache_dir: the cache folder; None for `default_cache_dir()`.
-        content_hash: key image files by a hash of their bytes instead of their path, size and mtime.
-        batch_size: images or prompts per tower call.
-        num_workers: loader processes decoding images while the towers run.
-        precision: how the towers run (`tower_compute`): a scoring job's Lightning precision, None for a fit's.
-        in_memory: hold every prepared row's embeddings in memory (2 x N x D floats), read by indexing at each
-            step, as a fit does; False reads each batch's from the cache's memory-mapped shards, so that memory does
-            not grow with the table, as a scoring job of any size does.
+    A fit holds every prepared row's image embeddings in memory (`in_memory`); a scoring job reads each batch's from
+    the memory-mapped shards, so its memory does not grow with the table. `num_workers` loader processes decode the
+    images the cache lacks while the towers, `batch_size` items a call, run in `precision` (`tower_compute`).
     """
 
     def __init__(
@@ -573,31 +557,16 @@ class TableFeatures:
         barrier: Callable[[], None] = _nothing,
         progress: bool = False,
     ) -> dict[int, str]:
-        """Make the features of `rows` available, encoding what the cache lacks with `net`'s frozen towers.
+        """Make the features of `rows` available, encoding what the cache lacks with `net`'s frozen towers; returns
+        {row: why} of the rows whose image has no file or does not decode (the same on every rank).
 
-        Every rank of a distributed run calls it with the same rows: rank 0's list of what is missing is broadcast,
-        each rank encodes every `world_size`-th item from its `rank` and writes its own shards, and after the
-        barrier every rank reads them all.
+        Every rank of a distributed run calls it with the same rows: rank 0's list of what is missing is sent to all
+        (`broadcast`, as `Strategy.broadcast`), each rank encodes every `world_size`-th item from its `rank` into
+        its own shards, and after the `barrier` every rank reads them all; a RuntimeError says when features are
+        still missing then, because the ranks do not share the cache folder.
 
-        Each image the cache lacks is decoded once, in full, and an image that has no file or does not decode is
-        reported rather than encoded, so this pass doubles as the check of those images; an image the cache holds
-        was checked when it was encoded from the same file (the same key) and is not decoded again.
-
-        Args:
-            rows: rows of the table.
-            net: the network whose towers (on their device, bf16 autocast on CUDA) compute missing features.
-            rank: this process's rank.
-            world_size: number of ranks.
-            broadcast: sends rank 0's object to every rank (`Strategy.broadcast`).
-            barrier: returns once every rank has called it (`Strategy.barrier`).
-            progress: show progress bars while encoding.
-
-        Returns:
-            {row: why} for the rows whose image has no file or does not decode (the same on every rank); their
-            features are not available.
-
-        Raises:
-            RuntimeError: features are still missing after encoding: the ranks do not share the cache folder.
+        Each image the cache lacks is decoded once, so this pass doubles as the check of those images; an image the
+        cache holds was checked when it was encoded from the same file (the same key) and is not decoded again.
         """
         self._open_shelves(net)
         rows = sorted({int(row) for row in rows if not self.loaded[row]})
@@ -810,15 +779,11 @@ class TableFeatures:
 
 class FeatureRows(Dataset):
     """Rows of the table → {"coarse_embeds", "fine_embeds", "mos", "index"} (and "prompt_states" for the prompt
-    head) from prepared `TableFeatures`; batch them with `collate_features`.
+    head) from prepared `TableFeatures`; batch them with `collate_features`. No ``mos`` where `target` is None.
 
-    Args:
-        features: features prepared for at least these rows.
-        rows: rows of the table; `index` in each item is the row.
-        target: the MOS to return (see `schema.target_column`); None for no ``mos``.
-        errors: {row: why} of rows whose image `TableFeatures.prepare` could not read: they stay, with zero
-            embeddings, and every item gets an ``error`` ("" where the image was read), as `ImageRows` gives them
-            with ``keep_errors``; None: every row must have its features.
+    With `errors` ({row: why} of the images `TableFeatures.prepare` could not read) those rows stay, with zero
+    embeddings, and every item gets an ``error`` ("" where the image was read), as `ImageRows` gives them with
+    ``keep_errors``; without, every row must have its features.
     """
 
     def __init__(

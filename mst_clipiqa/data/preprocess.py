@@ -44,8 +44,9 @@ def open_image(source: Any, *, draft: bool = False) -> Image.Image:
     `BadImageError` names a file that is missing, unreadable, truncated or a decompression bomb.
 
     `source` is a path, raw bytes, a `datasets` Image dict ({"path", "bytes"}), or a PIL image, taken as its owner
-    oriented it. `draft` lets Pillow decode JPEGs at a reduced scale (1/2, 1/4 or 1/8), never below 224 on the short
-    side: faster for large JPEGs, with pixels slightly different from a full decode.
+    oriented it (and returned as is when RGB). `draft` lets Pillow decode JPEGs at a reduced scale (1/2, 1/4 or
+    1/8), never below 224 on the short side: faster for large JPEGs, with pixels slightly different from a full
+    decode.
     """
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "<PIL image>"
@@ -80,11 +81,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 @dataclass(frozen=True)
 class ClipPreprocess:
     """CLIP's image preprocessing: shortest-edge resize, centre crop, rescale and normalise, as one callable.
-
-    Identical to transformers' CLIP image processor (PIL backend) on every image, and faster
-    (perf/preprocess_speed.py): the Pillow resize both share dominates, and around it there are no array copies or
-    float64 intermediates, since rescale plus normalise become one 256-entry lookup per channel.
-    """
+    Identical to transformers' CLIP image processor (PIL backend) on every image, and faster, as rescale plus
+    normalise become one 256-entry lookup per channel (perf/preprocess_speed.py)."""
 
     shortest_edge: int = 224
     """Length the shorter side is resized to; the longer side keeps the aspect ratio, truncated to an integer."""
@@ -93,9 +91,7 @@ class ClipPreprocess:
     image_mean: tuple[float, float, float] = field(default_factory=lambda: _openai_clip("MEAN"))
     """Per-channel mean subtracted after rescaling (OpenAI CLIP's, as transformers holds it, by default)."""
     image_std: tuple[float, float, float] = field(default_factory=lambda: _openai_clip("STD"))
-    """Per-channel standard deviation divided by after subtracting the mean."""
     rescale_factor: float = 1 / 255
-    """Factor that maps uint8 values to [0, 1]."""
     resample: int = Image.Resampling.BICUBIC
     """Pillow resampling filter of the resize (3 = bicubic)."""
     _lut: np.ndarray = field(init=False, repr=False, compare=False)

@@ -379,13 +379,12 @@ class Claims:
         return True
 
 
-class _Claim:
+class _Claim(AbstractContextManager):
     """A claim held by this process: renewed in the background until released."""
 
     def __init__(self, path: Path):
         self.path, self._done = path, threading.Event()
-        self._renewer = threading.Thread(target=self._renew, daemon=True)
-        self._renewer.start()
+        threading.Thread(target=self._renew, daemon=True).start()
 
     def _renew(self) -> None:
         while not self._done.wait(CLAIM_RENEW_SECONDS):
@@ -393,9 +392,6 @@ class _Claim:
                 os.utime(self.path)
             except OSError:
                 return
-
-    def __enter__(self) -> _Claim:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self._done.set()

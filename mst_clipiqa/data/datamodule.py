@@ -63,8 +63,9 @@ def _network_config(model: Any) -> ModelConfig | None:
     return config if isinstance(config, ModelConfig) else None
 
 
-def default_workers() -> int:
-    return min(8, max(0, (os.cpu_count() or 1) - 1))
+def default_workers(requested: int | None) -> int:
+    """`requested` loader workers, else one per spare CPU core, at most 8."""
+    return min(8, max(0, (os.cpu_count() or 1) - 1)) if requested is None else requested
 
 
 def prepare_features(
@@ -237,10 +238,9 @@ class IQADataModule(L.LightningDataModule):
     def _image_problems(self, table: datasets.Dataset) -> list[tuple[int, str]]:
         """(row, why) of every bad image of the source's table, for `check_dataset`.
 
-        With `features` under a Trainer, the feature cache's encoding pass over the whole table is the check (on the
-        device the trainer trains on, where the strategy would move the towers next): it decodes only the images the
-        cache lacks, each once, and reports those that fail. The table's rows are prepared before any split is made,
-        so the splits never depend on what the cache held. Otherwise every image is decoded here.
+        With `features` under a Trainer, the feature cache's encoding pass over the whole table, on the device the
+        trainer trains on, is the check: it decodes only the images the cache lacks. It runs before any split is
+        made, so the splits never depend on what the cache held. Otherwise every image is decoded here.
         """
         net = self._net()
         if not self.hparams.features or net is None:
@@ -269,7 +269,10 @@ class IQADataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:
             return
-        self._follow_model()
+        # The trainer's model, whose network may come from a saved one (`MSTCLIPIQAModule`'s ``init_from``).
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if _network_config(model) is not None:
+            self.follow(model)
         hp = self.hparams
         self.preprocess = ClipPreprocess.from_pretrained(self.model_settings.preprocess_from)
         splits = self.all_splits()
@@ -294,13 +297,6 @@ class IQADataModule(L.LightningDataModule):
         """The trainer's network, whose frozen towers encode features; None without one."""
         net = getattr(self.trainer.lightning_module, "net", None) if self.trainer is not None else None
         return net if isinstance(net, MSTCLIPIQA) else None
-
-    def _follow_model(self) -> None:
-        """Under a Trainer, `follow` its model, whose network may come from a saved one (`MSTCLIPIQAModule`'s
-        ``init_from``)."""
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        if _network_config(model) is not None:
-            self.follow(model)
 
     def follow(self, model: Any) -> IQADataModule:
         """Take the settings the data owes the model from it (`ModelSettings`): whether every row needs a prompt,
@@ -352,18 +348,11 @@ class IQADataModule(L.LightningDataModule):
 
     # ---- loaders -------------------------------------------------------------------------------------------------
 
-    def rows_dataset(self, rows: list[int]) -> ImageRows | FeatureRows:
-        if self.hparams.features:
-            return self.feature_rows(rows)
-        column = target_column(self.hparams.target)
-        return ImageRows(self.load_table(), rows, column, self.preprocess, self.model_settings.draft_decode)
-
     def feature_rows(self, rows: list[int]) -> FeatureRows:
         """Cached features of `rows`, after encoding what the cache lacks with the trainer's frozen towers.
 
         The first call prepares the whole split too, so one encoding pass (one progress bar) serves every loader;
-        with `check_images` the setup check has prepared every row already. Under DDP each rank encodes a share and
-        all read the union (see `TableFeatures.prepare`).
+        with `check_images` the setup check has prepared every row already.
 
         Raises:
             BadImageError: some images do not decode (possible only without `check_images`); it names them all.
@@ -394,7 +383,7 @@ class IQADataModule(L.LightningDataModule):
             cache_dir=hp.cache_dir,
             content_hash=hp.content_hash,
             batch_size=hp.eval_batch_size,
-            num_workers=default_workers() if hp.num_workers is None else hp.num_workers,
+            num_workers=default_workers(hp.num_workers),
         )
 
     def _prepare(self, rows: list[int] | range) -> dict[int, str]:
@@ -404,11 +393,16 @@ class IQADataModule(L.LightningDataModule):
     def loader(self, rows: list[int], train: bool) -> DataLoader:
         """Rows of the table: shuffled by (seed, epoch) and sharded for training, in order, each once, for the rest."""
         hp = self.hparams
+        if hp.features:
+            dataset = self.feature_rows(rows)
+        else:
+            column = target_column(hp.target)
+            dataset = ImageRows(self.load_table(), rows, column, self.preprocess, self.model_settings.draft_decode)
         return rows_loader(
-            self.rows_dataset(rows),
+            dataset,
             hp.batch_size if train else hp.eval_batch_size,
             self.trainer,
-            default_workers() if hp.num_workers is None else hp.num_workers,
+            default_workers(hp.num_workers),
             shuffle_seed=hp.seed if train else None,
         )
 

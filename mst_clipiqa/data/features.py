@@ -1,40 +1,14 @@
 """The frozen-feature cache: each image's two CLIP embeddings and each prompt's token states, computed once.
 
-The image towers are frozen and preprocessing is deterministic, so an image's `image_embeds` never change: training
-reads them from disk instead of running both towers at every step, and every later run, split, head variant and
-target reuses them. The prompt head's keys and values (the text tower's `last_hidden_state`) are cached the same way,
-once per distinct prompt.
+The towers are frozen and preprocessing is deterministic, so training reads their outputs from disk, and every later
+run, split, head and target reuses them. The cache folder (`default_cache_dir`) holds one namespace per way of
+computing a feature, ``image-<hash>/`` (one image tower's image_embeds) or ``text-<hash>/`` (the text tower's
+last_hidden_state, unpadded), named by a hash of all it depends on, written out in its ``spec.json``: the checkpoint
+by content (`checkpoint_content`), the preprocessing, draft decoding, truncation and compute dtype. A change selects
+another namespace, so a stale feature is never read and only what changed is encoded again.
 
-Layout. One folder serves every data set and run: the `cache_dir` option, else ``$MST_CLIPIQA_FEATURES``, else
-``$XDG_CACHE_HOME/mst_clipiqa/features`` (``~/.cache/mst_clipiqa/features``). It holds one namespace per way of
-computing a feature, named by a hash of everything the feature depends on (written out in its ``spec.json``):
-
-    image-<hash>/   image_embeds (D,) of one image tower: its checkpoint by content (hashes of its config.json and
-                    weight files, wherever they lie: `checkpoint_content`), the ClipPreprocess fields, draft
-                    decoding, and the compute dtype (float32, or bf16 autocast on CUDA)
-    text-<hash>/    last_hidden_state (L, Dt), unpadded, of the text tower: its checkpoint and tokenizer files by
-                    content, the prompt truncation length and the compute dtype
-
-Changing any of these selects another namespace, so a stale feature is never read, and only the changed part is
-recomputed: another fine encoder re-encodes the fine stream only. Within a namespace an image is keyed by its file's
-absolute path, size and modification time (or, with ``content_hash``, by a hash of its bytes, so copies and moves
-still hit), and embedded image bytes by their hash; a prompt by a hash of its text.
-
-Each namespace holds ``shard-*`` folders, each a `datasets` Arrow table of (key, length, value) rows, memory-mapped
-when read. A shard is written to a ``.tmp-*`` folder with the size and CRC-32 of each of its files, and renamed into
-place, so a crash (or a kill) never leaves a half-written shard behind a ``shard-*`` name; it leaves at most a
-``.tmp-*`` folder, which is never read and may be deleted. A shard is verified against its record when it is opened:
-one damaged since (cut short, overwritten) is renamed ``damaged-*``, named in a warning, and its features are encoded
-again. Shards are written every `SHARD_SIZE` items, so a crash loses at most that much work.
-
-Processes sharing a cache (two fits, or the ranks of one) claim each `SHARD_SIZE` run of missing images before
-encoding it, with a file created exclusively under ``claims/``: another process that needs the same images waits for
-that shard instead of encoding them too. A claim whose process is gone (on this machine), or that has not been
-renewed for `CLAIM_STALE_SECONDS`, is taken over.
-
-Under DDP, rank 0 lists what is missing, every rank encodes its own slice (rank::world_size) and writes its own
-shards, then all ranks meet at a barrier and read the union: the encoding is shared, not repeated. The cache folder
-must be on a file system every rank sees.
+A namespace is a `Shelf` of shards written atomically and verified when read. Processes sharing the folder divide
+the encoding through `Claims`, and the ranks of one run through `TableFeatures.prepare`.
 """
 
 from __future__ import annotations
@@ -74,26 +48,20 @@ from mst_clipiqa.errors import write_error
 from mst_clipiqa.model import CPU_BATCH, MSTCLIPIQA, prefers_bf16
 
 CACHE_ENV = "MST_CLIPIQA_FEATURES"
-"""Environment variable naming the cache folder (the `cache_dir` option, when given, wins)."""
 SHARD_SIZE = 512
 """Items per shard: a crash mid-way loses at most this many encoded items."""
 FORMAT_VERSION = 2
-"""Version of the shard layout; part of every namespace's hash, so a new layout never reads an old one. 2: each shard
-records its files' sizes and CRC-32 (`CHECKSUMS`)."""
+"""Version of the shard layout; part of every namespace's hash, so a new layout never reads an old one."""
 CHECKSUMS = "checksums.json"
-"""In each shard: {file name: [size, CRC-32]} of its other files, written before the shard is renamed into place."""
+"""In each shard: {file name: [size, CRC-32]} of its other files."""
 CLAIMS = "claims"
-"""Sub-folder of the cache holding the claims of shards being encoded."""
 CLAIM_STALE_SECONDS = 120.0
 """A claim not renewed for this long is taken over: its process died on another machine (or hangs)."""
 CLAIM_RENEW_SECONDS = 10.0
-"""How often a process renews its claims while it encodes."""
 CLAIM_POLL_SECONDS = 0.5
-"""How often a process waiting for another's shard looks again."""
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.index.json")
 DIGESTS = "digests.json"
-"""File in the cache folder keeping the SHA-256 of each weight file hashed, by path, size and modification time."""
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 _SCHEMA = datasets.Features(
@@ -126,57 +94,41 @@ def _digest(data: bytes | memoryview) -> str:
 def checkpoint_content(
     name: str, revision: str | None, files: Sequence[str] = WEIGHT_FILES, root: Path | None = None
 ) -> dict[str, Any]:
-    """What a checkpoint's features depend on, by content: the SHA-256 of its config.json and of each file matching
-    `files` (glob patterns), by name. Where the checkpoint lies does not count: a local encoder, the copy an exported
-    model holds, a hub id and its snapshot folder in the Hugging Face cache all give the same.
+    """What a checkpoint's features depend on, by content wherever it lies (a local encoder, an exported model's
+    copy, a hub id): the SHA-256 of its config.json and of each file matching the glob patterns `files`, by name.
 
-    Hashing is paid once per file: a file of the Hugging Face cache is a blob named by its SHA-256 already, and any
-    other file's digest is kept in `root`'s digests.json (the cache folder), by path, size and modification time.
+    A Hugging Face cache blob is named by its SHA-256 already; any other file's digest is remembered in `root`'s
+    digests.json by resolved path, size and modification time, so each file is hashed once.
     """
     folder = Path(name)
     if not folder.is_dir():
         folder = Path(cached_file(name, "config.json", revision=revision)).parent
-    paths = sorted({path for pattern in files for path in folder.glob(pattern)})
-    with _Digests(root) as digests:
-        return {
-            "config": digests.of(folder / "config.json"),
-            "files": [(path.name, digests.of(path)) for path in paths],
-        }
+    record = Path(root) / DIGESTS if root is not None else None
+    known: dict[str, list] = {}
+    if record is not None:
+        try:
+            known = json.loads(record.read_text())
+        except (OSError, ValueError):  # none yet, or damaged: hash again
+            pass
+    hashed = []
 
-
-class _Digests:
-    """SHA-256 of files, remembered in a JSON file by resolved path, size and modification time."""
-
-    def __init__(self, root: Path | None):
-        self.path = Path(root) / DIGESTS if root is not None else None
-        self.known: dict[str, list] = {}
-        self.changed = False
-        if self.path is not None and self.path.is_file():
-            try:
-                self.known = json.loads(self.path.read_text())
-            except (OSError, ValueError):  # damaged or half-written by an older version: hash again
-                self.known = {}
-
-    def __enter__(self) -> _Digests:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.changed and self.path is not None:
-            _replace_text(self.path, json.dumps(self.known, indent=0, sort_keys=True))
-
-    def of(self, path: Path) -> str:
+    def sha256(path: Path) -> str:
         file = path.resolve()
         if file.parent.name == "blobs" and len(file.name) == 64:  # Hugging Face's cache: LFS blobs by their SHA-256
             return file.name
         stat = file.stat()
-        known = self.known.get(str(file))
-        if known is not None and known[:2] == [stat.st_size, stat.st_mtime_ns]:
-            return known[2]
-        with file.open("rb") as stream:
-            digest = hashlib.file_digest(stream, "sha256").hexdigest()
-        self.known[str(file)] = [stat.st_size, stat.st_mtime_ns, digest]
-        self.changed = True
-        return digest
+        size_and_time = [stat.st_size, stat.st_mtime_ns]
+        if known.get(str(file), [])[:2] != size_and_time:
+            with file.open("rb") as stream:
+                known[str(file)] = [*size_and_time, hashlib.file_digest(stream, "sha256").hexdigest()]
+            hashed.append(file)
+        return known[str(file)][2]
+
+    paths = sorted({path for pattern in files for path in folder.glob(pattern)})
+    content = {"config": sha256(folder / "config.json"), "files": [(path.name, sha256(path)) for path in paths]}
+    if hashed and record is not None:
+        _replace_text(record, json.dumps(known, indent=0, sort_keys=True))
+    return content
 
 
 def _replace_text(path: Path, text: str) -> None:
@@ -187,17 +139,10 @@ def _replace_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _preprocess_spec(preprocess: ClipPreprocess) -> dict[str, Any]:
-    return {f.name: getattr(preprocess, f.name) for f in fields(preprocess) if f.init}
-
-
 def tower_compute(device: torch.device, precision: str | None = None) -> tuple[str, AbstractContextManager]:
-    """How the towers run on `device`: the name the cache's namespaces give it, and the context to run them in.
-
-    Args:
-        precision: a Lightning precision ("32-true", "bf16-mixed", "16-mixed") as a scoring job runs; None for the
-            encoding pass of a fit: bf16 autocast on a GPU that supports it, float32 elsewhere (`prefers_bf16`).
-    """
+    """How the towers run on `device` in a Lightning `precision` (a scoring job's), or for None (a fit's) in bf16
+    autocast where `prefers_bf16`, else float32: the name the cache's namespaces give it, and the context to run them
+    in."""
     if precision is None:
         precision = "bf16-mixed" if prefers_bf16(device) else "32-true"
     if precision == "32-true":
@@ -262,13 +207,9 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 class Shelf:
-    """One namespace of the cache: float32 matrices by key, in append-only Arrow shards.
-
-    Args:
-        root: the cache folder.
-        spec: everything the stored values depend on; its hash names the namespace folder.
-        kind: prefix of the folder name ("image", "text").
-    """
+    """One namespace of the cache folder `root`: float32 matrices by key, in append-only ``shard-*`` folders, each a
+    `datasets` table of (key, length, value) rows, memory-mapped. The folder is named `kind` and a hash of `spec`,
+    everything the values depend on."""
 
     def __init__(self, root: Path, spec: dict[str, Any], kind: str):
         text = json.dumps({"format": FORMAT_VERSION, **spec}, sort_keys=True, indent=1, default=str)
@@ -312,7 +253,8 @@ class Shelf:
         return flat.reshape(int(self._lengths[shard][row]), -1)
 
     def write(self, keys: list[str], values: list[np.ndarray]) -> None:
-        """Store (length, D) matrices under `keys` as one new shard, atomically."""
+        """Store (length, D) matrices under `keys` as one new shard, written with its checksums to a ``.tmp-*``
+        folder first (which a crash may leave behind, never read) and renamed into place."""
         rows = {
             "key": keys,
             "length": [len(v) for v in values],
@@ -322,7 +264,7 @@ class Shelf:
         try:
             with _quiet_datasets():
                 datasets.Dataset.from_dict(rows, features=_SCHEMA).save_to_disk(str(temporary))
-            record = {path.name: _size_and_crc(path) for path in sorted(temporary.iterdir())}
+            record = {path.name: [path.stat().st_size, _crc(path)] for path in sorted(temporary.iterdir())}
             (temporary / CHECKSUMS).write_text(json.dumps(record))
             # A rename within one folder is atomic: readers see the whole shard or nothing.
             os.rename(temporary, self.folder / f"shard-{uuid.uuid4().hex}")
@@ -335,20 +277,17 @@ class DamagedShard(Exception):
     """A shard's files differ from what was recorded when it was written."""
 
 
-def _size_and_crc(path: Path) -> list[int]:
+def _crc(path: Path) -> int:
     crc = 0
     with path.open("rb") as file:
         while chunk := file.read(1 << 22):
             crc = zlib.crc32(chunk, crc)
-    return [path.stat().st_size, crc]
+    return crc
 
 
 def verify_shard(path: Path) -> None:
-    """Check a shard's files against the sizes and CRC-32 recorded when it was written.
-
-    Raises:
-        DamagedShard: a file is missing, added, of another size or another CRC, or the record is unreadable.
-    """
+    """Raise `DamagedShard` where a shard's files differ from the sizes and CRC-32 recorded when it was written
+    (or the record is unreadable)."""
     try:
         record = json.loads((path / CHECKSUMS).read_text())
     except (OSError, ValueError) as err:
@@ -360,7 +299,7 @@ def verify_shard(path: Path) -> None:
         file = path / name
         if file.stat().st_size != size:
             raise DamagedShard(f"{name} is {file.stat().st_size} bytes, not {size}")
-        if _size_and_crc(file)[1] != crc:
+        if _crc(file) != crc:
             raise DamagedShard(f"{name} does not match its checksum")
 
 
@@ -380,13 +319,10 @@ def set_aside(path: Path, why: str) -> None:
 
 
 class Claims:
-    """Exclusive claims of work on a cache folder shared by processes, maybe on several machines: a claim is a file
-    created with O_CREAT | O_EXCL (atomic on local and NFS v3+ file systems) holding its owner's host and pid, and
-    renewed (its mtime) while the owner works.
-
-    Args:
-        root: the cache folder; claims go to its ``claims/`` sub-folder.
-    """
+    """Exclusive claims of work on the cache folder `root`, shared by processes, maybe on several machines: a claim
+    is a file under ``claims/`` created with O_CREAT | O_EXCL (atomic on local and NFS v3+ file systems), holding its
+    owner's host and pid, and renewed (its mtime) while the owner works. One whose owner is gone (on this machine)
+    or that has not been renewed for `CLAIM_STALE_SECONDS` is taken over."""
 
     def __init__(self, root: Path):
         self.folder = Path(root) / CLAIMS
@@ -443,13 +379,12 @@ class Claims:
         return True
 
 
-class _Claim:
+class _Claim(AbstractContextManager):
     """A claim held by this process: renewed in the background until released."""
 
     def __init__(self, path: Path):
         self.path, self._done = path, threading.Event()
-        self._renewer = threading.Thread(target=self._renew, daemon=True)
-        self._renewer.start()
+        threading.Thread(target=self._renew, daemon=True).start()
 
     def _renew(self) -> None:
         while not self._done.wait(CLAIM_RENEW_SECONDS):
@@ -458,49 +393,22 @@ class _Claim:
             except OSError:
                 return
 
-    def __enter__(self) -> _Claim:
-        return self
-
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self.path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
-    """Whether a process `pid` runs on this machine (one of another user's counts)."""
+    """Whether a process `pid` runs on this machine."""
     if pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's
+        pass
     return True
-
-
-def image_shelves(
-    root: Path, net: MSTCLIPIQA, preprocess: ClipPreprocess, draft: bool, compute: str
-) -> dict[str, Shelf]:
-    """The namespaces of `net`'s two image towers ("coarse", "fine") in the cache folder `root`, for images
-    preprocessed by `preprocess` (decoded in draft mode where `draft`) and encoded in the `compute` dtype
-    (`tower_compute`)."""
-    image = {"preprocess": _preprocess_spec(preprocess), "draft_decode": draft, "compute": compute}
-    return {
-        stream: Shelf(
-            root,
-            {
-                "feature": "image_embeds",
-                "checkpoint": checkpoint_content(
-                    getattr(net.config, f"{stream}_encoder"), net.config.revision, root=Path(root)
-                ),
-                "weights_dtype": str(next(tower.parameters()).dtype),
-                **image,
-            },
-            "image",
-        )
-        for stream, tower in (("coarse", net.encoder.coarse), ("fine", net.encoder.fine))
-    }
 
 
 class ShardWriter:
@@ -526,24 +434,20 @@ class ShardWriter:
 
 @dataclass
 class FeatureStats:
-    """Distinct images and prompts read from the cache or encoded, summed over `TableFeatures.prepare` calls."""
+    """Distinct images and prompts read from the cache or encoded (over all ranks), summed over
+    `TableFeatures.prepare` calls; the decoded images and the seconds are this process's own."""
 
     images_cached: int = 0
-    """Images whose embeddings (both streams) were already in the cache."""
     images_encoded: int = 0
-    """Images that went through at least one tower, over all ranks."""
+    """Images that went through at least one tower."""
     prompts_cached: int = 0
-    """Distinct prompts whose token states were already in the cache."""
     prompts_encoded: int = 0
-    """Distinct prompts that went through the text tower, over all ranks."""
     images_decoded: int = 0
-    """Images this process decoded to encode them (or, for an image that failed on another rank, to say why)."""
+    """Images decoded to encode them, or to say why one failed on another rank."""
     images_bad: int = 0
-    """Images that have no file or do not decode, reported by `TableFeatures.prepare` instead of encoded."""
     decode_seconds: float = 0.0
-    """Seconds this process's encoding waited for decoded images: the decoding the towers did not hide."""
+    """Time the encoding waited for decoded images: the decoding the towers did not hide."""
     tower_seconds: float = 0.0
-    """Seconds this process spent in the frozen towers (image and text), outputs copied to the host."""
 
 
 def _same(obj: T) -> T:
@@ -555,20 +459,11 @@ def _nothing() -> None:
 
 
 class TableFeatures:
-    """The cached features of one table's rows for one network: image embeddings in memory, prompt states mapped.
+    """The cached features of one table's rows for one network, prompt states mapped from the cache.
 
-    Args:
-        table: the unified table (columns of `schema.FEATURES`).
-        preprocess: the CLIP preprocessing both towers read.
-        draft_decode: decode JPEGs in Pillow's draft mode, as the pixel path does with the same setting.
-        cache_dir: the cache folder; None for `default_cache_dir()`.
-        content_hash: key image files by a hash of their bytes instead of their path, size and mtime.
-        batch_size: images or prompts per tower call.
-        num_workers: loader processes decoding images while the towers run.
-        precision: how the towers run (`tower_compute`): a scoring job's Lightning precision, None for a fit's.
-        in_memory: hold every prepared row's embeddings in memory (2 x N x D floats), read by indexing at each
-            step, as a fit does; False reads each batch's from the cache's memory-mapped shards, so that memory does
-            not grow with the table, as a scoring job of any size does.
+    A fit holds every prepared row's image embeddings in memory (`in_memory`); a scoring job reads each batch's from
+    the memory-mapped shards, so its memory does not grow with the table. `num_workers` loader processes decode the
+    images the cache lacks while the towers, `batch_size` items a call, run in `precision` (`tower_compute`).
     """
 
     def __init__(
@@ -602,19 +497,23 @@ class TableFeatures:
             return
         config = net.config
         compute, _ = tower_compute(next(net.encoder.parameters()).device, self.precision)
-        self.shelves = image_shelves(self.root, net, self.preprocess, self.draft, compute)
+
+        def shelf(kind: str, tower: torch.nn.Module, checkpoint: str, files: Sequence[str], **spec: Any) -> Shelf:
+            spec["checkpoint"] = checkpoint_content(checkpoint, config.revision, files, self.root)
+            spec["weights_dtype"] = str(next(tower.parameters()).dtype)
+            return Shelf(self.root, {**spec, "compute": compute}, kind)
+
+        preprocess = {f.name: getattr(self.preprocess, f.name) for f in fields(self.preprocess) if f.init}
+        image = {"feature": "image_embeds", "preprocess": preprocess, "draft_decode": self.draft}
+        self.shelves = {
+            "coarse": shelf("image", net.encoder.coarse, config.coarse_encoder, WEIGHT_FILES, **image),
+            "fine": shelf("image", net.encoder.fine, config.fine_encoder, WEIGHT_FILES, **image),
+        }
         self.prompt_shelf = None
         if net.needs_prompt:
-            spec = {
-                "feature": "last_hidden_state",
-                "checkpoint": checkpoint_content(
-                    config.coarse_encoder, config.revision, WEIGHT_FILES + TOKENIZER_FILES, self.root
-                ),
-                "weights_dtype": str(next(net.prompt_encoder.parameters()).dtype),
-                "max_tokens": net.prompt_encoder.max_tokens,
-                "compute": compute,
-            }
-            self.prompt_shelf = Shelf(self.root, spec, "text")
+            text = {"feature": "last_hidden_state", "max_tokens": net.prompt_encoder.max_tokens}
+            files = WEIGHT_FILES + TOKENIZER_FILES
+            self.prompt_shelf = shelf("text", net.prompt_encoder, config.coarse_encoder, files, **text)
         self.loaded[:] = False  # rows read for another network
         rows = len(self.table) if self.in_memory else 0
         self.coarse_embeds, self.fine_embeds = torch.zeros(rows, net.encoder.dim), torch.zeros(rows, net.encoder.dim)
@@ -654,31 +553,16 @@ class TableFeatures:
         barrier: Callable[[], None] = _nothing,
         progress: bool = False,
     ) -> dict[int, str]:
-        """Make the features of `rows` available, encoding what the cache lacks with `net`'s frozen towers.
+        """Make the features of `rows` available, encoding what the cache lacks with `net`'s frozen towers; returns
+        {row: why} of the rows whose image has no file or does not decode (the same on every rank).
 
-        Every rank of a distributed run calls it with the same rows: rank 0's list of what is missing is broadcast,
-        each rank encodes every `world_size`-th item from its `rank` and writes its own shards, and after the
-        barrier every rank reads them all.
+        Every rank of a distributed run calls it with the same rows: rank 0's list of what is missing is sent to all
+        (`broadcast`, as `Strategy.broadcast`), each rank encodes every `world_size`-th item from its `rank` into
+        its own shards, and after the `barrier` every rank reads them all; a RuntimeError says when features are
+        still missing then, because the ranks do not share the cache folder.
 
-        Each image the cache lacks is decoded once, in full, and an image that has no file or does not decode is
-        reported rather than encoded, so this pass doubles as the check of those images; an image the cache holds
-        was checked when it was encoded from the same file (the same key) and is not decoded again.
-
-        Args:
-            rows: rows of the table.
-            net: the network whose towers (on their device, bf16 autocast on CUDA) compute missing features.
-            rank: this process's rank.
-            world_size: number of ranks.
-            broadcast: sends rank 0's object to every rank (`Strategy.broadcast`).
-            barrier: returns once every rank has called it (`Strategy.barrier`).
-            progress: show progress bars while encoding.
-
-        Returns:
-            {row: why} for the rows whose image has no file or does not decode (the same on every rank); their
-            features are not available.
-
-        Raises:
-            RuntimeError: features are still missing after encoding: the ranks do not share the cache folder.
+        Each image the cache lacks is decoded once, so this pass doubles as the check of those images; an image the
+        cache holds was checked when it was encoded from the same file (the same key) and is not decoded again.
         """
         self._open_shelves(net)
         rows = sorted({int(row) for row in rows if not self.loaded[row]})
@@ -891,15 +775,11 @@ class TableFeatures:
 
 class FeatureRows(Dataset):
     """Rows of the table → {"coarse_embeds", "fine_embeds", "mos", "index"} (and "prompt_states" for the prompt
-    head) from prepared `TableFeatures`; batch them with `collate_features`.
+    head) from prepared `TableFeatures`; batch them with `collate_features`. No ``mos`` where `target` is None.
 
-    Args:
-        features: features prepared for at least these rows.
-        rows: rows of the table; `index` in each item is the row.
-        target: the MOS to return (see `schema.target_column`); None for no ``mos``.
-        errors: {row: why} of rows whose image `TableFeatures.prepare` could not read: they stay, with zero
-            embeddings, and every item gets an ``error`` ("" where the image was read), as `ImageRows` gives them
-            with ``keep_errors``; None: every row must have its features.
+    With `errors` ({row: why} of the images `TableFeatures.prepare` could not read) those rows stay, with zero
+    embeddings, and every item gets an ``error`` ("" where the image was read), as `ImageRows` gives them with
+    ``keep_errors``; without, every row must have its features.
     """
 
     def __init__(

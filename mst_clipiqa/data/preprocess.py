@@ -1,11 +1,9 @@
 """Image decoding and CLIP preprocessing, shared by training, the feature cache and scoring.
 
-`ClipPreprocess` reproduces transformers' CLIP image processor on its PIL backend (`CLIPImageProcessorPil`, which
-`CLIPImageProcessor` resolves to without torchvision, and the pipeline OpenAI's CLIP was trained with) pixel for
-pixel: Pillow resizes the uint8 image so its short side is 224 (long side truncated), a floor-offset centre crop
-takes 224x224, and every uint8 value maps to the float32 that transformers' rescale-then-normalise arithmetic gives.
-With torchvision installed, `CLIPImageProcessor` switches to a torch resize whose pixels differ slightly; this module
-keeps the PIL pipeline either way, so cached features do not depend on what else is installed.
+`ClipPreprocess` reproduces transformers' CLIP image processor on its PIL backend (the pipeline OpenAI's CLIP was
+trained with) pixel for pixel. With torchvision installed, `CLIPImageProcessor` switches to a torch resize whose
+pixels differ slightly; this module keeps the PIL pipeline either way, so cached features do not depend on what else
+is installed.
 """
 
 from __future__ import annotations
@@ -42,16 +40,13 @@ def _openai_clip(statistic: str) -> tuple[float, float, float]:
 
 
 def open_image(source: Any, *, draft: bool = False) -> Image.Image:
-    """Decode an image fully and convert it to RGB (see `to_rgb`), honouring its EXIF orientation.
+    """Decode an image fully and convert it to RGB (see `to_rgb`), honouring its EXIF orientation; a
+    `BadImageError` names a file that is missing, unreadable, truncated or a decompression bomb.
 
-    Args:
-        source: a path, raw bytes, a PIL image, or a `datasets` Image dict ({"path", "bytes"}). A PIL image is
-            taken as its owner oriented it and returned as is when it is already RGB.
-        draft: let Pillow decode JPEGs at a reduced scale (1/2, 1/4 or 1/8), never below 224 on the short side.
-            Faster for large JPEGs; the pixels differ slightly from a full decode. No effect on other formats.
-
-    Raises:
-        BadImageError: the file is missing, unreadable, truncated or a decompression bomb; the message names it.
+    `source` is a path, raw bytes, a `datasets` Image dict ({"path", "bytes"}), or a PIL image, taken as its owner
+    oriented it (and returned as is when RGB). `draft` lets Pillow decode JPEGs at a reduced scale (1/2, 1/4 or
+    1/8), never below 224 on the short side: faster for large JPEGs, with pixels slightly different from a full
+    decode.
     """
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "<PIL image>"
@@ -86,11 +81,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 @dataclass(frozen=True)
 class ClipPreprocess:
     """CLIP's image preprocessing: shortest-edge resize, centre crop, rescale and normalise, as one callable.
-
-    Identical to transformers' CLIP image processor (PIL backend) on every image, and faster
-    (perf/preprocess_speed.py): the Pillow resize both share dominates, and around it there are no array copies or
-    float64 intermediates, since rescale plus normalise become one 256-entry lookup per channel.
-    """
+    Identical to transformers' CLIP image processor (PIL backend) on every image, and faster, as rescale plus
+    normalise become one 256-entry lookup per channel (perf/preprocess_speed.py)."""
 
     shortest_edge: int = 224
     """Length the shorter side is resized to; the longer side keeps the aspect ratio, truncated to an integer."""
@@ -99,9 +91,7 @@ class ClipPreprocess:
     image_mean: tuple[float, float, float] = field(default_factory=lambda: _openai_clip("MEAN"))
     """Per-channel mean subtracted after rescaling (OpenAI CLIP's, as transformers holds it, by default)."""
     image_std: tuple[float, float, float] = field(default_factory=lambda: _openai_clip("STD"))
-    """Per-channel standard deviation divided by after subtracting the mean."""
     rescale_factor: float = 1 / 255
-    """Factor that maps uint8 values to [0, 1]."""
     resample: int = Image.Resampling.BICUBIC
     """Pillow resampling filter of the resize (3 = bicubic)."""
     _lut: np.ndarray = field(init=False, repr=False, compare=False)
@@ -116,15 +106,9 @@ class ClipPreprocess:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> ClipPreprocess:
-        """Read the preprocessing of a CLIP checkpoint (its `preprocessor_config.json`).
-
-        Args:
-            name_or_path: a Hugging Face id or a local folder; Hugging Face's cache and offline switches apply.
-            **kwargs: passed to the config lookup (`revision`, `cache_dir`, `local_files_only`, ...).
-
-        Raises:
-            ValueError: the checkpoint asks for a step this class does not perform (no resize, square resize, ...).
-        """
+        """Read the preprocessing of a CLIP checkpoint (a hub id or a folder; its `preprocessor_config.json`),
+        `kwargs` passed to the lookup (`revision`, `local_files_only`, ...). A ValueError says when it asks for a step
+        this class does not perform (no resize, square resize, ...)."""
         from transformers.image_processing_base import ImageProcessingMixin
 
         config, _ = ImageProcessingMixin.get_image_processor_dict(str(name_or_path), **kwargs)
@@ -171,28 +155,19 @@ class ClipPreprocess:
 
 
 def load_pixels(source: Any, preprocess: ClipPreprocess, *, draft: bool = False) -> torch.Tensor:
-    """Decode one image and preprocess it: the (3, 224, 224) tensor both CLIP streams read.
-
-    Raises:
-        BadImageError: as `open_image`.
-    """
+    """Decode one image (`open_image`) and preprocess it: the (3, 224, 224) tensor both CLIP streams read."""
     return preprocess(open_image(source, draft=draft))
 
 
 class ImageRows(Dataset):
     """Rows of a unified table (`schema.FEATURES`) → {"pixel_values", "prompt", "mos", "index"}, decoded and
     preprocessed where the loader's workers run; ``index`` is the row in the table. The one pixel dataset: training
-    and evaluation read it, the feature cache encodes from it, `score` scores it.
+    and evaluation read it, the feature cache encodes from it, `score` scores it. ``mos`` comes from `mos_column`
+    (NaN where a row has none; no ``mos`` for None).
 
-    Args:
-        table: the table.
-        rows: the rows to read, in order.
-        mos_column: the MOS column ``mos`` comes from (NaN where a row has none); None for no ``mos``.
-        preprocess: CLIP preprocessing of the coarse encoder.
-        draft: decode JPEGs in Pillow's draft mode (the model's `draft_decode`).
-        keep_errors: an image that cannot be read becomes its item's ``error`` (zeros for its pixels) instead of
-            raising its `BadImageError`, so one bad file never stops a scoring job; every item then has an
-            ``error``, "" where the image was read.
+    With `keep_errors`, an image that cannot be read becomes its item's ``error`` (zeros for its pixels) instead of
+    raising its `BadImageError`, so one bad file never stops a scoring job; every item then has an ``error``, "" where
+    the image was read.
     """
 
     def __init__(

@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,19 +160,23 @@ class Scorer(TrainedModelView):
         self, items: list[ImageInput], prompts: list[str] | None, batch_size: int, skip_bad: bool
     ) -> Iterator[tuple[float | None, float | None, str | None]]:
         """(score, coarse share, error) per image, in order; the server scores its batches through this too."""
-        with ThreadPoolExecutor(self.num_workers) as pool:
-            for start, pixels in self._decoded(items, batch_size, pool):
-                bad = [p for p in pixels if isinstance(p, BadImageError)]
-                if bad and not skip_bad:
-                    raise bad[0]
-                good = [i for i, p in enumerate(pixels) if isinstance(p, Tensor)]
-                scores = shares = iter(())
-                if good:
-                    batch_prompts = [prompts[start + i] for i in good] if prompts is not None else None
-                    scored = self.score_pixels(torch.stack([pixels[i] for i in good]), batch_prompts)
-                    scores, shares = map(iter, scored)
-                for p in pixels:
-                    yield (next(scores), next(shares), None) if isinstance(p, Tensor) else (None, None, str(p))
+        for start, pixels in self._decoded(items, batch_size, self._decoders):
+            bad = [p for p in pixels if isinstance(p, BadImageError)]
+            if bad and not skip_bad:
+                raise bad[0]
+            good = [i for i, p in enumerate(pixels) if isinstance(p, Tensor)]
+            scores = shares = iter(())
+            if good:
+                batch_prompts = [prompts[start + i] for i in good] if prompts is not None else None
+                scored = self.score_pixels(torch.stack([pixels[i] for i in good]), batch_prompts)
+                scores, shares = map(iter, scored)
+            for p in pixels:
+                yield (next(scores), next(shares), None) if isinstance(p, Tensor) else (None, None, str(p))
+
+    @cached_property
+    def _decoders(self) -> ThreadPoolExecutor:
+        """The threads decoding images, started at the first call and kept: a server scores many small batches."""
+        return ThreadPoolExecutor(self.num_workers, thread_name_prefix="mst-clipiqa-decode")
 
     def _decoded(
         self, items: list[ImageInput], batch_size: int, pool: ThreadPoolExecutor

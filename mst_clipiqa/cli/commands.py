@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from mst_clipiqa.cli.parse_errors import (
     NEED_WEIGHTS,
     SuggestingErrors,
-    config_paths,
     did_you_mean,
     explain,
     no_weights,
+    read_configs,
 )
 from mst_clipiqa.errors import MSTCLIPIQAError, OptionError
 from mst_clipiqa.internals import option_actions
@@ -402,13 +402,7 @@ def _is_number(arg: str) -> bool:
 def refuse_run_config(command: str, argv: Sequence[str]) -> None:
     """A training run's config.yaml given to score or export: say what the command takes instead, naming that run's
     checkpoints, rather than fail on its every key."""
-    import yaml
-
-    for path in config_paths(argv):
-        try:
-            config = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            continue  # the parser reports it
+    for path, config in read_configs(argv):  # an unreadable one is the parser's to report
         if isinstance(config, dict) and "trainer" in config:
             checkpoints = sorted(path.parent.glob("checkpoints/*.ckpt"), key=lambda p: not p.name.startswith("best"))
             example = str(checkpoints[0]) if checkpoints else "RUN/checkpoints/best-epochNN.ckpt"
@@ -484,16 +478,10 @@ def run(argv: list[str]) -> None:
 def weights_maybe_given(argv: Sequence[str]) -> bool:
     """Whether `argv` may give trained weights (--ckpt_path, --model.init_from), itself or in a config file; False
     only where it surely does not. The parse decides the rest (`MSTCLIPIQACLI.parse_arguments`)."""
-    import yaml
-
     options = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
     if options & {"--ckpt_path", "--model.init_from", "--model", "-h", "--help", "--print_config"}:
         return True
-    for path in config_paths(argv):
-        try:
-            config = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            return True  # the parser reports it
+    for _, config in read_configs(argv):  # an unreadable one is the parser's to report
         model = config.get("model") if isinstance(config, dict) else None
         if not isinstance(config, dict) or config.get("ckpt_path") or not isinstance(model or {}, dict):
             return True

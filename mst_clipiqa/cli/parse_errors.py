@@ -82,7 +82,8 @@ def explain(message: str, parser: ArgumentParser, argv: Sequence[str] = ()) -> s
     if failure.unknown_key:
         return message + did_you_mean([failure.unknown_key], [option.removeprefix("--") for option in options])
     if failure.unreadable_config:
-        return next(filter(None, map(_yaml_error, config_paths(argv))), message)
+        unreadable = [(path, err) for path, err in read_configs(argv) if isinstance(err, Exception)]
+        return f"--config {unreadable[0][0]}: not a readable YAML file: {unreadable[0][1]}" if unreadable else message
     if failure.key and failure.value is not None:
         action = options.get(f"--{failure.key}")
         choices = [str(choice) for choice in (action.choices if action and action.choices else failure.choices)]
@@ -101,18 +102,16 @@ def did_you_mean(given: Sequence[str], known: Sequence[str]) -> str:
     return ""
 
 
-def config_paths(argv: Sequence[str]) -> list[Path]:
-    """The files given as --config in `argv`."""
-    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
-    return [Path(path) for path in paths + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]]
-
-
-def _yaml_error(path: Path) -> str | None:
-    """What is wrong with the YAML of `path`, if anything."""
+def read_configs(argv: Sequence[str]) -> list[tuple[Path, Any]]:
+    """Each file given as --config in `argv`, with its YAML, or the error met reading it."""
     import yaml
 
-    try:
-        yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        return f"--config {path}: not a readable YAML file: {err}"
-    return None
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    configs = []
+    for path in map(Path, paths):
+        try:
+            configs.append((path, yaml.safe_load(path.read_text())))
+        except (OSError, yaml.YAMLError) as err:
+            configs.append((path, err))
+    return configs

@@ -72,7 +72,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = _wide_to_8bit(image)
-    if _has_transparency(image):
+    if image.has_transparency_data:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", image.size, _WHITE), rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
@@ -246,16 +246,6 @@ def _draft_size(size: tuple[int, int], short_side: int = DRAFT_MIN_SIDE) -> tupl
     # Pillow picks the largest JPEG scale whose output still covers the requested size in both dimensions.
     scale = short_side / min(size)
     return max(short_side, round(size[0] * scale)), max(short_side, round(size[1] * scale))
-
-
-def _has_transparency(image: Image.Image) -> bool:
-    bands = image.getbands()
-    return (
-        "A" in bands
-        or "a" in bands
-        or image.info.get("transparency") is not None
-        or (image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA")
-    )
 
 
 def _wide_to_8bit(image: Image.Image) -> Image.Image:

@@ -160,6 +160,20 @@ def test_a_csv_logged_fit_resumed_with_ckpt_path_last_logs_on_in_its_folder_as_o
     ]
 
 
+def test_a_tensorboard_logged_fit_resumed_with_ckpt_path_last_logs_on_in_its_folder(tiny_clip, demo_data, tmp_path):
+    tensorboard = ["--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger"]
+    args = cli_args(demo_data, tiny_clip, tmp_path / "run", *tensorboard, epochs=1)
+    folder = tmp_path / "run" / "lightning_logs" / "version_0"
+    with one_thread():
+        in_process("fit", args)
+        first = sorted(folder.glob("events.out.tfevents.*"))
+        resumed = in_process("fit", [*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert first and Path(resumed.trainer.log_dir) == folder
+    assert_files_in_one_run_folder(tmp_path / "run", folder)
+    # The resumed part's events beside the first part's: TensorBoard shows them as one run.
+    assert set(first) < set(folder.glob("events.out.tfevents.*"))
+
+
 def test_ckpt_path_last_takes_the_newest_readable_checkpoint_of_the_same_network_and_split(uninterrupted):
     trainer, last = uninterrupted["trainer"], uninterrupted["last_path"]
     net, data = trainer.lightning_module.hparams["net"], dict(trainer.datamodule.hparams)

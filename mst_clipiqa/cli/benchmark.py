@@ -10,7 +10,6 @@ import gc
 import importlib
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -148,9 +147,7 @@ class _RunCLI(MSTCLIPIQACLI):
     def __init__(self, args: list[str], configure: Callable[[Namespace], None], parsers: dict[str, Any]):
         self.configure = configure
         self.parsers = parsers
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # args= is the point
-            super().__init__(args=args, run=False)
+        super().__init__(args=args, run=False)
 
     def setup_parser(
         self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]

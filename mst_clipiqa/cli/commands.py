@@ -14,7 +14,6 @@ import re
 import sys
 import time
 import typing
-import warnings
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -469,10 +468,7 @@ def run(argv: list[str]) -> None:
         sys.exit(0)  # as argparse does after a help
     from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
-    with warnings.catch_warnings():
-        # `argv` is sys.argv's, less --debug: args= is the point
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        MSTCLIPIQACLI(args=argv)
+    MSTCLIPIQACLI(args=argv)
 
 
 def weights_maybe_given(argv: Sequence[str]) -> bool:
@@ -505,8 +501,7 @@ def trainer_help(command: str) -> str:
     from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    with contextlib.redirect_stdout(out):
         try:
             MSTCLIPIQACLI(args=[command, "--help"])
         except SystemExit as exit_info:

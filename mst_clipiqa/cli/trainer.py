@@ -97,7 +97,10 @@ class MSTCLIPIQACLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """Parse; then a ``--ckpt_path`` file is read with weights_only=True and, if damaged or tampered, refused by
         name before Lightning reads it (to take its hyperparameters, then to restore it)."""
-        super().parse_arguments(parser, args)
+        with warnings.catch_warnings():
+            # Every caller passes the command line as args=; Lightning warns that it is meant for Python callers.
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if subcommand in NEED_WEIGHTS and not ckpt_path and not self.config[subcommand].get("model.init_from"):
@@ -150,7 +153,7 @@ class MSTCLIPIQACLI(LightningCLI):
 
     def _logger_args(self) -> list[dict[str, Any] | None]:
         """Each logger's init_args as configured; None for Lightning's default logger (``logger: true``)."""
-        configs = self.config[self.subcommand]["trainer"]["logger"]
+        configs = self._run_config()["trainer"]["logger"]
         configs = configs if isinstance(configs, list) else [configs]
         return [
             config.init_args.as_dict() if isinstance(config, Namespace) and "init_args" in config else None

@@ -7,7 +7,6 @@ the printed SRCC/PLCC only show that every stage runs and that the head learns; 
 
 from __future__ import annotations
 
-import warnings
 from importlib.resources import files
 from pathlib import Path
 
@@ -36,9 +35,6 @@ def run(workdir: str | Path = "demo_run", extra: list[str] | None = None, n_scen
     from mst_clipiqa.cli.trainer import MSTCLIPIQACLI
 
     overrides = [item for pair in prepare(workdir, n_scenes).items() for item in pair]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # args= is the point
-        cli = MSTCLIPIQACLI(args=["fit", "--config", str(DEMO_CONFIG), *overrides, *(extra or [])])
-        # Inside: leaving the block would drop the filters the CLI set for third-party noise.
-        (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    cli = MSTCLIPIQACLI(args=["fit", "--config", str(DEMO_CONFIG), *overrides, *(extra or [])])
+    (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     return results
